@@ -1,0 +1,376 @@
+//! Every message that crosses the socket, in both encodings.
+//!
+//! A session is: the client sends [`ClientMessage::Hello`], the daemon answers
+//! [`ServerMessage::Welcome`] (or an error and closes), then the client sends
+//! requests at any time and the daemon sends replies and events at any time.
+//!
+//! Every request carries a client-chosen `tag` (a `u64`, default 0) that the
+//! daemon echoes in every reply and event about that request, so one
+//! connection can have many requests in flight. Tag 0 is also used for errors
+//! that concern no request.
+//!
+//! Enums are externally tagged (`{"reserve": {...}}` in JSON) because postcard
+//! cannot carry internally tagged enums. New variants are only appended; a
+//! change of wire meaning bumps [`crate::PROTOCOL_VERSION`].
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Daemon-assigned id of a reservation. A queued request gets its id when it is
+/// queued and keeps it when it is granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ReservationId(pub u64);
+
+impl fmt::Display for ReservationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Which device a request may be placed on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceSelector {
+    /// Any device; the daemon picks one (the one with most room).
+    #[default]
+    Any,
+    /// The device with this index (as `nvidia-smi` numbers them).
+    Index(u32),
+    /// The device with this UUID (`GPU-...`).
+    Uuid(String),
+}
+
+impl fmt::Display for DeviceSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSelector::Any => f.write_str("any"),
+            DeviceSelector::Index(i) => write!(f, "{i}"),
+            DeviceSelector::Uuid(u) => f.write_str(u),
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceSelector {
+    type Err = String;
+
+    /// Parses `any`, an index such as `0`, or a UUID such as `GPU-1234...`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("any") {
+            Ok(DeviceSelector::Any)
+        } else if let Ok(i) = s.parse::<u32>() {
+            Ok(DeviceSelector::Index(i))
+        } else if s.starts_with("GPU-") || s.starts_with("MIG-") || s.starts_with("SIM-") {
+            Ok(DeviceSelector::Uuid(s.to_string()))
+        } else {
+            Err(format!(
+                "invalid device {s:?}: use `any`, an index such as 0, or a UUID such as GPU-…"
+            ))
+        }
+    }
+}
+
+/// A request for a reservation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReserveRequest {
+    /// Client-chosen tag echoed in every reply about this request.
+    #[serde(default)]
+    pub tag: u64,
+    /// Bytes of device memory to reserve.
+    pub bytes: u64,
+    /// Where it may be placed.
+    #[serde(default)]
+    pub device: DeviceSelector,
+    /// Higher runs first. Waiting raises a request's effective priority (aging).
+    #[serde(default)]
+    pub priority: i32,
+    /// Free text shown in status (e.g. the model's name).
+    #[serde(default)]
+    pub label: Option<String>,
+    /// Longest time to wait in the queue, in milliseconds; `None` waits as long
+    /// as it takes, `0` fails at once unless it fits now.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// A message from a client to the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientMessage {
+    /// First message of every session.
+    Hello {
+        /// Must equal [`crate::PROTOCOL_VERSION`].
+        version: u32,
+        /// Free text naming the client, for logs.
+        #[serde(default)]
+        client: String,
+    },
+    /// Ask for a reservation; answered by `Queued` events and then `Granted`
+    /// or `Error`.
+    Reserve(ReserveRequest),
+    /// Withdraw this connection's waiting requests with this tag; answered by
+    /// `Cancelled`.
+    Cancel {
+        /// Tag of the request to cancel.
+        #[serde(default)]
+        tag: u64,
+    },
+    /// Release a reservation this connection holds; answered by `Released`.
+    Release {
+        /// Tag echoed in the answer.
+        #[serde(default)]
+        tag: u64,
+        /// The reservation to release.
+        id: ReservationId,
+    },
+    /// Ask for the daemon's state; answered by `Status`.
+    Status {
+        /// Tag echoed in the answer.
+        #[serde(default)]
+        tag: u64,
+    },
+    /// Liveness check; answered by `Pong`.
+    Ping {
+        /// Tag echoed in the answer.
+        #[serde(default)]
+        tag: u64,
+    },
+}
+
+/// A granted reservation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// Its id, used to release it.
+    pub id: ReservationId,
+    /// Index of the device it is on.
+    pub device: u32,
+    /// UUID of the device it is on.
+    pub device_uuid: String,
+    /// Bytes reserved.
+    pub bytes: u64,
+}
+
+/// A message from the daemon to a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// Answer to `Hello`: the session is open.
+    Welcome {
+        /// The daemon's protocol version.
+        version: u32,
+        /// The daemon's program version.
+        daemon: String,
+    },
+    /// The request waits; sent when it is queued and whenever its position changes.
+    Queued {
+        /// The request's tag.
+        tag: u64,
+        /// The id it will have when granted.
+        id: ReservationId,
+        /// 1-based position in the wait queue.
+        position: u32,
+    },
+    /// The request is granted; the memory is the client's until it releases
+    /// or its connection closes.
+    Granted {
+        /// The request's tag.
+        tag: u64,
+        /// What was granted.
+        grant: Grant,
+    },
+    /// Answer to `Release`.
+    Released {
+        /// The `Release` request's tag.
+        tag: u64,
+        /// The reservation released.
+        id: ReservationId,
+    },
+    /// Answer to `Cancel`: the waiting requests with this tag are withdrawn.
+    Cancelled {
+        /// The cancelled tag.
+        tag: u64,
+        /// How many waiting requests were withdrawn (0 if none waited).
+        count: u32,
+    },
+    /// Answer to `Status`.
+    Status {
+        /// The `Status` request's tag.
+        tag: u64,
+        /// The daemon's state.
+        status: StatusReport,
+    },
+    /// Answer to `Ping`.
+    Pong {
+        /// The `Ping` request's tag.
+        tag: u64,
+    },
+    /// A request failed, or (tag 0) the session has a problem.
+    Error {
+        /// The request's tag, or 0.
+        tag: u64,
+        /// What kind of failure.
+        kind: ErrorKind,
+        /// Human-readable explanation.
+        message: String,
+    },
+}
+
+/// Kinds of failure reported on the wire. Each maps to one SDK error class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The message could not be decoded or makes no sense.
+    BadRequest,
+    /// The client speaks another protocol version.
+    VersionMismatch,
+    /// The client sent no `Hello` in time.
+    HandshakeTimeout,
+    /// A binary frame's length is over the cap; the connection is closed.
+    FrameTooLarge,
+    /// A JSON line is over the cap; it is discarded.
+    LineTooLong,
+    /// The request's wait limit passed before it fit.
+    Timeout,
+    /// The request can never fit (larger than every eligible device).
+    Refused,
+    /// No such reservation, request or device.
+    NotFound,
+    /// The client may not do this.
+    PermissionDenied,
+    /// The daemon cannot serve this now (shutting down, device unhealthy).
+    Unavailable,
+    /// The client has too many requests or connections open.
+    LimitExceeded,
+    /// A bug in the daemon.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The snake_case name used on the JSON wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::VersionMismatch => "version_mismatch",
+            ErrorKind::HandshakeTimeout => "handshake_timeout",
+            ErrorKind::FrameTooLarge => "frame_too_large",
+            ErrorKind::LineTooLong => "line_too_long",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Refused => "refused",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::LimitExceeded => "limit_exceeded",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The daemon's state, as `vramctl status --json` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The daemon's program version.
+    pub daemon_version: String,
+    /// Where readings come from: `simulated` or `nvml`.
+    pub backend: String,
+    /// Milliseconds since the daemon started.
+    pub uptime_ms: u64,
+    /// Every device the daemon arbitrates.
+    pub devices: Vec<DeviceStatus>,
+    /// Every granted reservation.
+    pub reservations: Vec<ReservationStatus>,
+    /// Every waiting request, in the order they would be granted.
+    pub queue: Vec<QueueEntry>,
+    /// Event counters since start.
+    pub counters: Counters,
+}
+
+/// One device in [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    /// Index (as `nvidia-smi` numbers devices).
+    pub index: u32,
+    /// UUID.
+    pub uuid: String,
+    /// Product name.
+    pub name: String,
+    /// Total memory.
+    pub total_bytes: u64,
+    /// Memory in use on the whole device, as last read.
+    pub used_bytes: u64,
+    /// Sum of the bytes of reservations granted on it.
+    pub reserved_bytes: u64,
+    /// Memory kept free as a safety margin.
+    pub cushion_bytes: u64,
+    /// Memory counted as taken by the accounting model.
+    pub committed_bytes: u64,
+    /// What a new request may still get: total − cushion − committed.
+    pub available_bytes: u64,
+}
+
+/// One granted reservation in [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservationStatus {
+    /// Its id.
+    pub id: ReservationId,
+    /// Device index.
+    pub device: u32,
+    /// Bytes reserved.
+    pub bytes: u64,
+    /// Label given by the client.
+    pub label: Option<String>,
+    /// Process id of the client.
+    pub pid: u32,
+    /// User id of the client.
+    pub uid: u32,
+    /// Priority it was requested with.
+    pub priority: i32,
+    /// Milliseconds since it was granted.
+    pub age_ms: u64,
+}
+
+/// One waiting request in [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueEntry {
+    /// The id it will have when granted.
+    pub id: ReservationId,
+    /// 1-based position in the queue.
+    pub position: u32,
+    /// Bytes requested.
+    pub bytes: u64,
+    /// Device requested.
+    pub device: DeviceSelector,
+    /// Priority requested.
+    pub priority: i32,
+    /// Label given by the client.
+    pub label: Option<String>,
+    /// Process id of the client.
+    pub pid: u32,
+    /// User id of the client.
+    pub uid: u32,
+    /// Milliseconds it has waited.
+    pub waited_ms: u64,
+}
+
+/// Event counters since the daemon started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Reservations granted.
+    pub grants: u64,
+    /// Reservations released (explicitly or by disconnect).
+    pub releases: u64,
+    /// Of `releases`, those caused by a connection closing.
+    pub disconnect_releases: u64,
+    /// Requests whose wait limit passed.
+    pub timeouts: u64,
+    /// Requests refused at once (can never fit, unknown device).
+    pub refusals: u64,
+    /// Requests withdrawn by `Cancel` or by their connection closing.
+    pub cancels: u64,
+}
