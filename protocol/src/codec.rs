@@ -88,8 +88,8 @@ pub fn encode_into<T: Serialize>(
             let start = out.len();
             out.extend_from_slice(&[0; 4]);
             let taken = std::mem::take(out);
-            let mut buf = postcard::to_extend(msg, taken)
-                .map_err(|e| CodecError::Encode(e.to_string()))?;
+            let mut buf =
+                postcard::to_extend(msg, taken).map_err(|e| CodecError::Encode(e.to_string()))?;
             let len = buf.len() - start - 4;
             if len > MAX_FRAME_BYTES {
                 buf.truncate(start);
@@ -256,9 +256,8 @@ impl Decoder {
                 buf.consume(i + 1);
                 continue;
             }
-            let result = serde_json::from_slice::<T>(text).map_err(|e| {
-                CodecError::Malformed(format!("{e} (in {:?})", abbreviate(text)))
-            });
+            let result = serde_json::from_slice::<T>(text)
+                .map_err(|e| CodecError::Malformed(format!("{e} (in {:?})", abbreviate(text))));
             buf.consume(i + 1);
             return result.map(Some);
         }
@@ -355,17 +354,24 @@ mod tests {
                     position,
                 }
             }),
-            (any::<u64>(), any::<u64>(), any::<u32>(), ".{0,20}", any::<u64>()).prop_map(
-                |(tag, id, device, device_uuid, bytes)| ServerMessage::Granted {
-                    tag,
-                    grant: Grant {
-                        id: ReservationId(id),
-                        device,
-                        device_uuid,
-                        bytes
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u32>(),
+                ".{0,20}",
+                any::<u64>()
+            )
+                .prop_map(|(tag, id, device, device_uuid, bytes)| {
+                    ServerMessage::Granted {
+                        tag,
+                        grant: Grant {
+                            id: ReservationId(id),
+                            device,
+                            device_uuid,
+                            bytes,
+                        },
                     }
-                }
-            ),
+                }),
             (any::<u64>(), ".{0,40}").prop_map(|(tag, message)| ServerMessage::Error {
                 tag,
                 kind: ErrorKind::Timeout,

@@ -49,7 +49,11 @@ pub fn parse_size(input: &str) -> Result<u64, ParseSizeError> {
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
         "tb" => 1_000_000_000_000,
-        _ => return Err(err("unknown unit; use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB")),
+        _ => {
+            return Err(err(
+                "unknown unit; use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB",
+            ));
+        }
     };
     if let Some((int, frac)) = num.split_once('.') {
         if frac.contains('.') || (int.is_empty() && frac.is_empty()) {
@@ -71,7 +75,9 @@ pub fn parse_size(input: &str) -> Result<u64, ParseSizeError> {
             .checked_mul(multiplier)
             .ok_or_else(|| err("number too large"))?;
         let part = (u128::from(frac_value) * u128::from(multiplier) / u128::from(scale)) as u64;
-        whole.checked_add(part).ok_or_else(|| err("number too large"))
+        whole
+            .checked_add(part)
+            .ok_or_else(|| err("number too large"))
     } else {
         let n: u64 = num.parse().map_err(|_| err("number too large"))?;
         n.checked_mul(multiplier)
@@ -108,7 +114,15 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "GiB", "8XB", "1.2.3GiB", "-1GiB", "99999999999999999999", "20000000TiB"] {
+        for bad in [
+            "",
+            "GiB",
+            "8XB",
+            "1.2.3GiB",
+            "-1GiB",
+            "99999999999999999999",
+            "20000000TiB",
+        ] {
             let e = parse_size(bad).unwrap_err();
             assert_eq!(e.input, bad);
         }

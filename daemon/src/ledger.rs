@@ -1,0 +1,761 @@
+//! The ledger: devices, reservations, the wait queue, and every grant decision.
+//!
+//! It is pure and deterministic. It takes events — a request, a release, a
+//! cancel, a disconnect, a reading, a tick — each with the time it happened,
+//! and returns [`Effect`]s for the server to deliver. It does no I/O, reads no
+//! clock and holds no lock; the server owns it from one task.
+//!
+//! # Accounting (DESIGN.md, "The accounting model")
+//! For each device, from its latest [`Reading`]:
+//! - `actual(g)`: usage of the processes a group of reservations speaks for
+//!   (reservations whose pids overlap form one group, so a process holding two
+//!   reservations is not counted twice);
+//! - `unattributed = max(0, used − Σ actual(g))`;
+//! - `committed = unattributed + Σ max(bytes(g), actual(g))`;
+//! - `available = total − cushion − committed`; a request fits iff
+//!   `bytes ≤ available`.
+//!
+//! Without per-process usage, `committed = used + Σ bytes`: over-cautious,
+//! never overcommitting. A simulated device has no readings of its own: what
+//! each reservation holds counts as used by its process.
+//!
+//! # Scheduling
+//! Waiters are ordered by effective priority (priority + one step per
+//! `aging` waited), then arrival. A pass walks them in that order and grants
+//! each that fits, so a smaller request may be granted ahead of a larger one
+//! that does not fit (backfill) — until the larger one has waited past the
+//! starvation guard; from then on its devices take no further grants until it
+//! is granted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use vramd_protocol::{
+    Counters, DeviceSelector, DeviceStatus, ErrorKind, Grant, QueueEntry, ReservationId,
+    ReservationStatus, ReserveRequest, format_size,
+};
+
+/// Identifies one client connection inside the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnId(pub u64);
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Who is on the other end of a connection (from the socket's peer credentials).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// Process id.
+    pub pid: u32,
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+/// A device as the backend describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// Index (as `nvidia-smi` numbers devices).
+    pub index: u32,
+    /// UUID.
+    pub uuid: String,
+    /// Product name.
+    pub name: String,
+    /// Total memory.
+    pub total_bytes: u64,
+}
+
+/// One reading of a device's memory.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Reading {
+    /// Memory in use on the whole device.
+    pub used_bytes: u64,
+    /// Usage per process id, or `None` where the backend cannot tell.
+    pub processes: Option<Vec<(u32, u64)>>,
+}
+
+/// Where readings of a device come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadingSource {
+    /// Derived from the reservations themselves (`--simulate`).
+    Simulated,
+    /// Set by [`Ledger::set_reading`] from a real backend.
+    Measured(Reading),
+}
+
+/// Policy knobs of the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerConfig {
+    /// Memory kept free on every device.
+    pub cushion_bytes: u64,
+    /// Waiting this long raises a request's effective priority by one.
+    pub aging: Duration,
+    /// After waiting this long, a request stops smaller ones from being
+    /// granted ahead of it on its devices.
+    pub starvation_guard: Duration,
+    /// How a request for any device is placed.
+    pub placement: Placement,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            cushion_bytes: 0,
+            aging: Duration::from_secs(10),
+            starvation_guard: Duration::from_secs(30),
+            placement: Placement::Spread,
+        }
+    }
+}
+
+/// Placement of a request for any device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Placement {
+    /// The device with the most room.
+    #[default]
+    Spread,
+    /// The device with the least room that fits.
+    Pack,
+}
+
+/// Something the server must deliver or log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// A request was granted.
+    Granted {
+        /// Its connection.
+        conn: ConnId,
+        /// Its tag.
+        tag: u64,
+        /// What was granted.
+        grant: Grant,
+        /// Its label, for logs.
+        label: Option<String>,
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// A request waits at this position (sent when it is queued and when its
+    /// position changes).
+    Queued {
+        /// Its connection.
+        conn: ConnId,
+        /// Its tag.
+        tag: u64,
+        /// Its id.
+        id: ReservationId,
+        /// 1-based position.
+        position: u32,
+    },
+    /// A request failed: refused, or its wait limit passed.
+    Failed {
+        /// Its connection.
+        conn: ConnId,
+        /// Its tag.
+        tag: u64,
+        /// Why.
+        kind: ErrorKind,
+        /// Explanation for the client.
+        message: String,
+    },
+}
+
+/// Why an operation on the ledger failed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LedgerError {
+    /// The connection holds no reservation with that id.
+    #[error("no reservation {0} is held by this connection")]
+    NotHeld(ReservationId),
+}
+
+#[derive(Debug, Clone)]
+struct Device {
+    spec: DeviceSpec,
+    source: ReadingSource,
+}
+
+#[derive(Debug, Clone)]
+struct Reservation {
+    id: ReservationId,
+    conn: ConnId,
+    device: usize,
+    bytes: u64,
+    label: Option<String>,
+    priority: i32,
+    peer: Peer,
+    /// Processes whose usage this reservation speaks for.
+    pids: Vec<u32>,
+    granted_at: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Waiter {
+    id: ReservationId,
+    conn: ConnId,
+    tag: u64,
+    bytes: u64,
+    selector: DeviceSelector,
+    /// Indices (into `devices`) of the devices it may use.
+    candidates: Vec<usize>,
+    priority: i32,
+    label: Option<String>,
+    peer: Peer,
+    arrived: Instant,
+    deadline: Option<Instant>,
+    /// Last position told to the client (0: none yet).
+    told_position: u32,
+}
+
+/// The arbiter's state.
+#[derive(Debug)]
+pub struct Ledger {
+    config: LedgerConfig,
+    devices: Vec<Device>,
+    reservations: BTreeMap<ReservationId, Reservation>,
+    /// Waiting requests in arrival order (ids increase with arrival).
+    waiters: Vec<Waiter>,
+    next_id: u64,
+    counters: Counters,
+}
+
+impl Ledger {
+    /// A ledger over `devices`, all with readings from `source`.
+    pub fn new(config: LedgerConfig, devices: Vec<DeviceSpec>, source: ReadingSource) -> Self {
+        Self {
+            config,
+            devices: devices
+                .into_iter()
+                .map(|spec| Device {
+                    spec,
+                    source: source.clone(),
+                })
+                .collect(),
+            reservations: BTreeMap::new(),
+            waiters: Vec::new(),
+            next_id: 1,
+            counters: Counters::default(),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &LedgerConfig {
+        &self.config
+    }
+
+    /// Event counters since start.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Number of granted reservations.
+    pub fn reservation_count(&self) -> usize {
+        self.reservations.len()
+    }
+
+    /// Number of waiting requests.
+    pub fn waiter_count(&self) -> usize {
+        self.waiters.len()
+    }
+
+    /// Handles a request: refuses it if it can never fit, else queues it and
+    /// grants what fits.
+    pub fn reserve(
+        &mut self,
+        conn: ConnId,
+        peer: Peer,
+        req: ReserveRequest,
+        now: Instant,
+    ) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let refuse = |ledger: &mut Self, effects: &mut Vec<Effect>, message: String| {
+            ledger.counters.refusals += 1;
+            effects.push(Effect::Failed {
+                conn,
+                tag: req.tag,
+                kind: ErrorKind::Refused,
+                message,
+            });
+        };
+        if req.bytes == 0 {
+            refuse(
+                self,
+                &mut effects,
+                "a reservation must be of at least 1 byte".into(),
+            );
+            return effects;
+        }
+        let candidates = match self.candidates(&req.device) {
+            Ok(c) => c,
+            Err(message) => {
+                refuse(self, &mut effects, message);
+                return effects;
+            }
+        };
+        let largest = candidates
+            .iter()
+            .map(|&d| self.capacity(d))
+            .max()
+            .unwrap_or(0);
+        if req.bytes > largest {
+            refuse(
+                self,
+                &mut effects,
+                format!(
+                    "{} can never fit: the largest eligible device offers {} ({} total less the {} cushion)",
+                    format_size(req.bytes),
+                    format_size(largest),
+                    format_size(
+                        candidates
+                            .iter()
+                            .map(|&d| self.devices[d].spec.total_bytes)
+                            .max()
+                            .unwrap_or(0)
+                    ),
+                    format_size(self.config.cushion_bytes),
+                ),
+            );
+            return effects;
+        }
+        let id = ReservationId(self.next_id);
+        self.next_id += 1;
+        self.waiters.push(Waiter {
+            id,
+            conn,
+            tag: req.tag,
+            bytes: req.bytes,
+            selector: req.device,
+            candidates,
+            priority: req.priority,
+            label: req.label,
+            peer,
+            arrived: now,
+            deadline: req
+                .timeout_ms
+                .map(|ms| now.checked_add(Duration::from_millis(ms)).unwrap_or(now)),
+            told_position: 0,
+        });
+        self.settle(now, &mut effects);
+        effects
+    }
+
+    /// Releases a reservation held by `conn` and grants what now fits.
+    pub fn release(
+        &mut self,
+        conn: ConnId,
+        id: ReservationId,
+        now: Instant,
+    ) -> Result<Vec<Effect>, LedgerError> {
+        match self.reservations.get(&id) {
+            Some(r) if r.conn == conn => {}
+            _ => return Err(LedgerError::NotHeld(id)),
+        }
+        self.reservations.remove(&id);
+        self.counters.releases += 1;
+        let mut effects = Vec::new();
+        self.settle(now, &mut effects);
+        Ok(effects)
+    }
+
+    /// Withdraws `conn`'s waiting requests with `tag`; returns how many there
+    /// were and the effects on the rest of the queue.
+    pub fn cancel(&mut self, conn: ConnId, tag: u64, now: Instant) -> (u32, Vec<Effect>) {
+        let before = self.waiters.len();
+        self.waiters.retain(|w| !(w.conn == conn && w.tag == tag));
+        let count = (before - self.waiters.len()) as u32;
+        self.counters.cancels += u64::from(count);
+        let mut effects = Vec::new();
+        if count > 0 {
+            self.settle(now, &mut effects);
+        }
+        (count, effects)
+    }
+
+    /// Drops everything `conn` held or waited for. Returns the ids of the
+    /// reservations it held, and the effects (grants to waiters that now fit).
+    pub fn disconnect(&mut self, conn: ConnId, now: Instant) -> (Vec<ReservationId>, Vec<Effect>) {
+        let before = self.waiters.len();
+        self.waiters.retain(|w| w.conn != conn);
+        let cancelled = before - self.waiters.len();
+        self.counters.cancels += cancelled as u64;
+        let released: Vec<ReservationId> = self
+            .reservations
+            .values()
+            .filter(|r| r.conn == conn)
+            .map(|r| r.id)
+            .collect();
+        for id in &released {
+            self.reservations.remove(id);
+        }
+        self.counters.releases += released.len() as u64;
+        self.counters.disconnect_releases += released.len() as u64;
+        let mut effects = Vec::new();
+        if cancelled > 0 || !released.is_empty() {
+            self.settle(now, &mut effects);
+        }
+        (released, effects)
+    }
+
+    /// Stores a new reading of device `index` and grants what now fits.
+    pub fn set_reading(&mut self, index: usize, reading: Reading, now: Instant) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        if let Some(d) = self.devices.get_mut(index) {
+            d.source = ReadingSource::Measured(reading);
+            self.settle(now, &mut effects);
+        }
+        effects
+    }
+
+    /// Expires waiters whose wait limit passed, and re-ranks the queue (aging).
+    pub fn tick(&mut self, now: Instant) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        self.settle(now, &mut effects);
+        effects
+    }
+
+    /// When [`Ledger::tick`] should next be called: the earliest wait limit,
+    /// or the next aging step while two or more requests wait.
+    pub fn next_wakeup(&self, now: Instant) -> Option<Instant> {
+        let deadline = self.waiters.iter().filter_map(|w| w.deadline).min();
+        let aging =
+            (self.waiters.len() >= 2).then(|| now + self.config.aging.min(Duration::from_secs(1)));
+        match (deadline, aging) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Memory a new request on device `index` may get now.
+    pub fn available(&self, index: usize) -> u64 {
+        self.capacity(index).saturating_sub(self.committed(index))
+    }
+
+    /// Per-device state for status.
+    pub fn device_status(&self) -> Vec<DeviceStatus> {
+        (0..self.devices.len())
+            .map(|d| {
+                let spec = &self.devices[d].spec;
+                DeviceStatus {
+                    index: spec.index,
+                    uuid: spec.uuid.clone(),
+                    name: spec.name.clone(),
+                    total_bytes: spec.total_bytes,
+                    used_bytes: self.reading(d).used_bytes,
+                    reserved_bytes: self.reserved(d),
+                    cushion_bytes: self.config.cushion_bytes.min(spec.total_bytes),
+                    committed_bytes: self.committed(d),
+                    available_bytes: self.available(d),
+                }
+            })
+            .collect()
+    }
+
+    /// Granted reservations, by id.
+    pub fn reservation_status(&self, now: Instant) -> Vec<ReservationStatus> {
+        self.reservations
+            .values()
+            .map(|r| ReservationStatus {
+                id: r.id,
+                device: self.devices[r.device].spec.index,
+                bytes: r.bytes,
+                label: r.label.clone(),
+                pid: r.peer.pid,
+                uid: r.peer.uid,
+                priority: r.priority,
+                age_ms: millis(now.saturating_duration_since(r.granted_at)),
+            })
+            .collect()
+    }
+
+    /// Waiting requests in the order they would be granted.
+    pub fn queue_status(&self, now: Instant) -> Vec<QueueEntry> {
+        self.order(now)
+            .into_iter()
+            .enumerate()
+            .map(|(pos, i)| {
+                let w = &self.waiters[i];
+                QueueEntry {
+                    id: w.id,
+                    position: pos as u32 + 1,
+                    bytes: w.bytes,
+                    device: w.selector.clone(),
+                    priority: w.priority,
+                    label: w.label.clone(),
+                    pid: w.peer.pid,
+                    uid: w.peer.uid,
+                    waited_ms: millis(now.saturating_duration_since(w.arrived)),
+                }
+            })
+            .collect()
+    }
+
+    // ---- decisions -------------------------------------------------------
+
+    /// Runs a scheduling pass, expires waiters past their limit, and tells
+    /// the rest their new positions.
+    fn settle(&mut self, now: Instant, effects: &mut Vec<Effect>) {
+        self.schedule(now, effects);
+        if self.expire(now, effects) {
+            // An expired waiter may have held devices for itself (starvation
+            // guard); what it blocked may fit now.
+            self.schedule(now, effects);
+        }
+        self.tell_positions(now, effects);
+    }
+
+    fn schedule(&mut self, now: Instant, effects: &mut Vec<Effect>) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let mut avail: Vec<u64> = (0..self.devices.len()).map(|d| self.available(d)).collect();
+        let mut blocked = vec![false; self.devices.len()];
+        let mut granted = Vec::new();
+        for i in self.order(now) {
+            let w = &self.waiters[i];
+            let fits = w
+                .candidates
+                .iter()
+                .copied()
+                .filter(|&d| !blocked[d] && avail[d] >= w.bytes);
+            let chosen = match self.config.placement {
+                Placement::Spread => fits.max_by_key(|&d| (avail[d], std::cmp::Reverse(d))),
+                Placement::Pack => fits.min_by_key(|&d| (avail[d], d)),
+            };
+            match chosen {
+                Some(d) => {
+                    avail[d] -= w.bytes;
+                    granted.push((i, d));
+                }
+                None if now.saturating_duration_since(w.arrived)
+                    >= self.config.starvation_guard =>
+                {
+                    // Starved: its devices keep their room for it.
+                    for &d in &w.candidates {
+                        if self.capacity(d) >= w.bytes {
+                            blocked[d] = true;
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+        if granted.is_empty() {
+            return;
+        }
+        granted.sort_unstable_by_key(|&(i, _)| i);
+        for &(i, d) in granted.iter().rev() {
+            let w = self.waiters.remove(i);
+            let grant = Grant {
+                id: w.id,
+                device: self.devices[d].spec.index,
+                device_uuid: self.devices[d].spec.uuid.clone(),
+                bytes: w.bytes,
+            };
+            self.reservations.insert(
+                w.id,
+                Reservation {
+                    id: w.id,
+                    conn: w.conn,
+                    device: d,
+                    bytes: w.bytes,
+                    label: w.label.clone(),
+                    priority: w.priority,
+                    peer: w.peer,
+                    pids: vec![w.peer.pid],
+                    granted_at: now,
+                },
+            );
+            self.counters.grants += 1;
+            effects.push(Effect::Granted {
+                conn: w.conn,
+                tag: w.tag,
+                grant,
+                label: w.label,
+                waited: now.saturating_duration_since(w.arrived),
+            });
+        }
+        // Grants were collected in reverse; give them in queue order.
+        let n = granted.len();
+        let start = effects.len() - n;
+        effects[start..].reverse();
+    }
+
+    /// Fails waiters whose wait limit passed; returns whether there were any.
+    fn expire(&mut self, now: Instant, effects: &mut Vec<Effect>) -> bool {
+        let before = self.waiters.len();
+        let mut i = 0;
+        while i < self.waiters.len() {
+            if self.waiters[i].deadline.is_some_and(|d| d <= now) {
+                let w = self.waiters.remove(i);
+                self.counters.timeouts += 1;
+                effects.push(Effect::Failed {
+                    conn: w.conn,
+                    tag: w.tag,
+                    kind: ErrorKind::Timeout,
+                    message: format!(
+                        "waited {} ms for {} and it did not fit (position {} in the queue)",
+                        millis(now.saturating_duration_since(w.arrived)),
+                        format_size(w.bytes),
+                        w.told_position.max(1),
+                    ),
+                });
+            } else {
+                i += 1;
+            }
+        }
+        self.waiters.len() != before
+    }
+
+    fn tell_positions(&mut self, now: Instant, effects: &mut Vec<Effect>) {
+        for (pos, i) in self.order(now).into_iter().enumerate() {
+            let w = &mut self.waiters[i];
+            let position = pos as u32 + 1;
+            if w.told_position != position {
+                w.told_position = position;
+                effects.push(Effect::Queued {
+                    conn: w.conn,
+                    tag: w.tag,
+                    id: w.id,
+                    position,
+                });
+            }
+        }
+    }
+
+    /// Indices of waiters in grant order: effective priority, then arrival.
+    fn order(&self, now: Instant) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..self.waiters.len()).collect();
+        idx.sort_by_key(|&i| {
+            let w = &self.waiters[i];
+            (std::cmp::Reverse(self.effective_priority(w, now)), w.id)
+        });
+        idx
+    }
+
+    fn effective_priority(&self, w: &Waiter, now: Instant) -> i64 {
+        let waited = now.saturating_duration_since(w.arrived).as_millis();
+        let step = self.config.aging.as_millis().max(1);
+        i64::from(w.priority) + (waited / step).min(i64::MAX as u128 / 2) as i64
+    }
+
+    // ---- accounting ------------------------------------------------------
+
+    fn candidates(&self, selector: &DeviceSelector) -> Result<Vec<usize>, String> {
+        let known = || {
+            self.devices
+                .iter()
+                .map(|d| format!("{} ({})", d.spec.index, d.spec.uuid))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match selector {
+            DeviceSelector::Any => Ok((0..self.devices.len()).collect()),
+            DeviceSelector::Index(i) => self
+                .devices
+                .iter()
+                .position(|d| d.spec.index == *i)
+                .map(|d| vec![d])
+                .ok_or_else(|| format!("there is no device {i}; devices: {}", known())),
+            DeviceSelector::Uuid(u) => self
+                .devices
+                .iter()
+                .position(|d| d.spec.uuid.eq_ignore_ascii_case(u))
+                .map(|d| vec![d])
+                .ok_or_else(|| format!("there is no device {u}; devices: {}", known())),
+        }
+    }
+
+    fn capacity(&self, d: usize) -> u64 {
+        self.devices[d]
+            .spec
+            .total_bytes
+            .saturating_sub(self.config.cushion_bytes)
+    }
+
+    fn reserved(&self, d: usize) -> u64 {
+        self.reservations
+            .values()
+            .filter(|r| r.device == d)
+            .map(|r| r.bytes)
+            .sum()
+    }
+
+    fn reading(&self, d: usize) -> Reading {
+        match &self.devices[d].source {
+            ReadingSource::Measured(r) => r.clone(),
+            ReadingSource::Simulated => {
+                let mut per_pid: BTreeMap<u32, u64> = BTreeMap::new();
+                for r in self.reservations.values().filter(|r| r.device == d) {
+                    *per_pid.entry(r.peer.pid).or_default() += r.bytes;
+                }
+                Reading {
+                    used_bytes: per_pid.values().sum(),
+                    processes: Some(per_pid.into_iter().collect()),
+                }
+            }
+        }
+    }
+
+    /// Memory counted as taken on device `d` (see the module docs).
+    fn committed(&self, d: usize) -> u64 {
+        let reading = self.reading(d);
+        let held: Vec<&Reservation> = self
+            .reservations
+            .values()
+            .filter(|r| r.device == d)
+            .collect();
+        let Some(processes) = reading.processes else {
+            let reserved: u64 = held.iter().map(|r| r.bytes).sum();
+            return reading.used_bytes.saturating_add(reserved);
+        };
+        let usage: HashMap<u32, u64> = processes.into_iter().collect();
+        // Group reservations whose pids overlap (union-find over small sets).
+        let mut parent: Vec<usize> = (0..held.len()).collect();
+        fn find(parent: &mut [usize], mut i: usize) -> usize {
+            while parent[i] != i {
+                parent[i] = parent[parent[i]];
+                i = parent[i];
+            }
+            i
+        }
+        let mut owner: HashMap<u32, usize> = HashMap::new();
+        for (i, r) in held.iter().enumerate() {
+            for pid in &r.pids {
+                match owner.get(pid) {
+                    Some(&j) => {
+                        let (a, b) = (find(&mut parent, i), find(&mut parent, j));
+                        parent[a] = b;
+                    }
+                    None => {
+                        owner.insert(*pid, i);
+                    }
+                }
+            }
+        }
+        let mut group_bytes: HashMap<usize, u64> = HashMap::new();
+        for i in 0..held.len() {
+            let root = find(&mut parent, i);
+            *group_bytes.entry(root).or_default() += held[i].bytes;
+        }
+        let mut group_actual: HashMap<usize, u64> = HashMap::new();
+        for (pid, &i) in &owner {
+            let root = find(&mut parent, i);
+            *group_actual.entry(root).or_default() += usage.get(pid).copied().unwrap_or(0);
+        }
+        let attributed: u64 = group_actual.values().sum();
+        let unattributed = reading.used_bytes.saturating_sub(attributed);
+        group_bytes
+            .iter()
+            .map(|(root, &bytes)| bytes.max(group_actual.get(root).copied().unwrap_or(0)))
+            .fold(unattributed, u64::saturating_add)
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,545 @@
+use super::*;
+use proptest::prelude::*;
+use std::collections::BTreeSet;
+
+const G: u64 = 1 << 30;
+
+fn spec(index: u32, total_bytes: u64) -> DeviceSpec {
+    DeviceSpec {
+        index,
+        uuid: format!("SIM-{index}"),
+        name: "sim".into(),
+        total_bytes,
+    }
+}
+
+fn sim(totals: &[u64]) -> Ledger {
+    Ledger::new(
+        LedgerConfig::default(),
+        totals
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| spec(i as u32, t))
+            .collect(),
+        ReadingSource::Simulated,
+    )
+}
+
+fn peer(pid: u32) -> Peer {
+    Peer {
+        pid,
+        uid: 1000,
+        gid: 1000,
+    }
+}
+
+fn req(tag: u64, bytes: u64) -> ReserveRequest {
+    ReserveRequest {
+        tag,
+        bytes,
+        device: DeviceSelector::Any,
+        priority: 0,
+        label: None,
+        timeout_ms: None,
+    }
+}
+
+fn granted(effects: &[Effect]) -> Vec<(ConnId, u64, u32)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Granted {
+                conn, tag, grant, ..
+            } => Some((*conn, *tag, grant.device)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn failed(effects: &[Effect]) -> Vec<(u64, ErrorKind)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Failed { tag, kind, .. } => Some((*tag, *kind)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn grant_id(effects: &[Effect]) -> ReservationId {
+    effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Granted { grant, .. } => Some(grant.id),
+            _ => None,
+        })
+        .expect("a grant")
+}
+
+#[test]
+fn grants_what_fits_and_queues_the_rest_until_release() {
+    let t0 = Instant::now();
+    let mut l = sim(&[24 * G]);
+    let a = l.reserve(ConnId(1), peer(1), req(1, 16 * G), t0);
+    assert_eq!(granted(&a), vec![(ConnId(1), 1, 0)]);
+    let b = l.reserve(ConnId(2), peer(2), req(1, 10 * G), t0);
+    assert!(granted(&b).is_empty());
+    assert!(b.contains(&Effect::Queued {
+        conn: ConnId(2),
+        tag: 1,
+        id: ReservationId(2),
+        position: 1
+    }));
+    assert_eq!(l.available(0), 8 * G);
+    let r = l.release(ConnId(1), grant_id(&a), t0).unwrap();
+    assert_eq!(granted(&r), vec![(ConnId(2), 1, 0)]);
+    assert_eq!(l.available(0), 14 * G);
+}
+
+#[test]
+fn release_of_someone_elses_reservation_is_refused() {
+    let t0 = Instant::now();
+    let mut l = sim(&[24 * G]);
+    let id = grant_id(&l.reserve(ConnId(1), peer(1), req(1, G), t0));
+    assert_eq!(l.release(ConnId(2), id, t0), Err(LedgerError::NotHeld(id)));
+    assert_eq!(l.reservation_count(), 1);
+}
+
+#[test]
+fn impossible_and_unknown_device_requests_are_refused_at_once() {
+    let t0 = Instant::now();
+    let mut l = sim(&[24 * G, 8 * G]);
+    let e = l.reserve(ConnId(1), peer(1), req(1, 25 * G), t0);
+    assert_eq!(failed(&e), vec![(1, ErrorKind::Refused)]);
+    let mut r = req(2, 9 * G);
+    r.device = DeviceSelector::Index(1);
+    assert_eq!(
+        failed(&l.reserve(ConnId(1), peer(1), r, t0)),
+        vec![(2, ErrorKind::Refused)]
+    );
+    let mut r = req(3, G);
+    r.device = DeviceSelector::Index(7);
+    let e = l.reserve(ConnId(1), peer(1), r, t0);
+    assert!(
+        matches!(&e[0], Effect::Failed { kind: ErrorKind::Refused, message, .. } if message.contains("no device 7"))
+    );
+    assert_eq!(
+        failed(&l.reserve(ConnId(1), peer(1), req(4, 0), t0)),
+        vec![(4, ErrorKind::Refused)]
+    );
+    assert_eq!(l.waiter_count(), 0);
+    assert_eq!(l.counters().refusals, 4);
+}
+
+#[test]
+fn priority_then_arrival_decides_who_is_granted() {
+    let t0 = Instant::now();
+    let mut l = sim(&[10 * G]);
+    let hold = grant_id(&l.reserve(ConnId(1), peer(1), req(1, 10 * G), t0));
+    let low = req(1, 6 * G);
+    let mut high = req(1, 6 * G);
+    high.priority = 5;
+    l.reserve(ConnId(2), peer(2), low, t0);
+    l.reserve(ConnId(3), peer(3), high, t0);
+    let e = l.release(ConnId(1), hold, t0).unwrap();
+    assert_eq!(granted(&e), vec![(ConnId(3), 1, 0)]);
+}
+
+#[test]
+fn aging_lets_a_long_waiter_overtake_a_newer_higher_priority_one() {
+    let t0 = Instant::now();
+    let mut l = sim(&[10 * G]);
+    let hold = grant_id(&l.reserve(ConnId(1), peer(1), req(1, 10 * G), t0));
+    l.reserve(ConnId(2), peer(2), req(1, 6 * G), t0);
+    let t1 = t0 + Duration::from_secs(25); // +2 steps of aging
+    let mut high = req(1, 6 * G);
+    high.priority = 1;
+    l.reserve(ConnId(3), peer(3), high, t1);
+    let e = l.release(ConnId(1), hold, t1).unwrap();
+    assert_eq!(granted(&e), vec![(ConnId(2), 1, 0)]);
+}
+
+#[test]
+fn backfill_until_the_starvation_guard_then_room_is_kept() {
+    let t0 = Instant::now();
+    let mut l = sim(&[10 * G]);
+    let a = grant_id(&l.reserve(ConnId(1), peer(1), req(1, 6 * G), t0));
+    // A big request waits; a small one backfills beside the holder.
+    l.reserve(ConnId(2), peer(2), req(1, 8 * G), t0);
+    let e = l.reserve(ConnId(3), peer(3), req(1, 2 * G), t0);
+    assert_eq!(granted(&e), vec![(ConnId(3), 1, 0)]);
+    // Past the guard, a new small request no longer gets ahead.
+    let late = t0 + l.config().starvation_guard;
+    let e = l.reserve(ConnId(4), peer(4), req(1, G), late);
+    assert!(granted(&e).is_empty(), "{e:?}");
+    // Once the holder leaves, the big one goes first (6+2 freed → 8 fits).
+    let e = l.release(ConnId(1), a, late).unwrap();
+    assert_eq!(granted(&e)[0], (ConnId(2), 1, 0));
+}
+
+#[test]
+fn wait_limits_expire_and_zero_means_try_once() {
+    let t0 = Instant::now();
+    let mut l = sim(&[10 * G]);
+    l.reserve(ConnId(1), peer(1), req(1, 10 * G), t0);
+    let mut r = req(7, G);
+    r.timeout_ms = Some(0);
+    assert_eq!(
+        failed(&l.reserve(ConnId(2), peer(2), r, t0)),
+        vec![(7, ErrorKind::Timeout)]
+    );
+    let mut r = req(8, G);
+    r.timeout_ms = Some(500);
+    l.reserve(ConnId(2), peer(2), r, t0);
+    assert_eq!(l.next_wakeup(t0), Some(t0 + Duration::from_millis(500)));
+    assert!(failed(&l.tick(t0 + Duration::from_millis(499))).is_empty());
+    assert_eq!(
+        failed(&l.tick(t0 + Duration::from_millis(500))),
+        vec![(8, ErrorKind::Timeout)]
+    );
+    assert_eq!(l.counters().timeouts, 2);
+    assert_eq!(l.waiter_count(), 0);
+}
+
+#[test]
+fn cancel_and_disconnect_withdraw_and_grant_the_next() {
+    let t0 = Instant::now();
+    let mut l = sim(&[10 * G]);
+    l.reserve(ConnId(1), peer(1), req(1, 8 * G), t0);
+    l.reserve(ConnId(1), peer(1), req(2, 2 * G), t0);
+    l.reserve(ConnId(2), peer(2), req(1, 5 * G), t0);
+    l.reserve(ConnId(3), peer(3), req(1, 4 * G), t0);
+    let (n, _) = l.cancel(ConnId(2), 1, t0);
+    assert_eq!(n, 1);
+    assert_eq!(l.cancel(ConnId(2), 1, t0).0, 0);
+    let (released, e) = l.disconnect(ConnId(1), t0);
+    assert_eq!(released.len(), 2);
+    assert_eq!(granted(&e), vec![(ConnId(3), 1, 0)]);
+    assert_eq!(l.counters().disconnect_releases, 2);
+}
+
+#[test]
+fn positions_are_pushed_when_they_change() {
+    let t0 = Instant::now();
+    let mut l = sim(&[10 * G]);
+    let hold = grant_id(&l.reserve(ConnId(1), peer(1), req(1, 10 * G), t0));
+    l.reserve(ConnId(2), peer(2), req(1, 9 * G), t0);
+    l.reserve(ConnId(3), peer(3), req(1, 9 * G), t0);
+    let mut urgent = req(1, 9 * G);
+    urgent.priority = 9;
+    let e = l.reserve(ConnId(4), peer(4), urgent, t0);
+    let queued: Vec<_> = e
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Queued { conn, position, .. } => Some((conn.0, *position)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(queued, vec![(4, 1), (2, 2), (3, 3)]);
+    let e = l.release(ConnId(1), hold, t0).unwrap();
+    assert_eq!(granted(&e), vec![(ConnId(4), 1, 0)]);
+    assert!(e.contains(&Effect::Queued {
+        conn: ConnId(2),
+        tag: 1,
+        id: ReservationId(2),
+        position: 1
+    }));
+}
+
+#[test]
+fn spread_and_pack_placement() {
+    let t0 = Instant::now();
+    let mut l = sim(&[10 * G, 20 * G]);
+    assert_eq!(
+        granted(&l.reserve(ConnId(1), peer(1), req(1, G), t0))[0].2,
+        1
+    );
+    let mut l = sim(&[10 * G, 20 * G]);
+    l.config.placement = Placement::Pack;
+    assert_eq!(
+        granted(&l.reserve(ConnId(1), peer(1), req(1, G), t0))[0].2,
+        0
+    );
+}
+
+fn measured(used: u64, procs: Option<Vec<(u32, u64)>>) -> Reading {
+    Reading {
+        used_bytes: used,
+        processes: procs,
+    }
+}
+
+#[test]
+fn accounting_sees_outsiders_counts_overuse_and_never_double_counts() {
+    let t0 = Instant::now();
+    let mut l = Ledger::new(
+        LedgerConfig::default(),
+        vec![spec(0, 24 * G)],
+        ReadingSource::Measured(Reading {
+            used_bytes: 0,
+            processes: Some(vec![]),
+        }),
+    );
+    // An outside process uses 10 GiB without a reservation.
+    l.set_reading(0, measured(10 * G, Some(vec![(99, 10 * G)])), t0);
+    assert_eq!(l.available(0), 14 * G);
+    // A client reserves 4 GiB: counted in full before it loads.
+    l.reserve(ConnId(1), peer(1), req(1, 4 * G), t0);
+    assert_eq!(l.available(0), 10 * G);
+    // Its process loads 3 GiB: still 4 (max of reserved and actual), not 7.
+    l.set_reading(
+        0,
+        measured(13 * G, Some(vec![(99, 10 * G), (1, 3 * G)])),
+        t0,
+    );
+    assert_eq!(l.available(0), 10 * G);
+    // It grows to 6 GiB: counted at its real usage.
+    l.set_reading(
+        0,
+        measured(16 * G, Some(vec![(99, 10 * G), (1, 6 * G)])),
+        t0,
+    );
+    assert_eq!(l.available(0), 8 * G);
+    // A second reservation by the same process: one group, no double count.
+    l.reserve(ConnId(1), peer(1), req(2, G), t0);
+    assert_eq!(l.available(0), 8 * G);
+    // Without per-process usage: used + Σ reserved (cautious).
+    l.set_reading(0, measured(16 * G, None), t0);
+    assert_eq!(l.available(0), 24 * G - 16 * G - 5 * G);
+}
+
+#[test]
+fn memory_still_in_use_after_release_keeps_blocking_until_read_free() {
+    let t0 = Instant::now();
+    let mut l = Ledger::new(
+        LedgerConfig::default(),
+        vec![spec(0, 24 * G)],
+        ReadingSource::Measured(Reading {
+            used_bytes: 0,
+            processes: Some(vec![]),
+        }),
+    );
+    let id = grant_id(&l.reserve(ConnId(1), peer(1), req(1, 20 * G), t0));
+    l.set_reading(0, measured(20 * G, Some(vec![(1, 20 * G)])), t0);
+    l.reserve(ConnId(2), peer(2), req(1, 10 * G), t0);
+    // Released, but the process has not freed its memory yet: no grant.
+    assert!(granted(&l.release(ConnId(1), id, t0).unwrap()).is_empty());
+    // The reading shows it freed: granted.
+    let e = l.set_reading(0, measured(0, Some(vec![])), t0);
+    assert_eq!(granted(&e), vec![(ConnId(2), 1, 0)]);
+}
+
+#[test]
+fn cushion_is_kept_free() {
+    let t0 = Instant::now();
+    let mut l = Ledger::new(
+        LedgerConfig {
+            cushion_bytes: G,
+            ..LedgerConfig::default()
+        },
+        vec![spec(0, 10 * G)],
+        ReadingSource::Simulated,
+    );
+    assert_eq!(
+        failed(&l.reserve(ConnId(1), peer(1), req(1, 10 * G), t0)),
+        vec![(1, ErrorKind::Refused)]
+    );
+    assert_eq!(
+        granted(&l.reserve(ConnId(1), peer(1), req(2, 9 * G), t0)).len(),
+        1
+    );
+    assert_eq!(l.available(0), 0);
+}
+
+// ---- property tests -------------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum Op {
+    Reserve {
+        conn: u64,
+        bytes: u64,
+        device: Option<u32>,
+        priority: i32,
+        timeout_ms: Option<u64>,
+    },
+    Release {
+        conn: u64,
+        nth: usize,
+    },
+    Cancel {
+        conn: u64,
+        nth: usize,
+    },
+    Disconnect {
+        conn: u64,
+    },
+    Tick,
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (0u64..5, 1u64..24, proptest::option::of(0u32..3), -2i32..3, proptest::option::of(0u64..60_000))
+            .prop_map(|(conn, bytes, device, priority, timeout_ms)| Op::Reserve { conn, bytes: bytes * G, device, priority, timeout_ms }),
+        3 => (0u64..5, 0usize..4).prop_map(|(conn, nth)| Op::Release { conn, nth }),
+        1 => (0u64..5, 0usize..4).prop_map(|(conn, nth)| Op::Cancel { conn, nth }),
+        1 => (0u64..5).prop_map(|conn| Op::Disconnect { conn }),
+        2 => Just(Op::Tick),
+    ]
+}
+
+/// What the test knows of each request it made, by (conn, tag).
+#[derive(Debug, Clone, PartialEq)]
+enum Fate {
+    Waiting,
+    Held(ReservationId),
+    Done,
+}
+
+fn check_invariants(l: &Ledger, now: Instant) -> Result<(), TestCaseError> {
+    for d in 0..l.devices.len() {
+        prop_assert!(
+            l.reserved(d) <= l.capacity(d),
+            "device {d} overcommitted: {} > {}",
+            l.reserved(d),
+            l.capacity(d)
+        );
+    }
+    // Work conservation: a waiter that fits is held back only by a starved
+    // waiter ahead of it on that device.
+    let order = l.order(now);
+    for (pos, &i) in order.iter().enumerate() {
+        let w = &l.waiters[i];
+        for &d in &w.candidates {
+            if l.available(d) >= w.bytes {
+                let held_back = order[..pos].iter().any(|&j| {
+                    let s = &l.waiters[j];
+                    now.saturating_duration_since(s.arrived) >= l.config.starvation_guard
+                        && s.candidates.contains(&d)
+                        && l.capacity(d) >= s.bytes
+                });
+                prop_assert!(held_back, "waiter {:?} fits on {d} but waits", w.id);
+            }
+        }
+    }
+    prop_assert_eq!(
+        l.counters.grants - l.counters.releases,
+        l.reservations.len() as u64
+    );
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_histories_keep_every_invariant(
+        totals in proptest::collection::vec(8u64..40, 1..3),
+        ops in proptest::collection::vec((arb_op(), 0u64..20_000), 1..60),
+    ) {
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut l = sim(&totals.iter().map(|t| t * G).collect::<Vec<_>>());
+        let mut fates: BTreeMap<(u64, u64), Fate> = BTreeMap::new();
+        let mut prio: BTreeMap<ReservationId, (i32, Instant)> = BTreeMap::new();
+        let mut next_tag = 1u64;
+        let mut live: BTreeSet<u64> = BTreeSet::new();
+        for (op, advance_ms) in ops {
+            now += Duration::from_millis(advance_ms);
+            let effects = match op {
+                Op::Reserve { conn, bytes, device, priority, timeout_ms } => {
+                    live.insert(conn);
+                    let tag = next_tag;
+                    next_tag += 1;
+                    fates.insert((conn, tag), Fate::Waiting);
+                    let r = ReserveRequest {
+                        tag, bytes,
+                        device: device.map_or(DeviceSelector::Any, DeviceSelector::Index),
+                        priority, label: None, timeout_ms,
+                    };
+                    prio.insert(ReservationId(l.next_id), (priority, now));
+                    l.reserve(ConnId(conn), peer(conn as u32 + 100), r, now)
+                }
+                Op::Release { conn, nth } => {
+                    let held: Vec<ReservationId> = fates.iter().filter_map(|((c, _), f)| match f {
+                        Fate::Held(id) if *c == conn => Some(*id), _ => None }).collect();
+                    match held.get(nth) {
+                        Some(&id) => {
+                            let key = *fates.iter().find(|(_, f)| **f == Fate::Held(id)).unwrap().0;
+                            fates.insert(key, Fate::Done);
+                            l.release(ConnId(conn), id, now).expect("held reservation releases")
+                        }
+                        None => {
+                            // Releasing what it does not hold is an error and changes nothing.
+                            let before = l.reservation_count();
+                            prop_assert!(l.release(ConnId(conn), ReservationId(u64::MAX), now).is_err());
+                            prop_assert_eq!(before, l.reservation_count());
+                            // Aging can reorder the queue while nothing happens;
+                            // the daemon ticks for that (next_wakeup).
+                            l.tick(now)
+                        }
+                    }
+                }
+                Op::Cancel { conn, nth } => {
+                    let waiting: Vec<u64> = fates.iter().filter_map(|((c, t), f)| (*c == conn && *f == Fate::Waiting).then_some(*t)).collect();
+                    let tag = waiting.get(nth).copied().unwrap_or(u64::MAX);
+                    let (n, e) = l.cancel(ConnId(conn), tag, now);
+                    prop_assert_eq!(n as usize, usize::from(waiting.get(nth).is_some()));
+                    if n == 1 { fates.insert((conn, tag), Fate::Done); e } else { l.tick(now) }
+                }
+                Op::Disconnect { conn } => {
+                    live.remove(&conn);
+                    let (released, mut e) = l.disconnect(ConnId(conn), now);
+                    if released.is_empty() && e.is_empty() {
+                        e = l.tick(now);
+                    }
+                    for ((c, _), f) in fates.iter_mut() { if *c == conn { *f = Fate::Done; } }
+                    // Nothing of the closed connection remains.
+                    prop_assert!(l.reservations.values().all(|r| r.conn != ConnId(conn)));
+                    prop_assert!(l.waiters.iter().all(|w| w.conn != ConnId(conn)));
+                    e
+                }
+                Op::Tick => l.tick(now),
+            };
+            for e in &effects {
+                match e {
+                    Effect::Granted { conn, tag, grant, .. } => {
+                        let f = fates.get_mut(&(conn.0, *tag)).expect("grant for a known request");
+                        prop_assert_eq!(&*f, &Fate::Waiting, "granted twice or after it ended");
+                        *f = Fate::Held(grant.id);
+                        // Starvation guard: no starved waiter that could use this
+                        // device and ranks ahead of this grant is still waiting.
+                        let d = l.devices.iter().position(|x| x.spec.index == grant.device).unwrap();
+                        let (p, arrived) = prio[&grant.id];
+                        let eff = |p: i32, a: Instant| i64::from(p) + (now.saturating_duration_since(a).as_millis() / l.config.aging.as_millis()) as i64;
+                        for s in &l.waiters {
+                            let starved = now.saturating_duration_since(s.arrived) >= l.config.starvation_guard;
+                            let ahead = (eff(s.priority, s.arrived), std::cmp::Reverse(s.id)) > (eff(p, arrived), std::cmp::Reverse(grant.id));
+                            prop_assert!(!(starved && ahead && s.candidates.contains(&d) && l.capacity(d) >= s.bytes),
+                                "grant {:?} jumped starved waiter {:?}", grant.id, s.id);
+                        }
+                    }
+                    Effect::Failed { conn, tag, .. } => {
+                        let f = fates.get_mut(&(conn.0, *tag)).expect("failure for a known request");
+                        prop_assert_eq!(&*f, &Fate::Waiting);
+                        *f = Fate::Done;
+                    }
+                    Effect::Queued { conn, tag, .. } => {
+                        prop_assert_eq!(&fates[&(conn.0, *tag)], &Fate::Waiting);
+                    }
+                }
+            }
+            check_invariants(&l, now)?;
+            // No orphans: the ledger's view matches the test's.
+            let waiting = fates.values().filter(|f| **f == Fate::Waiting).count();
+            let held = fates.values().filter(|f| matches!(f, Fate::Held(_))).count();
+            prop_assert_eq!(waiting, l.waiter_count());
+            prop_assert_eq!(held, l.reservation_count());
+        }
+        // Everyone leaves: the ledger is empty.
+        for conn in live {
+            l.disconnect(ConnId(conn), now);
+        }
+        prop_assert_eq!(l.reservation_count(), 0);
+        prop_assert_eq!(l.waiter_count(), 0);
+    }
+}
