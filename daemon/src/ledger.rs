@@ -163,6 +163,21 @@ pub enum Effect {
     },
 }
 
+/// A reservation that ended, for logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released {
+    /// Its id.
+    pub id: ReservationId,
+    /// Index of its device.
+    pub device: u32,
+    /// Bytes it held.
+    pub bytes: u64,
+    /// Its label.
+    pub label: Option<String>,
+    /// How long it was held.
+    pub held: Duration,
+}
+
 /// Why an operation on the ledger failed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LedgerError {
@@ -347,16 +362,26 @@ impl Ledger {
         conn: ConnId,
         id: ReservationId,
         now: Instant,
-    ) -> Result<Vec<Effect>, LedgerError> {
+    ) -> Result<(Released, Vec<Effect>), LedgerError> {
         match self.reservations.get(&id) {
             Some(r) if r.conn == conn => {}
             _ => return Err(LedgerError::NotHeld(id)),
         }
-        self.reservations.remove(&id);
+        let r = self.reservations.remove(&id).expect("checked above");
         self.counters.releases += 1;
         let mut effects = Vec::new();
         self.settle(now, &mut effects);
-        Ok(effects)
+        Ok((self.released(r, now), effects))
+    }
+
+    fn released(&self, r: Reservation, now: Instant) -> Released {
+        Released {
+            id: r.id,
+            device: self.devices[r.device].spec.index,
+            bytes: r.bytes,
+            label: r.label,
+            held: now.saturating_duration_since(r.granted_at),
+        }
     }
 
     /// Withdraws `conn`'s waiting requests with `tag`; returns how many there
@@ -373,9 +398,9 @@ impl Ledger {
         (count, effects)
     }
 
-    /// Drops everything `conn` held or waited for. Returns the ids of the
-    /// reservations it held, and the effects (grants to waiters that now fit).
-    pub fn disconnect(&mut self, conn: ConnId, now: Instant) -> (Vec<ReservationId>, Vec<Effect>) {
+    /// Drops everything `conn` held or waited for. Returns the reservations it
+    /// held, and the effects (grants to waiters that now fit).
+    pub fn disconnect(&mut self, conn: ConnId, now: Instant) -> (Vec<Released>, Vec<Effect>) {
         let before = self.waiters.len();
         self.waiters.retain(|w| w.conn != conn);
         let cancelled = before - self.waiters.len();
@@ -386,9 +411,11 @@ impl Ledger {
             .filter(|r| r.conn == conn)
             .map(|r| r.id)
             .collect();
-        for id in &released {
-            self.reservations.remove(id);
-        }
+        let removed: Vec<Reservation> = released
+            .into_iter()
+            .filter_map(|id| self.reservations.remove(&id))
+            .collect();
+        let released: Vec<Released> = removed.into_iter().map(|r| self.released(r, now)).collect();
         self.counters.releases += released.len() as u64;
         self.counters.disconnect_releases += released.len() as u64;
         let mut effects = Vec::new();

@@ -2,4 +2,6 @@
 //! the GPU backends, and the socket server. The `vramd` and `vramctl`
 //! binaries are thin wrappers over it.
 
+pub mod gpu;
 pub mod ledger;
+pub mod server;

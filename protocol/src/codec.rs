@@ -151,22 +151,6 @@ impl ReadBuffer {
         self.data.extend_from_slice(bytes);
     }
 
-    /// Returns a writable region of at least `min` bytes at the end; call
-    /// [`ReadBuffer::commit`] with the number of bytes written into it.
-    pub fn spare(&mut self, min: usize) -> &mut [u8] {
-        self.compact();
-        let len = self.data.len();
-        self.data.resize(len + min, 0);
-        &mut self.data[len..]
-    }
-
-    /// Keeps `n` bytes of the region returned by the last [`ReadBuffer::spare`]
-    /// and drops the rest of it.
-    pub fn commit(&mut self, spare_len: usize, n: usize) {
-        let keep = self.data.len() - spare_len + n;
-        self.data.truncate(keep);
-    }
-
     fn compact(&mut self) {
         if self.start > 0 {
             self.data.drain(..self.start);

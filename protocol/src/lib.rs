@@ -19,9 +19,13 @@ pub mod messages;
 pub mod paths;
 pub mod size;
 
-pub use codec::{CodecError, Decoder, Encoding, MAX_FRAME_BYTES, MAX_LINE_BYTES, encode};
+pub use codec::{
+    CodecError, Decoder, Encoding, MAX_FRAME_BYTES, MAX_LINE_BYTES, encode, encode_into,
+};
 pub use messages::*;
-pub use size::{ParseSizeError, format_size, parse_size};
+pub use size::{
+    GIB, KIB, MIB, ParseDurationError, ParseSizeError, TIB, format_size, parse_duration, parse_size,
+};
 
 /// Version of the wire protocol spoken by this crate. A client sends it in
 /// [`ClientMessage::Hello`]; the daemon refuses a session whose version differs.

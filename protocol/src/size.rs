@@ -1,4 +1,5 @@
-//! Human-readable sizes: `512MiB`, `24GiB`, `8GB`, `1.5GiB`, `4096`.
+//! Human-readable sizes (`512MiB`, `24GiB`, `8GB`, `1.5GiB`, `4096`) and
+//! durations (`30s`, `500ms`, `2m`, `1h`).
 //!
 //! Binary suffixes (`KiB`, `MiB`, `GiB`, `TiB`) are powers of 1024; SI suffixes
 //! (`KB`, `MB`, `GB`, `TB`) are powers of 1000; a bare number is bytes. Suffixes
@@ -96,6 +97,32 @@ pub fn format_size(bytes: u64) -> String {
     format!("{bytes} B")
 }
 
+/// Why a duration string could not be parsed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error(
+    "invalid duration {0:?}: use a number with ms, s, m or h (e.g. 500ms, 30s, 2m); a bare number is seconds"
+)]
+pub struct ParseDurationError(pub String);
+
+/// Parses a duration such as `500ms`, `30s`, `1.5s`, `2m`, `1h` or `30` (seconds).
+pub fn parse_duration(input: &str) -> Result<std::time::Duration, ParseDurationError> {
+    let err = || ParseDurationError(input.to_string());
+    let s = input.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num.parse().map_err(|_| err())?;
+    let seconds = match unit.trim().to_ascii_lowercase().as_str() {
+        "ms" => value / 1000.0,
+        "" | "s" | "sec" => value,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(err()),
+    };
+    std::time::Duration::try_from_secs_f64(seconds).map_err(|_| err())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +153,17 @@ mod tests {
             let e = parse_size(bad).unwrap_err();
             assert_eq!(e.input, bad);
         }
+    }
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
     }
 
     #[test]

@@ -1,1 +1,154 @@
-fn main() {}
+//! `vramd`: the GPU memory arbiter daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use vramd::gpu::Backend;
+use vramd::ledger::{Ledger, LedgerConfig, Placement};
+use vramd::server::{ServerConfig, bind_socket, serve};
+use vramd_protocol::{parse_duration, parse_size, paths};
+
+/// Arbitrates GPU memory between the programs on this machine.
+#[derive(Debug, Parser)]
+#[command(name = "vramd", version, about)]
+struct Args {
+    /// Arbitrate a simulated device of this size (e.g. 24GiB) instead of real
+    /// GPUs. Repeat for more devices.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    simulate: Vec<u64>,
+    /// Socket path [default: $VRAMD_SOCKET, else /run/vramd/vramd.sock as
+    /// root, else $XDG_RUNTIME_DIR/vramd.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Permission bits of the socket file, in octal.
+    #[arg(long, value_name = "OCTAL", default_value = "0660", value_parser = parse_mode)]
+    socket_mode: u32,
+    /// Group that owns the socket file (name or gid).
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+    /// Memory kept free on every device as a safety margin.
+    #[arg(long, value_name = "SIZE", default_value = "0", value_parser = parse_size)]
+    cushion: u64,
+    /// Waiting this long raises a request's effective priority by one.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    aging: Duration,
+    /// After waiting this long, a request stops smaller ones from being
+    /// granted ahead of it.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    starvation_guard: Duration,
+    /// Where requests for any device go: spread (most room) or pack (least room that fits).
+    #[arg(long, default_value = "spread", value_parser = parse_placement)]
+    placement: Placement,
+    /// Time a new client has to say hello.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+    /// Most client connections at once.
+    #[arg(long, value_name = "N", default_value_t = 16384)]
+    max_connections: usize,
+    /// Log level (error, warn, info, debug, trace) or a tracing filter; RUST_LOG overrides it.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("invalid mode {s:?}: use octal such as 0660"))?;
+    if m > 0o777 {
+        return Err(format!("invalid mode {s:?}: at most 0777"));
+    }
+    Ok(m)
+}
+
+fn parse_placement(s: &str) -> Result<Placement, String> {
+    match s {
+        "spread" => Ok(Placement::Spread),
+        "pack" => Ok(Placement::Pack),
+        _ => Err(format!("invalid placement {s:?}: use spread or pack")),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&args.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vramd: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    if args.simulate.is_empty() {
+        bail!(
+            "no GPU backend: this build of vramd cannot read real GPUs yet. \
+             Run with --simulate SIZE (e.g. `vramd --simulate 24GiB`) to arbitrate a simulated device"
+        );
+    }
+    if let Some(&zero) = args.simulate.iter().find(|&&b| b == 0) {
+        bail!("--simulate {zero}: a simulated device needs a size above 0");
+    }
+    let backend = Backend::simulated(&args.simulate);
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let socket_path = match args.socket {
+        Some(p) => p,
+        None => paths::daemon_socket_path(uid).context(
+            "no socket path: set --socket or VRAMD_SOCKET, or XDG_RUNTIME_DIR for a per-user daemon",
+        )?,
+    };
+    let config = ServerConfig {
+        socket_path,
+        socket_mode: args.socket_mode,
+        socket_group: args.socket_group,
+        handshake_timeout: args.handshake_timeout,
+        max_connections: args.max_connections.max(1),
+        backend: backend.name.to_string(),
+    };
+    let ledger = Ledger::new(
+        LedgerConfig {
+            cushion_bytes: args.cushion,
+            aging: args.aging.max(Duration::from_millis(1)),
+            starvation_guard: args.starvation_guard,
+            placement: args.placement,
+        },
+        backend.devices.clone(),
+        backend.source.clone(),
+    );
+    for d in &backend.devices {
+        tracing::info!(index = d.index, uuid = %d.uuid, name = %d.name, total_bytes = d.total_bytes,
+            size = %vramd_protocol::format_size(d.total_bytes), backend = backend.name, "device");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = bind_socket(&config)?;
+        serve(config, listener, ledger, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+    }
+}

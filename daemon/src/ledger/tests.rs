@@ -91,7 +91,7 @@ fn grants_what_fits_and_queues_the_rest_until_release() {
         position: 1
     }));
     assert_eq!(l.available(0), 8 * G);
-    let r = l.release(ConnId(1), grant_id(&a), t0).unwrap();
+    let r = l.release(ConnId(1), grant_id(&a), t0).unwrap().1;
     assert_eq!(granted(&r), vec![(ConnId(2), 1, 0)]);
     assert_eq!(l.available(0), 14 * G);
 }
@@ -141,7 +141,7 @@ fn priority_then_arrival_decides_who_is_granted() {
     high.priority = 5;
     l.reserve(ConnId(2), peer(2), low, t0);
     l.reserve(ConnId(3), peer(3), high, t0);
-    let e = l.release(ConnId(1), hold, t0).unwrap();
+    let e = l.release(ConnId(1), hold, t0).unwrap().1;
     assert_eq!(granted(&e), vec![(ConnId(3), 1, 0)]);
 }
 
@@ -155,7 +155,7 @@ fn aging_lets_a_long_waiter_overtake_a_newer_higher_priority_one() {
     let mut high = req(1, 6 * G);
     high.priority = 1;
     l.reserve(ConnId(3), peer(3), high, t1);
-    let e = l.release(ConnId(1), hold, t1).unwrap();
+    let e = l.release(ConnId(1), hold, t1).unwrap().1;
     assert_eq!(granted(&e), vec![(ConnId(2), 1, 0)]);
 }
 
@@ -173,7 +173,7 @@ fn backfill_until_the_starvation_guard_then_room_is_kept() {
     let e = l.reserve(ConnId(4), peer(4), req(1, G), late);
     assert!(granted(&e).is_empty(), "{e:?}");
     // Once the holder leaves, the big one goes first (6+2 freed → 8 fits).
-    let e = l.release(ConnId(1), a, late).unwrap();
+    let e = l.release(ConnId(1), a, late).unwrap().1;
     assert_eq!(granted(&e)[0], (ConnId(2), 1, 0));
 }
 
@@ -236,7 +236,7 @@ fn positions_are_pushed_when_they_change() {
         })
         .collect();
     assert_eq!(queued, vec![(4, 1), (2, 2), (3, 3)]);
-    let e = l.release(ConnId(1), hold, t0).unwrap();
+    let e = l.release(ConnId(1), hold, t0).unwrap().1;
     assert_eq!(granted(&e), vec![(ConnId(4), 1, 0)]);
     assert!(e.contains(&Effect::Queued {
         conn: ConnId(2),
@@ -323,7 +323,7 @@ fn memory_still_in_use_after_release_keeps_blocking_until_read_free() {
     l.set_reading(0, measured(20 * G, Some(vec![(1, 20 * G)])), t0);
     l.reserve(ConnId(2), peer(2), req(1, 10 * G), t0);
     // Released, but the process has not freed its memory yet: no grant.
-    assert!(granted(&l.release(ConnId(1), id, t0).unwrap()).is_empty());
+    assert!(granted(&l.release(ConnId(1), id, t0).unwrap().1).is_empty());
     // The reading shows it freed: granted.
     let e = l.set_reading(0, measured(0, Some(vec![])), t0);
     assert_eq!(granted(&e), vec![(ConnId(2), 1, 0)]);
@@ -466,7 +466,7 @@ proptest! {
                         Some(&id) => {
                             let key = *fates.iter().find(|(_, f)| **f == Fate::Held(id)).unwrap().0;
                             fates.insert(key, Fate::Done);
-                            l.release(ConnId(conn), id, now).expect("held reservation releases")
+                            l.release(ConnId(conn), id, now).expect("held reservation releases").1
                         }
                         None => {
                             // Releasing what it does not hold is an error and changes nothing.

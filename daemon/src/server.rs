@@ -1,0 +1,607 @@
+//! The socket server: socket setup, one task per connection, and the core
+//! task that owns the [`Ledger`].
+//!
+//! # Lifecycle of a connection
+//! 1. Accept; read the peer's credentials (pid, uid, gid) once.
+//! 2. The first byte picks the encoding ([`Encoding::detect`]); the first
+//!    message must be `Hello` with our protocol version, all within the
+//!    handshake timeout. Otherwise the client gets an error and is closed.
+//! 3. The connection registers with the core task and forwards every request
+//!    to it; the core answers through the connection's outbound channel.
+//! 4. When the socket closes — a clean exit, a crash, SIGKILL — the connection
+//!    task tells the core, which releases everything the connection held or
+//!    waited for and grants what now fits, at once.
+//!
+//! # Why one core task
+//! Every decision goes through the ledger in one place, in order, with no
+//! lock: the core task receives events over a bounded channel (so a flooding
+//! client is slowed at its own socket), never awaits anything but its inbox
+//! and its next timer, and never blocks on a client (outbound channels are
+//! unbounded and drained by each connection's own task).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use vramd_protocol::codec::ReadBuffer;
+use vramd_protocol::{
+    ClientMessage, CodecError, Decoder, Encoding, ErrorKind, PROTOCOL_VERSION, ServerMessage,
+    StatusReport, encode_into, format_size,
+};
+
+use crate::ledger::{ConnId, Effect, Ledger, Peer};
+
+/// Settings of the socket server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Path of the Unix socket.
+    pub socket_path: PathBuf,
+    /// Permission bits of the socket file.
+    pub socket_mode: u32,
+    /// Group that owns the socket file, if set.
+    pub socket_group: Option<String>,
+    /// How long a new client has to complete the handshake.
+    pub handshake_timeout: Duration,
+    /// Most connections served at once; more are told so and closed.
+    pub max_connections: usize,
+    /// Name of the GPU backend, for status.
+    pub backend: String,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Another daemon answers on the socket path.
+    #[error("another vramd is already listening on {0}; stop it first or use another --socket")]
+    AlreadyRunning(PathBuf),
+    /// The path exists and is not a socket; we will not remove it.
+    #[error("{0} exists and is not a socket; refusing to remove it")]
+    NotASocket(PathBuf),
+    /// The socket group does not exist.
+    #[error("socket group {0:?} does not exist")]
+    UnknownGroup(String),
+    /// Creating, binding or setting up the socket failed.
+    #[error("cannot set up socket {path}: {source}")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Creates the listening socket: refuses a live daemon's path, removes a stale
+/// socket file, binds under a restrictive umask, then sets mode and group.
+pub fn bind_socket(config: &ServerConfig) -> Result<std::os::unix::net::UnixListener, ServerError> {
+    let path = &config.socket_path;
+    let sock_err = |source| ServerError::Socket {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(ServerError::AlreadyRunning(path.clone())),
+                Err(_) => {
+                    info!(path = %path.display(), "removing stale socket file");
+                    std::fs::remove_file(path).map_err(sock_err)?;
+                }
+            }
+        }
+        Ok(_) => return Err(ServerError::NotASocket(path.clone())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(sock_err(e)),
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            std::fs::create_dir_all(parent).map_err(sock_err)?;
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))
+                .map_err(sock_err)?;
+        }
+    }
+    let gid = match &config.socket_group {
+        Some(name) => Some(group_id(name).ok_or_else(|| ServerError::UnknownGroup(name.clone()))?),
+        None => None,
+    };
+    // Bind under umask 0177 so the socket never exists with wider permissions
+    // than the owner's, then widen it to the configured mode.
+    // SAFETY: umask only changes this process's file-creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above; restores the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(sock_err)?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(sock_err)?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.socket_mode))
+        .map_err(sock_err)?;
+    listener.set_nonblocking(true).map_err(sock_err)?;
+    Ok(listener)
+}
+
+fn group_id(name: &str) -> Option<u32> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Some(gid);
+    }
+    let cname = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getgrnam returns a pointer to static storage or null; we read
+    // one field immediately and keep no reference.
+    let grp = unsafe { libc::getgrnam(cname.as_ptr()) };
+    if grp.is_null() {
+        None
+    } else {
+        // SAFETY: non-null pointer from getgrnam, read before any other call.
+        Some(unsafe { (*grp).gr_gid })
+    }
+}
+
+/// What connection tasks tell the core task.
+#[derive(Debug)]
+enum Event {
+    Open {
+        conn: ConnId,
+        peer: Peer,
+        tx: mpsc::UnboundedSender<ServerMessage>,
+    },
+    Request {
+        conn: ConnId,
+        msg: ClientMessage,
+    },
+    Close {
+        conn: ConnId,
+    },
+}
+
+/// Serves clients on `listener` until `shutdown` completes, then removes the
+/// socket file.
+pub async fn serve(
+    config: ServerConfig,
+    listener: std::os::unix::net::UnixListener,
+    ledger: Ledger,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let listener = UnixListener::from_std(listener)?;
+    let (events_tx, events_rx) = mpsc::channel::<Event>(4096);
+    let core = tokio::spawn(core_task(ledger, events_rx, config.backend.clone()));
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut next_conn = 1u64;
+    info!(socket = %config.socket_path.display(), mode = format!("{:o}", config.socket_mode), "listening");
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // EMFILE and friends: log, back off briefly, keep serving.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let conn = ConnId(next_conn);
+                next_conn += 1;
+                let over_limit = open.fetch_add(1, Ordering::SeqCst) >= config.max_connections;
+                let open = open.clone();
+                let events = events_tx.clone();
+                let handshake = config.handshake_timeout;
+                tokio::spawn(async move {
+                    if let Err(e) = connection(stream, conn, events, handshake, over_limit).await {
+                        debug!(conn = %conn, error = %e, "connection ended with an error");
+                    }
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        }
+    }
+    info!("shutting down");
+    drop(events_tx);
+    core.abort();
+    remove_socket(&config.socket_path);
+    Ok(())
+}
+
+fn remove_socket(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != io::ErrorKind::NotFound {
+            warn!(path = %path.display(), error = %e, "cannot remove socket file");
+        }
+    }
+}
+
+/// Writes one message to the client, in its encoding.
+async fn send(
+    stream: &mut (impl AsyncWriteExt + Unpin),
+    encoding: Encoding,
+    msg: &ServerMessage,
+) -> io::Result<()> {
+    let mut out = Vec::with_capacity(128);
+    encode_into(encoding, msg, &mut out).map_err(io::Error::other)?;
+    stream.write_all(&out).await
+}
+
+fn error_msg(tag: u64, kind: ErrorKind, message: impl Into<String>) -> ServerMessage {
+    ServerMessage::Error {
+        tag,
+        kind,
+        message: message.into(),
+    }
+}
+
+/// Reads more bytes into `buf`; `Ok(false)` at end of stream.
+///
+/// Cancel-safe (it is used in `select!`): bytes reach `buf` only after a read
+/// completed, and an unfinished read reads nothing.
+async fn fill(stream: &mut (impl AsyncReadExt + Unpin), buf: &mut ReadBuffer) -> io::Result<bool> {
+    let mut scratch = [0u8; 8 * 1024];
+    let n = stream.read(&mut scratch).await?;
+    buf.extend(&scratch[..n]);
+    Ok(n > 0)
+}
+
+/// The handshake: encoding from the first byte, then `Hello`, within `timeout`.
+/// Returns the decoder to go on with, or `None` if the client was turned away.
+async fn handshake(
+    stream: &mut UnixStream,
+    buf: &mut ReadBuffer,
+    conn: ConnId,
+) -> io::Result<Option<(Decoder, String)>> {
+    if !fill(stream, buf).await? {
+        return Ok(None);
+    }
+    let first = buf.unread()[0];
+    let Some(encoding) = Encoding::detect(first) else {
+        // We cannot know which encoding the client wants; JSON is readable.
+        let msg = error_msg(
+            0,
+            ErrorKind::BadRequest,
+            format!(
+                "unrecognised first byte 0x{first:02x}: send JSON lines (starting with '{{') or binary frames (starting with 0x00)"
+            ),
+        );
+        send(stream, Encoding::Json, &msg).await?;
+        return Ok(None);
+    };
+    let mut decoder = Decoder::new(encoding);
+    loop {
+        match decoder.decode::<ClientMessage>(buf) {
+            Ok(Some(ClientMessage::Hello { version, client })) if version == PROTOCOL_VERSION => {
+                return Ok(Some((decoder, client)));
+            }
+            Ok(Some(ClientMessage::Hello { version, .. })) => {
+                let msg = error_msg(
+                    0,
+                    ErrorKind::VersionMismatch,
+                    format!(
+                        "this daemon speaks protocol version {PROTOCOL_VERSION}, the client sent {version}"
+                    ),
+                );
+                send(stream, encoding, &msg).await?;
+                return Ok(None);
+            }
+            Ok(Some(_)) => {
+                let msg = error_msg(
+                    0,
+                    ErrorKind::BadRequest,
+                    format!(
+                        r#"the first message must be hello, e.g. {{"hello":{{"version":{PROTOCOL_VERSION}}}}}"#
+                    ),
+                );
+                send(stream, encoding, &msg).await?;
+                return Ok(None);
+            }
+            Ok(None) => {
+                if !fill(stream, buf).await? {
+                    return Ok(None);
+                }
+            }
+            Err(e) => {
+                let fatal = e.is_fatal();
+                send(stream, encoding, &codec_error_msg(&e)).await?;
+                if fatal {
+                    debug!(conn = %conn, error = %e, "bad handshake");
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+fn codec_error_msg(e: &CodecError) -> ServerMessage {
+    let kind = match e {
+        CodecError::FrameTooLarge { .. } => ErrorKind::FrameTooLarge,
+        CodecError::LineTooLong { .. } => ErrorKind::LineTooLong,
+        CodecError::Malformed(_) | CodecError::Encode(_) => ErrorKind::BadRequest,
+    };
+    error_msg(0, kind, e.to_string())
+}
+
+/// Serves one client from handshake to close.
+async fn connection(
+    mut stream: UnixStream,
+    conn: ConnId,
+    events: mpsc::Sender<Event>,
+    handshake_timeout: Duration,
+    over_limit: bool,
+) -> io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let peer = Peer {
+        pid: cred.pid().map_or(0, |p| p as u32),
+        uid: cred.uid(),
+        gid: cred.gid(),
+    };
+    let mut buf = ReadBuffer::new();
+    let hs = tokio::time::timeout(handshake_timeout, handshake(&mut stream, &mut buf, conn)).await;
+    let (mut decoder, client) = match hs {
+        Ok(Ok(Some(ok))) => ok,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            let encoding = buf
+                .unread()
+                .first()
+                .and_then(|&b| Encoding::detect(b))
+                .unwrap_or(Encoding::Json);
+            let msg = error_msg(
+                0,
+                ErrorKind::HandshakeTimeout,
+                format!("no hello within {} ms", handshake_timeout.as_millis()),
+            );
+            // Best effort: the client may be gone or not reading.
+            let _ = tokio::time::timeout(
+                Duration::from_millis(100),
+                send(&mut stream, encoding, &msg),
+            )
+            .await;
+            debug!(conn = %conn, pid = peer.pid, "handshake timed out");
+            return Ok(());
+        }
+    };
+    let encoding = decoder.encoding();
+    if over_limit {
+        let msg = error_msg(
+            0,
+            ErrorKind::LimitExceeded,
+            "the daemon serves too many connections; try again later",
+        );
+        send(&mut stream, encoding, &msg).await?;
+        warn!(conn = %conn, pid = peer.pid, "connection refused: too many connections");
+        return Ok(());
+    }
+    send(
+        &mut stream,
+        encoding,
+        &ServerMessage::Welcome {
+            version: PROTOCOL_VERSION,
+            daemon: env!("CARGO_PKG_VERSION").to_string(),
+        },
+    )
+    .await?;
+    debug!(conn = %conn, pid = peer.pid, uid = peer.uid, client = %client, ?encoding, "session opened");
+
+    let (tx, mut outbound) = mpsc::unbounded_channel();
+    if events.send(Event::Open { conn, peer, tx }).await.is_err() {
+        return Ok(());
+    }
+    let result = session(
+        &mut stream,
+        conn,
+        &mut decoder,
+        &mut buf,
+        &events,
+        &mut outbound,
+    )
+    .await;
+    // However the session ended, the core releases what it held.
+    let _ = events.send(Event::Close { conn }).await;
+    result
+}
+
+async fn session(
+    stream: &mut UnixStream,
+    conn: ConnId,
+    decoder: &mut Decoder,
+    buf: &mut ReadBuffer,
+    events: &mpsc::Sender<Event>,
+    outbound: &mut mpsc::UnboundedReceiver<ServerMessage>,
+) -> io::Result<()> {
+    let encoding = decoder.encoding();
+    let (mut rd, mut wr) = stream.split();
+    let mut out = Vec::with_capacity(1024);
+    loop {
+        // Requests already buffered (e.g. pipelined after hello) go first.
+        loop {
+            match decoder.decode::<ClientMessage>(buf) {
+                Ok(Some(ClientMessage::Hello { .. })) => {
+                    send(
+                        &mut wr,
+                        encoding,
+                        &error_msg(0, ErrorKind::BadRequest, "hello was already sent"),
+                    )
+                    .await?;
+                }
+                Ok(Some(msg)) => {
+                    if events.send(Event::Request { conn, msg }).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    send(&mut wr, encoding, &codec_error_msg(&e)).await?;
+                    if e.is_fatal() {
+                        warn!(conn = %conn, error = %e, "closing connection after a fatal framing error");
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            read = fill(&mut rd, buf) => {
+                if !read? {
+                    return Ok(());
+                }
+            }
+            msg = outbound.recv() => {
+                let Some(msg) = msg else { return Ok(()) };
+                out.clear();
+                encode_into(encoding, &msg, &mut out).map_err(io::Error::other)?;
+                // Batch whatever else is ready into one write.
+                while let Ok(more) = outbound.try_recv() {
+                    encode_into(encoding, &more, &mut out).map_err(io::Error::other)?;
+                    if out.len() > 64 * 1024 {
+                        break;
+                    }
+                }
+                wr.write_all(&out).await?;
+            }
+        }
+    }
+}
+
+struct ConnHandle {
+    peer: Peer,
+    tx: mpsc::UnboundedSender<ServerMessage>,
+}
+
+/// The only owner of the ledger: applies events in order, delivers effects.
+async fn core_task(mut ledger: Ledger, mut events: mpsc::Receiver<Event>, backend: String) {
+    let started = Instant::now();
+    let mut conns: HashMap<ConnId, ConnHandle> = HashMap::new();
+    loop {
+        let wake = ledger.next_wakeup(Instant::now());
+        let event = match wake {
+            Some(at) => tokio::select! {
+                ev = events.recv() => ev,
+                _ = tokio::time::sleep_until(at.into()) => {
+                    let effects = ledger.tick(Instant::now());
+                    deliver(&conns, effects);
+                    continue;
+                }
+            },
+            None => events.recv().await,
+        };
+        let Some(event) = event else { return };
+        let now = Instant::now();
+        match event {
+            Event::Open { conn, peer, tx } => {
+                conns.insert(conn, ConnHandle { peer, tx });
+            }
+            Event::Close { conn } => {
+                let (released, effects) = ledger.disconnect(conn, now);
+                let pid = conns.remove(&conn).map_or(0, |h| h.peer.pid);
+                for r in released {
+                    info!(id = %r.id, conn = %conn, pid, device = r.device, bytes = r.bytes, size = %format_size(r.bytes),
+                        label = r.label.as_deref().unwrap_or(""), held_ms = r.held.as_millis() as u64,
+                        "released (connection closed)");
+                }
+                deliver(&conns, effects);
+            }
+            Event::Request { conn, msg } => {
+                let Some(handle) = conns.get(&conn) else {
+                    continue;
+                };
+                let peer = handle.peer;
+                let reply = |m: ServerMessage| {
+                    let _ = handle.tx.send(m);
+                };
+                match msg {
+                    ClientMessage::Hello { .. } => {}
+                    ClientMessage::Reserve(req) => {
+                        debug!(conn = %conn, pid = peer.pid, tag = req.tag, bytes = req.bytes, device = %req.device,
+                            priority = req.priority, label = req.label.as_deref().unwrap_or(""), "reserve");
+                        let effects = ledger.reserve(conn, peer, req, now);
+                        deliver(&conns, effects);
+                    }
+                    ClientMessage::Cancel { tag } => {
+                        let (count, effects) = ledger.cancel(conn, tag, now);
+                        if count > 0 {
+                            info!(conn = %conn, pid = peer.pid, tag, count, "cancelled");
+                        }
+                        reply(ServerMessage::Cancelled { tag, count });
+                        deliver(&conns, effects);
+                    }
+                    ClientMessage::Release { tag, id } => match ledger.release(conn, id, now) {
+                        Ok((r, effects)) => {
+                            info!(id = %r.id, conn = %conn, pid = peer.pid, device = r.device, bytes = r.bytes,
+                                size = %format_size(r.bytes), label = r.label.as_deref().unwrap_or(""),
+                                held_ms = r.held.as_millis() as u64, "released");
+                            reply(ServerMessage::Released { tag, id });
+                            deliver(&conns, effects);
+                        }
+                        Err(e) => reply(error_msg(tag, ErrorKind::NotFound, e.to_string())),
+                    },
+                    ClientMessage::Status { tag } => {
+                        let status = StatusReport {
+                            daemon_version: env!("CARGO_PKG_VERSION").to_string(),
+                            backend: backend.clone(),
+                            uptime_ms: now.duration_since(started).as_millis() as u64,
+                            devices: ledger.device_status(),
+                            reservations: ledger.reservation_status(now),
+                            queue: ledger.queue_status(now),
+                            counters: ledger.counters().clone(),
+                        };
+                        reply(ServerMessage::Status { tag, status });
+                    }
+                    ClientMessage::Ping { tag } => reply(ServerMessage::Pong { tag }),
+                }
+            }
+        }
+    }
+}
+
+/// Sends effects to their connections and logs them.
+fn deliver(conns: &HashMap<ConnId, ConnHandle>, effects: Vec<Effect>) {
+    for effect in effects {
+        let (conn, msg) = match effect {
+            Effect::Granted {
+                conn,
+                tag,
+                grant,
+                label,
+                waited,
+            } => {
+                info!(id = %grant.id, conn = %conn, pid = conns.get(&conn).map_or(0, |h| h.peer.pid),
+                    device = grant.device, bytes = grant.bytes, size = %format_size(grant.bytes),
+                    label = label.as_deref().unwrap_or(""), waited_ms = waited.as_millis() as u64, "granted");
+                (conn, ServerMessage::Granted { tag, grant })
+            }
+            Effect::Queued {
+                conn,
+                tag,
+                id,
+                position,
+            } => {
+                debug!(id = %id, conn = %conn, position, "queued");
+                (conn, ServerMessage::Queued { tag, id, position })
+            }
+            Effect::Failed {
+                conn,
+                tag,
+                kind,
+                message,
+            } => {
+                let pid = conns.get(&conn).map_or(0, |h| h.peer.pid);
+                if kind == ErrorKind::Timeout {
+                    info!(conn = %conn, pid, tag, reason = %message, "timed out");
+                } else {
+                    info!(conn = %conn, pid, tag, kind = %kind, reason = %message, "refused");
+                }
+                (conn, error_msg(tag, kind, message))
+            }
+        };
+        if let Some(h) = conns.get(&conn) {
+            let _ = h.tx.send(msg);
+        }
+    }
+}
