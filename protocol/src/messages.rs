@@ -24,7 +24,7 @@ pub struct ReservationId(pub u64);
 
 impl fmt::Display for ReservationId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
@@ -44,9 +44,9 @@ pub enum DeviceSelector {
 impl fmt::Display for DeviceSelector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DeviceSelector::Any => f.write_str("any"),
-            DeviceSelector::Index(i) => write!(f, "{i}"),
-            DeviceSelector::Uuid(u) => f.write_str(u),
+            DeviceSelector::Any => f.pad("any"),
+            DeviceSelector::Index(i) => fmt::Display::fmt(i, f),
+            DeviceSelector::Uuid(u) => f.pad(u),
         }
     }
 }

@@ -1,1 +1,470 @@
-//! placeholder
+//! Rust SDK for [vramd], the per-machine GPU memory arbiter.
+//!
+//! Reserve VRAM before you load a model; the daemon grants it when it fits
+//! beside everything else on the card and queues you otherwise. The
+//! [`Reservation`] guard releases on `Drop`, and the daemon releases
+//! everything a connection held when it closes — even after a crash.
+//!
+//! ```no_run
+//! use vramd_client::{Client, Request, GIB};
+//!
+//! let client = Client::connect_default()?;
+//! let r = client.reserve(Request::new(8 * GIB).label("flux"))?;
+//! println!("load on cuda:{} ({} bytes)", r.device_index(), r.bytes());
+//! // ... load and run the model ...
+//! drop(r); // released
+//! # Ok::<(), vramd_client::Error>(())
+//! ```
+//!
+//! The API is blocking and needs no async runtime: a reader thread per
+//! connection routes the daemon's replies. Several reservations may share one
+//! [`Client`]; dropping the client closes its connection, which releases them
+//! all. With the `tokio` feature, [`AsyncClient`] offers the same from async
+//! code without blocking the executor.
+//!
+//! [vramd]: https://example.invalid/vramd
+
+mod conn;
+mod error;
+
+use std::future::Future;
+use std::path::Path;
+#[cfg(feature = "tokio")]
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use conn::{Conn, Slot};
+pub use error::{Error, Result};
+use vramd_protocol::{ClientMessage, ReserveRequest, ServerMessage};
+pub use vramd_protocol::{
+    DeviceSelector, ErrorKind, GIB, KIB, MIB, ReservationId, StatusReport, TIB, format_size,
+    parse_size, paths,
+};
+
+/// What to reserve: bytes, and optionally a device, a priority, a label and a
+/// wait limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    bytes: u64,
+    device: DeviceSelector,
+    priority: i32,
+    label: Option<String>,
+    timeout: Option<Duration>,
+}
+
+impl Request {
+    /// A request for `bytes` on any device, priority 0, no label, waiting as
+    /// long as it takes.
+    pub fn new(bytes: u64) -> Self {
+        Self {
+            bytes,
+            device: DeviceSelector::Any,
+            priority: 0,
+            label: None,
+            timeout: None,
+        }
+    }
+
+    /// Restricts it to one device (an index or a UUID) or any.
+    pub fn device(mut self, device: DeviceSelector) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Sets the priority: higher is granted first (waiting raises it too).
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Sets a label shown in `vramctl status` (e.g. the model's name).
+    pub fn label(mut self, label: impl Into<String>) -> Self {
+        self.label = Some(label.into());
+        self
+    }
+
+    /// Sets the longest wait; past it the request fails with
+    /// [`Error::WaitTimeout`]. `Duration::ZERO` means "only if it fits now".
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    fn to_wire(&self, tag: u64) -> ClientMessage {
+        ClientMessage::Reserve(ReserveRequest {
+            tag,
+            bytes: self.bytes,
+            device: self.device.clone(),
+            priority: self.priority,
+            label: self.label.clone(),
+            timeout_ms: self
+                .timeout
+                .map(|t| t.as_millis().min(u128::from(u64::MAX)) as u64),
+        })
+    }
+}
+
+/// A connection to the daemon. Dropping it closes the connection, which
+/// releases every reservation made through it.
+#[derive(Debug)]
+pub struct Client {
+    conn: Arc<Conn>,
+}
+
+impl Client {
+    /// Connects to the socket named by `VRAMD_SOCKET`, else the default path
+    /// (see [`paths::client_socket_path`]).
+    pub fn connect_default() -> Result<Client> {
+        Self::connect(paths::client_socket_path())
+    }
+
+    /// Connects to the daemon listening on `path`.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Client> {
+        Ok(Client {
+            conn: Conn::connect(path.as_ref())?,
+        })
+    }
+
+    /// The socket path this client is connected to.
+    pub fn socket_path(&self) -> &Path {
+        self.conn.socket_path()
+    }
+
+    /// The daemon's program version, from the handshake.
+    pub fn daemon_version(&self) -> &str {
+        self.conn.daemon_version()
+    }
+
+    /// Sends a request and returns at once; the [`Pending`] reports queue
+    /// positions and the grant.
+    pub fn submit(&self, request: Request) -> Result<Pending> {
+        let (tag, slot) = self.conn.register();
+        if let Err(e) = self.conn.send(&request.to_wire(tag)) {
+            self.conn.unregister(tag);
+            return Err(e);
+        }
+        Ok(Pending {
+            conn: self.conn.clone(),
+            tag,
+            slot,
+            position: None,
+            id: None,
+            finished: false,
+        })
+    }
+
+    /// Reserves and waits for the grant.
+    pub fn reserve(&self, request: Request) -> Result<Reservation> {
+        self.submit(request)?.wait()
+    }
+
+    /// The daemon's state (devices, reservations, queue, counters).
+    pub fn status(&self) -> Result<StatusReport> {
+        match self.call(|tag| ClientMessage::Status { tag })? {
+            ServerMessage::Status { status, .. } => Ok(status),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Round trip to the daemon.
+    pub fn ping(&self) -> Result<()> {
+        match self.call(|tag| ClientMessage::Ping { tag })? {
+            ServerMessage::Pong { .. } => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn call(&self, make: impl FnOnce(u64) -> ClientMessage) -> Result<ServerMessage> {
+        let (tag, slot) = self.conn.register();
+        if let Err(e) = self.conn.send(&make(tag)) {
+            self.conn.unregister(tag);
+            return Err(e);
+        }
+        match slot.next(None)? {
+            Some(ServerMessage::Error { kind, message, .. }) => {
+                Err(Error::from_wire(kind, message))
+            }
+            Some(m) => Ok(m),
+            None => Err(Error::Disconnected),
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // After fork() the child shares the parent's socket: shutting it down
+        // here would end the parent's session, so only the opener closes it.
+        if self.conn.owned_by_this_process() {
+            self.conn.shutdown();
+        }
+    }
+}
+
+fn unexpected(m: ServerMessage) -> Error {
+    Error::Protocol(format!("unexpected reply {m:?}"))
+}
+
+/// What happened to a [`Pending`] request.
+#[derive(Debug)]
+pub enum Progress {
+    /// It waits at this position (1 is next).
+    Queued {
+        /// The id it will have when granted.
+        id: ReservationId,
+        /// 1-based position in the queue.
+        position: u32,
+    },
+    /// It was granted.
+    Granted(Reservation),
+}
+
+/// A request on its way: waiting in the queue or about to be granted.
+/// Dropping it before the grant cancels it.
+#[derive(Debug)]
+pub struct Pending {
+    conn: Arc<Conn>,
+    tag: u64,
+    slot: Arc<Slot>,
+    position: Option<u32>,
+    id: Option<ReservationId>,
+    finished: bool,
+}
+
+impl Pending {
+    /// Last known queue position (`None` until the daemon says it waits).
+    pub fn position(&self) -> Option<u32> {
+        self.position
+    }
+
+    /// Waits for the grant (or a failure).
+    pub fn wait(mut self) -> Result<Reservation> {
+        loop {
+            if let Some(Progress::Granted(r)) = self.next(None)? {
+                return Ok(r);
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the next event; `Ok(None)` if none came.
+    /// After `Granted` or an error the request is finished.
+    pub fn next(&mut self, timeout: Option<Duration>) -> Result<Option<Progress>> {
+        if self.finished {
+            return Err(Error::Protocol("this request already finished".into()));
+        }
+        match self.slot.next(timeout) {
+            Ok(Some(m)) => self.handle(m).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                self.finished = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits for the grant from async code, without blocking the executor.
+    pub fn granted(mut self) -> impl Future<Output = Result<Reservation>> + Send {
+        std::future::poll_fn(move |cx| {
+            loop {
+                let msg = match self.slot.poll_next(cx) {
+                    std::task::Poll::Pending => return std::task::Poll::Pending,
+                    std::task::Poll::Ready(Err(e)) => {
+                        self.finished = true;
+                        return std::task::Poll::Ready(Err(e));
+                    }
+                    std::task::Poll::Ready(Ok(m)) => m,
+                };
+                match self.handle(msg) {
+                    Ok(Progress::Granted(r)) => return std::task::Poll::Ready(Ok(r)),
+                    Ok(Progress::Queued { .. }) => continue,
+                    Err(e) => return std::task::Poll::Ready(Err(e)),
+                }
+            }
+        })
+    }
+
+    /// Withdraws the request. If the grant raced the cancel, the reservation
+    /// is released.
+    pub fn cancel(mut self) -> Result<()> {
+        self.abandon();
+        Ok(())
+    }
+
+    fn handle(&mut self, msg: ServerMessage) -> Result<Progress> {
+        match msg {
+            ServerMessage::Queued { id, position, .. } => {
+                self.position = Some(position);
+                self.id = Some(id);
+                Ok(Progress::Queued { id, position })
+            }
+            ServerMessage::Granted { grant, .. } => {
+                self.finished = true;
+                Ok(Progress::Granted(Reservation {
+                    conn: self.conn.clone(),
+                    id: grant.id,
+                    device_index: grant.device,
+                    device_uuid: grant.device_uuid,
+                    bytes: grant.bytes,
+                    released: false,
+                }))
+            }
+            ServerMessage::Error { kind, message, .. } => {
+                self.finished = true;
+                Err(Error::from_wire(kind, message))
+            }
+            other => {
+                self.finished = true;
+                Err(unexpected(other))
+            }
+        }
+    }
+
+    fn abandon(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        self.conn.unregister(self.tag);
+        if !self.conn.owned_by_this_process() {
+            return;
+        }
+        let _ = self.conn.send(&ClientMessage::Cancel { tag: self.tag });
+        // A grant that arrived before we unregistered is ours to give back.
+        for m in self.slot.drain() {
+            if let ServerMessage::Granted { grant, .. } = m {
+                let _ = self.conn.send(&ClientMessage::Release {
+                    tag: self.conn.untracked_tag(),
+                    id: grant.id,
+                });
+            }
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.abandon();
+    }
+}
+
+/// A granted reservation. It is released when dropped, when
+/// [`Reservation::release`] is called, or when its client's connection
+/// closes.
+#[derive(Debug)]
+#[must_use = "a reservation is released as soon as it is dropped"]
+pub struct Reservation {
+    conn: Arc<Conn>,
+    id: ReservationId,
+    device_index: u32,
+    device_uuid: String,
+    bytes: u64,
+    released: bool,
+}
+
+impl Reservation {
+    /// Its id (as shown by `vramctl status`).
+    pub fn id(&self) -> ReservationId {
+        self.id
+    }
+
+    /// Index of the device it is on (as `nvidia-smi` numbers devices).
+    pub fn device_index(&self) -> u32 {
+        self.device_index
+    }
+
+    /// UUID of the device it is on.
+    pub fn device_uuid(&self) -> &str {
+        &self.device_uuid
+    }
+
+    /// Bytes reserved.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Releases it and waits for the daemon to confirm. If the connection is
+    /// already gone, it was released then, and this returns `Ok`.
+    pub fn release(mut self) -> Result<()> {
+        self.released = true;
+        if !self.conn.owned_by_this_process() {
+            return Ok(());
+        }
+        let (tag, slot) = self.conn.register();
+        match self.conn.send(&ClientMessage::Release { tag, id: self.id }) {
+            Ok(()) => {}
+            Err(Error::Disconnected) => return Ok(()),
+            Err(e) => {
+                self.conn.unregister(tag);
+                return Err(e);
+            }
+        }
+        match slot.next(None) {
+            Ok(Some(ServerMessage::Released { .. })) | Err(Error::Disconnected) => Ok(()),
+            Ok(Some(ServerMessage::Error { kind, message, .. })) => {
+                Err(Error::from_wire(kind, message))
+            }
+            Ok(Some(other)) => Err(unexpected(other)),
+            Ok(None) => Err(Error::Disconnected),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // A forked child never releases its parent's reservations.
+        if !self.released && self.conn.owned_by_this_process() {
+            let _ = self.conn.send(&ClientMessage::Release {
+                tag: self.conn.untracked_tag(),
+                id: self.id,
+            });
+        }
+    }
+}
+
+/// The async client (feature `tokio`): the same operations as [`Client`],
+/// awaiting instead of blocking.
+#[cfg(feature = "tokio")]
+#[derive(Debug)]
+pub struct AsyncClient {
+    inner: Client,
+}
+
+#[cfg(feature = "tokio")]
+impl AsyncClient {
+    /// Connects to the default socket (see [`Client::connect_default`]).
+    pub async fn connect_default() -> Result<AsyncClient> {
+        Self::connect(paths::client_socket_path()).await
+    }
+
+    /// Connects to the daemon listening on `path`.
+    pub async fn connect(path: impl Into<PathBuf>) -> Result<AsyncClient> {
+        let path = path.into();
+        let inner = tokio::task::spawn_blocking(move || Client::connect(path))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+        Ok(AsyncClient { inner })
+    }
+
+    /// The blocking client underneath (for `submit` and friends).
+    pub fn blocking(&self) -> &Client {
+        &self.inner
+    }
+
+    /// Reserves and awaits the grant. Dropping the future before the grant
+    /// cancels the request.
+    pub async fn reserve(&self, request: Request) -> Result<Reservation> {
+        self.inner.submit(request)?.granted().await
+    }
+
+    /// The daemon's state.
+    pub async fn status(&self) -> Result<StatusReport> {
+        let (tag, slot) = self.inner.conn.register();
+        self.inner.conn.send(&ClientMessage::Status { tag })?;
+        match std::future::poll_fn(|cx| slot.poll_next(cx)).await? {
+            ServerMessage::Status { status, .. } => Ok(status),
+            ServerMessage::Error { kind, message, .. } => Err(Error::from_wire(kind, message)),
+            other => Err(unexpected(other)),
+        }
+    }
+}
