@@ -1,1 +1,236 @@
-//! placeholder
+//! Harness for end-to-end tests: builds the real `vramd` and `vramctl`
+//! binaries, starts the daemon on a temporary socket, and offers raw-socket
+//! helpers. Every wait is bounded.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use vramd_client::Client;
+
+/// Longest any single wait in a test may take.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Path of a workspace binary, built once per test process with cargo so
+/// that tests never run a stale binary.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        // target/<profile>/deps/<test-exe> → target/<profile>
+        let exe = std::env::current_exe().expect("current exe");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
+        let profile = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("debug")
+            .to_string();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "vramd", "--bins"]);
+        if profile == "release" {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build for the vramd binaries");
+        assert!(status.success(), "cargo build of the vramd binaries failed");
+        dir
+    });
+    dir.join(name)
+}
+
+/// Polls `f` every few milliseconds until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A running `vramd` on a temporary socket; killed when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `vramd --simulate 24GiB` plus `extra` arguments.
+    pub fn start(extra: &[&str]) -> Daemon {
+        let mut args = vec!["--simulate", "24GiB"];
+        args.extend_from_slice(extra);
+        Self::start_raw(&args)
+    }
+
+    /// Starts `vramd` with exactly `args` (plus `--socket`) and waits until
+    /// it accepts connections.
+    pub fn start_raw(args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("vramd.sock");
+        let d = Self::spawn_at(dir, socket, args);
+        assert!(
+            wait_until(WAIT, || UnixStream::connect(&d.socket).is_ok()),
+            "vramd did not start listening; log:\n{}",
+            d.log()
+        );
+        d
+    }
+
+    /// Spawns `vramd` on `socket` without waiting for it.
+    pub fn spawn_at(dir: tempfile::TempDir, socket: PathBuf, args: &[&str]) -> Daemon {
+        let log = std::fs::File::create(dir.path().join("vramd.log")).expect("log file");
+        let child = Command::new(bin("vramd"))
+            .args(args)
+            .arg("--socket")
+            .arg(&socket)
+            .env("RUST_LOG", "debug")
+            .env_remove("VRAMD_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn vramd");
+        Daemon {
+            child: Some(child),
+            dir,
+            socket,
+        }
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The temporary directory holding the socket and the log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("vramd.log")).unwrap_or_default()
+    }
+
+    /// A new SDK client.
+    pub fn client(&self) -> Client {
+        Client::connect(&self.socket).expect("connect to vramd")
+    }
+
+    /// `vramctl` pointed at this daemon.
+    pub fn vramctl(&self) -> Command {
+        let mut c = Command::new(bin("vramctl"));
+        c.env("VRAMD_SOCKET", &self.socket);
+        c
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Waits for the daemon to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = child.try_wait().expect("try_wait") {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends a signal to the daemon.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.pid() as i32, sig) };
+    }
+
+    /// Whether the daemon is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().expect("try_wait").is_none())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A raw connection speaking JSON lines, as `socat` would.
+pub struct JsonConn {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl JsonConn {
+    /// Connects without saying hello.
+    pub fn connect(socket: &Path) -> JsonConn {
+        let stream = UnixStream::connect(socket).expect("connect");
+        stream.set_read_timeout(Some(WAIT)).expect("timeout");
+        let reader = BufReader::new(stream.try_clone().expect("clone"));
+        JsonConn { stream, reader }
+    }
+
+    /// Connects and completes the handshake.
+    pub fn open(socket: &Path) -> JsonConn {
+        let mut c = Self::connect(socket);
+        c.send(r#"{"hello":{"version":1}}"#);
+        let w = c.recv();
+        assert!(w.get("welcome").is_some(), "expected welcome, got {w}");
+        c
+    }
+
+    /// Sends one line (a newline is added).
+    pub fn send(&mut self, line: &str) {
+        self.stream.write_all(line.as_bytes()).expect("write");
+        self.stream.write_all(b"\n").expect("write");
+    }
+
+    /// Sends raw bytes.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    /// Reads one JSON line (panics after [`WAIT`]).
+    pub fn recv(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).expect("read a reply line");
+        assert!(n > 0, "connection closed while a reply was expected");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
+    }
+
+    /// True if the daemon closed the connection (reads EOF within [`WAIT`]).
+    pub fn closed_by_daemon(&mut self) -> bool {
+        let mut rest = Vec::new();
+        matches!(self.reader.read_to_end(&mut rest), Ok(_))
+    }
+}
+
+/// The `kind` of a JSON `error` reply, if it is one.
+pub fn error_kind(v: &serde_json::Value) -> Option<&str> {
+    v.get("error")?.get("kind")?.as_str()
+}
