@@ -1,0 +1,3 @@
+//! vramd benchmark harness (placeholder until the harness lands).
+
+fn main() {}
