@@ -762,9 +762,9 @@ impl Ledger {
             }
         }
         let mut group_bytes: HashMap<usize, u64> = HashMap::new();
-        for i in 0..held.len() {
+        for (i, r) in held.iter().enumerate() {
             let root = find(&mut parent, i);
-            *group_bytes.entry(root).or_default() += held[i].bytes;
+            *group_bytes.entry(root).or_default() += r.bytes;
         }
         let mut group_actual: HashMap<usize, u64> = HashMap::new();
         for (pid, &i) in &owner {

@@ -511,3 +511,75 @@ mod tests {
         assert_eq!(Encoding::detect(b'G'), None);
     }
 }
+
+#[cfg(test)]
+mod wire_contract {
+    //! The variant numbers and byte examples documented in docs/protocol.md.
+    use super::*;
+    use crate::messages::*;
+
+    fn payload<T: Serialize>(m: &T) -> Vec<u8> {
+        encode(Encoding::Binary, m).unwrap()[4..].to_vec()
+    }
+
+    #[test]
+    fn client_variant_numbers() {
+        let msgs = [
+            ClientMessage::Hello {
+                version: 1,
+                client: String::new(),
+            },
+            ClientMessage::Reserve(ReserveRequest {
+                tag: 1,
+                bytes: 1024,
+                device: DeviceSelector::Any,
+                priority: 0,
+                label: None,
+                timeout_ms: None,
+            }),
+            ClientMessage::Cancel { tag: 0 },
+            ClientMessage::Release {
+                tag: 0,
+                id: ReservationId(0),
+            },
+            ClientMessage::Status { tag: 0 },
+            ClientMessage::Ping { tag: 9 },
+        ];
+        for (i, m) in msgs.iter().enumerate() {
+            assert_eq!(payload(m)[0] as usize, i, "{m:?}");
+        }
+        assert_eq!(payload(&msgs[0]), [0, 1, 0]);
+        assert_eq!(payload(&msgs[1]), [1, 1, 128, 8, 0, 0, 0, 0]);
+        assert_eq!(payload(&msgs[5]), [5, 9]);
+    }
+
+    #[test]
+    fn server_and_error_variant_numbers() {
+        assert_eq!(payload(&ServerMessage::Pong { tag: 9 }), [6, 9]);
+        let e = payload(&ServerMessage::Error {
+            tag: 0,
+            kind: ErrorKind::Internal,
+            message: String::new(),
+        });
+        assert_eq!(e, [7, 0, 11, 0]);
+        let kinds = [
+            ErrorKind::BadRequest,
+            ErrorKind::VersionMismatch,
+            ErrorKind::HandshakeTimeout,
+            ErrorKind::FrameTooLarge,
+            ErrorKind::LineTooLong,
+            ErrorKind::Timeout,
+            ErrorKind::Refused,
+            ErrorKind::NotFound,
+            ErrorKind::PermissionDenied,
+            ErrorKind::Unavailable,
+            ErrorKind::LimitExceeded,
+            ErrorKind::Internal,
+        ];
+        for (i, k) in kinds.iter().enumerate() {
+            assert_eq!(postcard::to_allocvec(k).unwrap(), [i as u8]);
+            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
+        }
+        assert_eq!(payload(&DeviceSelector::Uuid("G".into())), [2, 1, b'G']);
+    }
+}

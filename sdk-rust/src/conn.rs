@@ -254,11 +254,8 @@ impl Conn {
         mut decoder: Decoder,
         mut buf: ReadBuffer,
     ) {
-        loop {
-            match read_message(&mut stream, &mut decoder, &mut buf) {
-                Ok(Some(msg)) => self.route(msg),
-                Ok(None) | Err(_) => break,
-            }
+        while let Ok(Some(msg)) = read_message(&mut stream, &mut decoder, &mut buf) {
+            self.route(msg);
         }
         self.closed.store(true, Ordering::SeqCst);
         let slots: Vec<Arc<Slot>> = lock(&self.slots).drain().map(|(_, s)| s).collect();

@@ -226,7 +226,7 @@ impl JsonConn {
     /// True if the daemon closed the connection (reads EOF within [`WAIT`]).
     pub fn closed_by_daemon(&mut self) -> bool {
         let mut rest = Vec::new();
-        matches!(self.reader.read_to_end(&mut rest), Ok(_))
+        self.reader.read_to_end(&mut rest).is_ok()
     }
 }
 
