@@ -15,9 +15,17 @@
 //! - `available = total − cushion − committed`; a request fits iff
 //!   `bytes ≤ available`.
 //!
-//! Without per-process usage, `committed = used + Σ bytes`: over-cautious,
-//! never overcommitting. A simulated device has no readings of its own: what
-//! each reservation holds counts as used by its process.
+//! A process counts for a reservation when the reservation speaks for its
+//! pid or for one of its ancestors (the client, processes it attached, and
+//! their descendants). Without per-process usage,
+//! `committed = used + Σ bytes`: over-cautious, never overcommitting.
+//!
+//! A released reservation on a measured device becomes a *ghost* that keeps
+//! counting until a reading taken after the release arrives: a grant never
+//! rests on a reading older than the release it depends on. An unhealthy
+//! device (its reading failed) offers nothing until a reading succeeds. A
+//! simulated device has no readings of its own: what each reservation holds
+//! counts as used by its process.
 //!
 //! # Scheduling
 //! Waiters are ordered by effective priority (priority + one step per
@@ -74,8 +82,31 @@ pub struct DeviceSpec {
 pub struct Reading {
     /// Memory in use on the whole device.
     pub used_bytes: u64,
-    /// Usage per process id, or `None` where the backend cannot tell.
-    pub processes: Option<Vec<(u32, u64)>>,
+    /// Usage per process, or `None` where the backend cannot tell.
+    pub processes: Option<Vec<ProcessUsage>>,
+}
+
+/// One process's usage of a device.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProcessUsage {
+    /// Process id.
+    pub pid: u32,
+    /// Bytes it uses on the device.
+    pub bytes: u64,
+    /// Its parent, grandparent, … (nearest first), so that the usage of a
+    /// process launched by a client counts against the client's reservation.
+    pub ancestors: Vec<u32>,
+}
+
+impl ProcessUsage {
+    /// A process with no known ancestors.
+    pub fn new(pid: u32, bytes: u64) -> Self {
+        Self {
+            pid,
+            bytes,
+            ancestors: Vec::new(),
+        }
+    }
 }
 
 /// Where readings of a device come from.
@@ -190,6 +221,30 @@ pub enum LedgerError {
 struct Device {
     spec: DeviceSpec,
     source: ReadingSource,
+    /// Why the device is unhealthy (its last reading failed); `None` if healthy.
+    fault: Option<String>,
+}
+
+/// A reservation released on a measured device whose memory has not yet been
+/// seen free: it keeps counting until a reading taken after its release.
+#[derive(Debug, Clone)]
+struct Ghost {
+    device: usize,
+    pids: Vec<u32>,
+    bytes: u64,
+    released_at: Instant,
+}
+
+/// The accounting of one device (see the module docs).
+#[derive(Debug, Clone, Default)]
+struct Accounting {
+    committed: u64,
+    unattributed: u64,
+    /// Actual usage of each reservation's group (reservations sharing a
+    /// process are one group and show the group's usage).
+    actual: HashMap<ReservationId, u64>,
+    /// Reserved bytes of each reservation's group.
+    group_bytes: HashMap<ReservationId, u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -232,6 +287,7 @@ pub struct Ledger {
     reservations: BTreeMap<ReservationId, Reservation>,
     /// Waiting requests in arrival order (ids increase with arrival).
     waiters: Vec<Waiter>,
+    ghosts: Vec<Ghost>,
     next_id: u64,
     counters: Counters,
 }
@@ -246,10 +302,12 @@ impl Ledger {
                 .map(|spec| Device {
                     spec,
                     source: source.clone(),
+                    fault: None,
                 })
                 .collect(),
             reservations: BTreeMap::new(),
             waiters: Vec::new(),
+            ghosts: Vec::new(),
             next_id: 1,
             counters: Counters::default(),
         }
@@ -309,6 +367,30 @@ impl Ledger {
                 return effects;
             }
         };
+        if candidates.iter().all(|&d| self.devices[d].fault.is_some()) {
+            let why: Vec<String> = candidates
+                .iter()
+                .map(|&d| {
+                    let dev = &self.devices[d];
+                    format!(
+                        "device {} ({}) is unhealthy: {}",
+                        dev.spec.index,
+                        dev.spec.uuid,
+                        dev.fault.as_deref().unwrap_or("")
+                    )
+                })
+                .collect();
+            effects.push(Effect::Failed {
+                conn,
+                tag: req.tag,
+                kind: ErrorKind::Unavailable,
+                message: format!(
+                    "{}; no new grants until its readings recover",
+                    why.join("; ")
+                ),
+            });
+            return effects;
+        }
         let largest = candidates
             .iter()
             .map(|&d| self.capacity(d))
@@ -369,12 +451,22 @@ impl Ledger {
         }
         let r = self.reservations.remove(&id).expect("checked above");
         self.counters.releases += 1;
+        // The ghost (if any) must exist before the pass that follows.
+        let released = self.released(r, now);
         let mut effects = Vec::new();
         self.settle(now, &mut effects);
-        Ok((self.released(r, now), effects))
+        Ok((released, effects))
     }
 
-    fn released(&self, r: Reservation, now: Instant) -> Released {
+    fn released(&mut self, r: Reservation, now: Instant) -> Released {
+        if matches!(self.devices[r.device].source, ReadingSource::Measured(_)) {
+            self.ghosts.push(Ghost {
+                device: r.device,
+                pids: r.pids.clone(),
+                bytes: r.bytes,
+                released_at: now,
+            });
+        }
         Released {
             id: r.id,
             device: self.devices[r.device].spec.index,
@@ -425,14 +517,66 @@ impl Ledger {
         (released, effects)
     }
 
-    /// Stores a new reading of device `index` and grants what now fits.
-    pub fn set_reading(&mut self, index: usize, reading: Reading, now: Instant) -> Vec<Effect> {
+    /// Stores a reading of device `index` (the `index`-th device given to
+    /// [`Ledger::new`]) that was taken at `taken_at`, marks the device
+    /// healthy, and grants what now fits. Released reservations stop counting
+    /// once a reading taken after their release arrives.
+    pub fn set_reading(
+        &mut self,
+        index: usize,
+        reading: Reading,
+        taken_at: Instant,
+        now: Instant,
+    ) -> Vec<Effect> {
         let mut effects = Vec::new();
         if let Some(d) = self.devices.get_mut(index) {
             d.source = ReadingSource::Measured(reading);
+            d.fault = None;
+            self.ghosts
+                .retain(|g| !(g.device == index && g.released_at < taken_at));
             self.settle(now, &mut effects);
         }
         effects
+    }
+
+    /// Marks device `index` unhealthy: no new grants on it until the next
+    /// successful reading. Its reservations stay.
+    pub fn set_fault(&mut self, index: usize, fault: String, now: Instant) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        if let Some(d) = self.devices.get_mut(index) {
+            d.fault = Some(fault);
+            self.settle(now, &mut effects);
+        }
+        effects
+    }
+
+    /// Whether device `index` is healthy.
+    pub fn is_healthy(&self, index: usize) -> bool {
+        self.devices.get(index).is_some_and(|d| d.fault.is_none())
+    }
+
+    /// Adds processes whose usage counts against reservation `id` held by
+    /// `conn`. Returns every pid it now speaks for, and the effects.
+    pub fn attach_pids(
+        &mut self,
+        conn: ConnId,
+        id: ReservationId,
+        pids: &[u32],
+        now: Instant,
+    ) -> Result<(Vec<u32>, Vec<Effect>), LedgerError> {
+        let r = match self.reservations.get_mut(&id) {
+            Some(r) if r.conn == conn => r,
+            _ => return Err(LedgerError::NotHeld(id)),
+        };
+        for &pid in pids {
+            if pid != 0 && !r.pids.contains(&pid) {
+                r.pids.push(pid);
+            }
+        }
+        let all = r.pids.clone();
+        let mut effects = Vec::new();
+        self.settle(now, &mut effects);
+        Ok((all, effects))
     }
 
     /// Expires waiters whose wait limit passed, and re-ranks the queue (aging).
@@ -454,26 +598,47 @@ impl Ledger {
         }
     }
 
-    /// Memory a new request on device `index` may get now.
+    /// Memory a new request on device `index` may get now (0 while the
+    /// device is unhealthy).
     pub fn available(&self, index: usize) -> u64 {
-        self.capacity(index).saturating_sub(self.committed(index))
+        if self.devices[index].fault.is_some() {
+            return 0;
+        }
+        self.capacity(index)
+            .saturating_sub(self.account(index).committed)
     }
 
     /// Per-device state for status.
     pub fn device_status(&self) -> Vec<DeviceStatus> {
         (0..self.devices.len())
             .map(|d| {
-                let spec = &self.devices[d].spec;
+                let dev = &self.devices[d];
+                let spec = &dev.spec;
+                let reading = self.reading(d);
+                let acc = self.account(d);
+                let per_process_usage = reading.processes.is_some();
+                let note = match (&dev.fault, per_process_usage) {
+                    (Some(f), _) => Some(f.clone()),
+                    (None, false) => Some(
+                        "per-process usage is unavailable: counting used + reserved (cautious)"
+                            .to_string(),
+                    ),
+                    (None, true) => None,
+                };
                 DeviceStatus {
                     index: spec.index,
                     uuid: spec.uuid.clone(),
                     name: spec.name.clone(),
                     total_bytes: spec.total_bytes,
-                    used_bytes: self.reading(d).used_bytes,
+                    used_bytes: reading.used_bytes,
                     reserved_bytes: self.reserved(d),
                     cushion_bytes: self.config.cushion_bytes.min(spec.total_bytes),
-                    committed_bytes: self.committed(d),
+                    committed_bytes: acc.committed,
                     available_bytes: self.available(d),
+                    unattributed_bytes: acc.unattributed,
+                    healthy: dev.fault.is_none(),
+                    note,
+                    per_process_usage,
                 }
             })
             .collect()
@@ -481,9 +646,16 @@ impl Ledger {
 
     /// Granted reservations, by id.
     pub fn reservation_status(&self, now: Instant) -> Vec<ReservationStatus> {
+        let accounts: Vec<Accounting> = (0..self.devices.len()).map(|d| self.account(d)).collect();
         self.reservations
             .values()
-            .map(|r| ReservationStatus {
+            .map(|r| {
+                let acc = &accounts[r.device];
+                let actual = acc.actual.get(&r.id).copied().unwrap_or(0);
+                let group_bytes = acc.group_bytes.get(&r.id).copied().unwrap_or(r.bytes);
+                (r, actual, actual > group_bytes)
+            })
+            .map(|(r, actual_bytes, over_reserved)| ReservationStatus {
                 id: r.id,
                 device: self.devices[r.device].spec.index,
                 bytes: r.bytes,
@@ -492,6 +664,9 @@ impl Ledger {
                 uid: r.peer.uid,
                 priority: r.priority,
                 age_ms: millis(now.saturating_duration_since(r.granted_at)),
+                actual_bytes,
+                over_reserved,
+                pids: r.pids.clone(),
             })
             .collect()
     }
@@ -719,27 +894,48 @@ impl Ledger {
                 }
                 Reading {
                     used_bytes: per_pid.values().sum(),
-                    processes: Some(per_pid.into_iter().collect()),
+                    processes: Some(
+                        per_pid
+                            .into_iter()
+                            .map(|(pid, bytes)| ProcessUsage::new(pid, bytes))
+                            .collect(),
+                    ),
                 }
             }
         }
     }
 
-    /// Memory counted as taken on device `d` (see the module docs).
-    fn committed(&self, d: usize) -> u64 {
+    /// The accounting of device `d` (see the module docs). Released
+    /// reservations not yet seen free (ghosts) count like held ones.
+    fn account(&self, d: usize) -> Accounting {
         let reading = self.reading(d);
-        let held: Vec<&Reservation> = self
+        // Holders: (reservation id if still held, pids, bytes).
+        let holders: Vec<(Option<ReservationId>, &[u32], u64)> = self
             .reservations
             .values()
             .filter(|r| r.device == d)
+            .map(|r| (Some(r.id), r.pids.as_slice(), r.bytes))
+            .chain(
+                self.ghosts
+                    .iter()
+                    .filter(|g| g.device == d)
+                    .map(|g| (None, g.pids.as_slice(), g.bytes)),
+            )
             .collect();
         let Some(processes) = reading.processes else {
-            let reserved: u64 = held.iter().map(|r| r.bytes).sum();
-            return reading.used_bytes.saturating_add(reserved);
+            let reserved: u64 = holders.iter().map(|h| h.2).sum();
+            return Accounting {
+                committed: reading.used_bytes.saturating_add(reserved),
+                unattributed: reading.used_bytes,
+                actual: HashMap::new(),
+                group_bytes: holders
+                    .iter()
+                    .filter_map(|h| h.0.map(|id| (id, h.2)))
+                    .collect(),
+            };
         };
-        let usage: HashMap<u32, u64> = processes.into_iter().collect();
-        // Group reservations whose pids overlap (union-find over small sets).
-        let mut parent: Vec<usize> = (0..held.len()).collect();
+        // Group holders whose pids overlap (union-find over small sets).
+        let mut parent: Vec<usize> = (0..holders.len()).collect();
         fn find(parent: &mut [usize], mut i: usize) -> usize {
             while parent[i] != i {
                 parent[i] = parent[parent[i]];
@@ -748,8 +944,8 @@ impl Ledger {
             i
         }
         let mut owner: HashMap<u32, usize> = HashMap::new();
-        for (i, r) in held.iter().enumerate() {
-            for pid in &r.pids {
+        for (i, (_, pids, _)) in holders.iter().enumerate() {
+            for pid in pids.iter() {
                 match owner.get(pid) {
                     Some(&j) => {
                         let (a, b) = (find(&mut parent, i), find(&mut parent, j));
@@ -762,21 +958,43 @@ impl Ledger {
             }
         }
         let mut group_bytes: HashMap<usize, u64> = HashMap::new();
-        for (i, r) in held.iter().enumerate() {
+        for (i, h) in holders.iter().enumerate() {
             let root = find(&mut parent, i);
-            *group_bytes.entry(root).or_default() += r.bytes;
+            *group_bytes.entry(root).or_default() += h.2;
         }
+        // A process counts for the holder of its pid or of its nearest
+        // ancestor that a holder speaks for.
         let mut group_actual: HashMap<usize, u64> = HashMap::new();
-        for (pid, &i) in &owner {
-            let root = find(&mut parent, i);
-            *group_actual.entry(root).or_default() += usage.get(pid).copied().unwrap_or(0);
+        for p in &processes {
+            let holder = std::iter::once(&p.pid)
+                .chain(p.ancestors.iter())
+                .find_map(|pid| owner.get(pid).copied());
+            if let Some(i) = holder {
+                let root = find(&mut parent, i);
+                *group_actual.entry(root).or_default() += p.bytes;
+            }
         }
         let attributed: u64 = group_actual.values().sum();
         let unattributed = reading.used_bytes.saturating_sub(attributed);
-        group_bytes
+        let committed = group_bytes
             .iter()
             .map(|(root, &bytes)| bytes.max(group_actual.get(root).copied().unwrap_or(0)))
-            .fold(unattributed, u64::saturating_add)
+            .fold(unattributed, u64::saturating_add);
+        let mut actual = HashMap::new();
+        let mut per_reservation_group_bytes = HashMap::new();
+        for (i, h) in holders.iter().enumerate() {
+            if let Some(id) = h.0 {
+                let root = find(&mut parent, i);
+                actual.insert(id, group_actual.get(&root).copied().unwrap_or(0));
+                per_reservation_group_bytes.insert(id, group_bytes[&root]);
+            }
+        }
+        Accounting {
+            committed,
+            unattributed,
+            actual,
+            group_bytes: per_reservation_group_bytes,
+        }
     }
 }
 

@@ -38,6 +38,7 @@ use vramd_protocol::{
     StatusReport, encode_into, format_size,
 };
 
+use crate::gpu::{GpuReader, Poller, Readings, owner_uid};
 use crate::ledger::{ConnId, Effect, Ledger, Peer};
 
 /// Settings of the socket server.
@@ -55,6 +56,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Name of the GPU backend, for status.
     pub backend: String,
+    /// How often a measuring backend is read.
+    pub poll_interval: Duration,
 }
 
 /// Why the server could not start.
@@ -160,19 +163,37 @@ enum Event {
     Close {
         conn: ConnId,
     },
+    Readings(Readings),
 }
 
 /// Serves clients on `listener` until `shutdown` completes, then removes the
 /// socket file.
+///
+/// With a `reader` (a measuring backend), a poller thread reads every device
+/// each `config.poll_interval` and after every release.
 pub async fn serve(
     config: ServerConfig,
     listener: std::os::unix::net::UnixListener,
     ledger: Ledger,
+    reader: Option<Box<dyn GpuReader>>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let listener = UnixListener::from_std(listener)?;
     let (events_tx, events_rx) = mpsc::channel::<Event>(4096);
-    let core = tokio::spawn(core_task(ledger, events_rx, config.backend.clone()));
+    let poller = match reader {
+        Some(reader) => {
+            let tx = events_tx.clone();
+            let devices = ledger.device_status().len();
+            Some(Poller::start(
+                reader,
+                devices,
+                config.poll_interval,
+                move |r| tx.blocking_send(Event::Readings(r)).is_ok(),
+            )?)
+        }
+        None => None,
+    };
+    let core = tokio::spawn(core_task(ledger, events_rx, config.backend.clone(), poller));
     let open = Arc::new(AtomicUsize::new(0));
     let mut next_conn = 1u64;
     info!(socket = %config.socket_path.display(), mode = format!("{:o}", config.socket_mode), "listening");
@@ -397,6 +418,7 @@ async fn connection(
     let result = session(
         &mut stream,
         conn,
+        peer,
         &mut decoder,
         &mut buf,
         &events,
@@ -408,9 +430,23 @@ async fn connection(
     result
 }
 
+/// Why a client may not attach these pids: a pid that does not exist, or
+/// belongs to another user (root may attach any).
+fn pids_refused(peer: Peer, pids: &[u32]) -> Option<String> {
+    pids.iter().find_map(|&pid| match owner_uid(pid) {
+        None => Some(format!("no process {pid}")),
+        Some(uid) if peer.uid != 0 && uid != peer.uid => Some(format!(
+            "process {pid} belongs to uid {uid}; only your own processes (uid {}) can be attached",
+            peer.uid
+        )),
+        Some(_) => None,
+    })
+}
+
 async fn session(
     stream: &mut UnixStream,
     conn: ConnId,
+    peer: Peer,
     decoder: &mut Decoder,
     buf: &mut ReadBuffer,
     events: &mpsc::Sender<Event>,
@@ -432,6 +468,15 @@ async fn session(
                     .await?;
                 }
                 Ok(Some(msg)) => {
+                    // Checking pids reads /proc: done here, at the edge,
+                    // not in the core task.
+                    if let ClientMessage::AttachPids { tag, pids, .. } = &msg {
+                        if let Some(why) = pids_refused(peer, pids) {
+                            let err = error_msg(*tag, ErrorKind::PermissionDenied, why);
+                            send(&mut wr, encoding, &err).await?;
+                            continue;
+                        }
+                    }
                     if events.send(Event::Request { conn, msg }).await.is_err() {
                         return Ok(());
                     }
@@ -475,7 +520,19 @@ struct ConnHandle {
 }
 
 /// The only owner of the ledger: applies events in order, delivers effects.
-async fn core_task(mut ledger: Ledger, mut events: mpsc::Receiver<Event>, backend: String) {
+async fn core_task(
+    mut ledger: Ledger,
+    mut events: mpsc::Receiver<Event>,
+    backend: String,
+    poller: Option<Poller>,
+) {
+    // After a release, only a reading taken afterwards may show the memory
+    // free (the ledger keeps counting it until then): ask for one at once.
+    let refresh = || {
+        if let Some(p) = &poller {
+            p.refresh();
+        }
+    };
     let started = Instant::now();
     let mut conns: HashMap<ConnId, ConnHandle> = HashMap::new();
     loop {
@@ -499,6 +556,9 @@ async fn core_task(mut ledger: Ledger, mut events: mpsc::Receiver<Event>, backen
             }
             Event::Close { conn } => {
                 let (released, effects) = ledger.disconnect(conn, now);
+                if !released.is_empty() {
+                    refresh();
+                }
                 let pid = conns.remove(&conn).map_or(0, |h| h.peer.pid);
                 for r in released {
                     info!(id = %r.id, conn = %conn, pid, device = r.device, bytes = r.bytes, size = %format_size(r.bytes),
@@ -537,6 +597,7 @@ async fn core_task(mut ledger: Ledger, mut events: mpsc::Receiver<Event>, backen
                                 size = %format_size(r.bytes), label = r.label.as_deref().unwrap_or(""),
                                 held_ms = r.held.as_millis() as u64, "released");
                             reply(ServerMessage::Released { tag, id });
+                            refresh();
                             deliver(&conns, effects);
                         }
                         Err(e) => reply(error_msg(tag, ErrorKind::NotFound, e.to_string())),
@@ -554,6 +615,36 @@ async fn core_task(mut ledger: Ledger, mut events: mpsc::Receiver<Event>, backen
                         reply(ServerMessage::Status { tag, status });
                     }
                     ClientMessage::Ping { tag } => reply(ServerMessage::Pong { tag }),
+                    ClientMessage::AttachPids { tag, id, pids } => {
+                        match ledger.attach_pids(conn, id, &pids, now) {
+                            Ok((all, effects)) => {
+                                info!(id = %id, conn = %conn, pid = peer.pid, pids = ?all, "pids attached");
+                                reply(ServerMessage::Attached { tag, id, pids: all });
+                                deliver(&conns, effects);
+                            }
+                            Err(e) => reply(error_msg(tag, ErrorKind::NotFound, e.to_string())),
+                        }
+                    }
+                }
+            }
+            Event::Readings(readings) => {
+                for (i, result) in readings.results.into_iter().enumerate() {
+                    let was_healthy = ledger.is_healthy(i);
+                    let effects = match result {
+                        Ok(reading) => {
+                            if !was_healthy {
+                                info!(device = i, "device readings recovered");
+                            }
+                            ledger.set_reading(i, reading, readings.taken_at, now)
+                        }
+                        Err(fault) => {
+                            if was_healthy {
+                                warn!(device = i, error = %fault, "device unhealthy: no new grants on it until readings recover");
+                            }
+                            ledger.set_fault(i, fault, now)
+                        }
+                    };
+                    deliver(&conns, effects);
                 }
             }
         }
@@ -603,5 +694,35 @@ fn deliver(conns: &HashMap<ConnId, ConnHandle>, effects: Vec<Effect>) {
         if let Some(h) = conns.get(&conn) {
             let _ = h.tx.send(msg);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_own_existing_processes_may_be_attached_unless_root() {
+        let me = std::process::id();
+        // SAFETY: getuid has no preconditions.
+        let my_uid = unsafe { libc::getuid() };
+        let peer = |uid| Peer {
+            pid: 1,
+            uid,
+            gid: 0,
+        };
+        assert_eq!(pids_refused(peer(my_uid), &[me]), None);
+        let other = if my_uid == 4242 { 4243 } else { 4242 };
+        let why = pids_refused(peer(other), &[me]).expect("another user's process is refused");
+        assert!(why.contains(&format!("belongs to uid {my_uid}")), "{why}");
+        assert!(
+            pids_refused(peer(0), &[me]).is_none(),
+            "root may attach any"
+        );
+        assert!(
+            pids_refused(peer(0), &[u32::MAX - 3])
+                .unwrap()
+                .contains("no process")
+        );
     }
 }

@@ -544,6 +544,11 @@ mod wire_contract {
             },
             ClientMessage::Status { tag: 0 },
             ClientMessage::Ping { tag: 9 },
+            ClientMessage::AttachPids {
+                tag: 0,
+                id: ReservationId(0),
+                pids: vec![],
+            },
         ];
         for (i, m) in msgs.iter().enumerate() {
             assert_eq!(payload(m)[0] as usize, i, "{m:?}");
@@ -556,6 +561,12 @@ mod wire_contract {
     #[test]
     fn server_and_error_variant_numbers() {
         assert_eq!(payload(&ServerMessage::Pong { tag: 9 }), [6, 9]);
+        let attached = ServerMessage::Attached {
+            tag: 1,
+            id: ReservationId(2),
+            pids: vec![3],
+        };
+        assert_eq!(payload(&attached), [8, 1, 2, 1, 3]);
         let e = payload(&ServerMessage::Error {
             tag: 0,
             kind: ErrorKind::Internal,

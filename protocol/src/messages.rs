@@ -136,6 +136,19 @@ pub enum ClientMessage {
         #[serde(default)]
         tag: u64,
     },
+    /// Declare more processes whose GPU usage counts against a reservation
+    /// this connection holds (their descendants count too). Only processes
+    /// of the client's own user are accepted, unless the client is root.
+    /// Answered by `Attached`.
+    AttachPids {
+        /// Tag echoed in the answer.
+        #[serde(default)]
+        tag: u64,
+        /// The reservation.
+        id: ReservationId,
+        /// Process ids to add.
+        pids: Vec<u32>,
+    },
 }
 
 /// A granted reservation.
@@ -213,6 +226,15 @@ pub enum ServerMessage {
         kind: ErrorKind,
         /// Human-readable explanation.
         message: String,
+    },
+    /// Answer to `AttachPids`.
+    Attached {
+        /// The request's tag.
+        tag: u64,
+        /// The reservation.
+        id: ReservationId,
+        /// Every process it now speaks for.
+        pids: Vec<u32>,
     },
 }
 
@@ -312,6 +334,17 @@ pub struct DeviceStatus {
     pub committed_bytes: u64,
     /// What a new request may still get: total − cushion − committed.
     pub available_bytes: u64,
+    /// Usage by processes that hold no reservation (other users, apps that
+    /// never ask).
+    pub unattributed_bytes: u64,
+    /// Whether the last reading succeeded; no new grants while false.
+    pub healthy: bool,
+    /// Why the device is unhealthy, or a note about its readings (e.g. that
+    /// per-process usage is unavailable and the cautious fallback is in use).
+    pub note: Option<String>,
+    /// Whether per-process usage is known; without it the daemon counts
+    /// `used + Σ reserved` (cautious).
+    pub per_process_usage: bool,
 }
 
 /// One granted reservation in [`StatusReport`].
@@ -333,6 +366,13 @@ pub struct ReservationStatus {
     pub priority: i32,
     /// Milliseconds since it was granted.
     pub age_ms: u64,
+    /// Memory its processes actually use on the device, as last read.
+    pub actual_bytes: u64,
+    /// True when its processes use more than it reserved.
+    pub over_reserved: bool,
+    /// Processes it speaks for (the client, and any it declared or launched;
+    /// their descendants count too).
+    pub pids: Vec<u32>,
 }
 
 /// One waiting request in [`StatusReport`].

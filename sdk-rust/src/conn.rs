@@ -273,7 +273,8 @@ impl Conn {
             | ServerMessage::Cancelled { tag, .. }
             | ServerMessage::Status { tag, .. }
             | ServerMessage::Pong { tag }
-            | ServerMessage::Error { tag, .. } => (*tag, true),
+            | ServerMessage::Error { tag, .. }
+            | ServerMessage::Attached { tag, .. } => (*tag, true),
         };
         let slot = {
             let mut slots = lock(&self.slots);

@@ -382,6 +382,31 @@ impl Reservation {
         self.bytes
     }
 
+    /// Declares more processes whose GPU usage counts against this
+    /// reservation (e.g. worker processes this program started; descendants
+    /// of the client count already). The daemon accepts only processes of the
+    /// caller's user, unless the caller is root. Returns every pid the
+    /// reservation now speaks for.
+    pub fn attach_pids(&self, pids: &[u32]) -> Result<Vec<u32>> {
+        let (tag, slot) = self.conn.register();
+        if let Err(e) = self.conn.send(&ClientMessage::AttachPids {
+            tag,
+            id: self.id,
+            pids: pids.to_vec(),
+        }) {
+            self.conn.unregister(tag);
+            return Err(e);
+        }
+        match slot.next(None)? {
+            Some(ServerMessage::Attached { pids, .. }) => Ok(pids),
+            Some(ServerMessage::Error { kind, message, .. }) => {
+                Err(Error::from_wire(kind, message))
+            }
+            Some(other) => Err(unexpected(other)),
+            None => Err(Error::Disconnected),
+        }
+    }
+
     /// Releases it and waits for the daemon to confirm. If the connection is
     /// already gone, it was released then, and this returns `Ok`.
     pub fn release(mut self) -> Result<()> {

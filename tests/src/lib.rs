@@ -33,7 +33,15 @@ pub fn bin(name: &str) -> PathBuf {
             .to_string();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "vramd", "--bins"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "vramd",
+            "--bins",
+            "-p",
+            "fake-nvml",
+        ]);
         if profile == "release" {
             cmd.arg("--release");
         }
@@ -45,6 +53,13 @@ pub fn bin(name: &str) -> PathBuf {
         dir
     });
     dir.join(name)
+}
+
+/// Path of the fake libnvidia-ml (tests/fake-nvml), built with the binaries.
+pub fn fake_nvml_lib() -> PathBuf {
+    let path = bin("libfake_nvml.so");
+    assert!(path.exists(), "{} was not built", path.display());
+    path
 }
 
 /// Polls `f` every few milliseconds until it holds or `timeout` passes.
@@ -79,9 +94,14 @@ impl Daemon {
     /// Starts `vramd` with exactly `args` (plus `--socket`) and waits until
     /// it accepts connections.
     pub fn start_raw(args: &[&str]) -> Daemon {
+        Self::start_env(args, &[])
+    }
+
+    /// Like [`Daemon::start_raw`], with extra environment variables.
+    pub fn start_env(args: &[&str], env: &[(&str, &Path)]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("vramd.sock");
-        let d = Self::spawn_at(dir, socket, args);
+        let d = Self::spawn_env(dir, socket, args, env);
         assert!(
             wait_until(WAIT, || UnixStream::connect(&d.socket).is_ok()),
             "vramd did not start listening; log:\n{}",
@@ -92,8 +112,18 @@ impl Daemon {
 
     /// Spawns `vramd` on `socket` without waiting for it.
     pub fn spawn_at(dir: tempfile::TempDir, socket: PathBuf, args: &[&str]) -> Daemon {
+        Self::spawn_env(dir, socket, args, &[])
+    }
+
+    fn spawn_env(
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        args: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Daemon {
         let log = std::fs::File::create(dir.path().join("vramd.log")).expect("log file");
         let child = Command::new(bin("vramd"))
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .args(args)
             .arg("--socket")
             .arg(&socket)

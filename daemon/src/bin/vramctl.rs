@@ -218,6 +218,11 @@ fn run_command(
         }
     };
     signals.forward_to(child.id());
+    // The command (and so its descendants) counts against the reservation
+    // even if vramctl's own process tree changes.
+    if let Err(e) = r.attach_pids(&[child.id()]) {
+        eprintln!("vramctl: warning: cannot attribute the command's GPU usage: {e}");
+    }
     let status = child.wait()?;
     use std::os::unix::process::ExitStatusExt;
     Ok(match (status.code(), status.signal()) {
@@ -297,41 +302,55 @@ fn print_status(s: &StatusReport) {
     );
     println!();
     println!(
-        "{:<4} {:<14} {:<20} {:>11} {:>11} {:>11} {:>11}",
-        "DEV", "UUID", "NAME", "TOTAL", "USED", "RESERVED", "AVAILABLE"
+        "{:<4} {:<14} {:<20} {:>11} {:>11} {:>11} {:>11} {:>11}",
+        "DEV", "UUID", "NAME", "TOTAL", "USED", "RESERVED", "UNATTRIB.", "AVAILABLE"
     );
     for d in &s.devices {
         println!(
-            "{:<4} {:<14} {:<20} {:>11} {:>11} {:>11} {:>11}",
+            "{:<4} {:<14} {:<20} {:>11} {:>11} {:>11} {:>11} {:>11}",
             d.index,
             truncate(&d.uuid, 14),
             truncate(&d.name, 20),
             format_size(d.total_bytes),
             format_size(d.used_bytes),
             format_size(d.reserved_bytes),
+            format_size(d.unattributed_bytes),
             format_size(d.available_bytes)
         );
+        if !d.healthy {
+            println!(
+                "     UNHEALTHY, no new grants: {}",
+                d.note.as_deref().unwrap_or("readings fail")
+            );
+        } else if let Some(note) = &d.note {
+            println!("     note: {note}");
+        }
     }
     println!();
     if s.reservations.is_empty() {
         println!("no reservations");
     } else {
         println!(
-            "{:<6} {:<4} {:>11} {:>8} {:>6} {:>4} {:>9}  LABEL",
-            "ID", "DEV", "BYTES", "PID", "UID", "PRIO", "AGE"
+            "{:<6} {:<4} {:>11} {:>12} {:>8} {:>6} {:>4} {:>9}  LABEL",
+            "ID", "DEV", "BYTES", "ACTUAL", "PID", "UID", "PRIO", "AGE"
         );
         for r in &s.reservations {
+            let flag = if r.over_reserved { " !" } else { "" };
             println!(
-                "{:<6} {:<4} {:>11} {:>8} {:>6} {:>4} {:>8}s  {}",
+                "{:<6} {:<4} {:>11} {:>12} {:>8} {:>6} {:>4} {:>8}s  {}",
                 r.id,
                 r.device,
                 format_size(r.bytes),
+                format!("{}{flag}", format_size(r.actual_bytes)),
                 r.pid,
                 r.uid,
                 r.priority,
                 r.age_ms / 1000,
                 r.label.as_deref().unwrap_or("-")
             );
+        }
+        if s.reservations.iter().any(|r| r.over_reserved) {
+            println!("! uses more than it reserved (counted at its actual usage)");
         }
     }
     println!();

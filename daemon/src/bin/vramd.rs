@@ -20,6 +20,12 @@ struct Args {
     /// GPUs. Repeat for more devices.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     simulate: Vec<u64>,
+    /// Load NVML from this file instead of libnvidia-ml.so.1.
+    #[arg(long, value_name = "PATH", conflicts_with = "simulate")]
+    nvml_lib: Option<PathBuf>,
+    /// How often real GPUs are read (they are also read after every release).
+    #[arg(long, value_name = "DURATION", default_value = "250ms", value_parser = parse_duration)]
+    poll_interval: Duration,
     /// Socket path [default: $VRAMD_SOCKET, else /run/vramd/vramd.sock as
     /// root, else $XDG_RUNTIME_DIR/vramd.sock].
     #[arg(long, value_name = "PATH")]
@@ -91,16 +97,14 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    if args.simulate.is_empty() {
-        bail!(
-            "no GPU backend: this build of vramd cannot read real GPUs yet. \
-             Run with --simulate SIZE (e.g. `vramd --simulate 24GiB`) to arbitrate a simulated device"
-        );
-    }
     if let Some(&zero) = args.simulate.iter().find(|&&b| b == 0) {
         bail!("--simulate {zero}: a simulated device needs a size above 0");
     }
-    let backend = Backend::simulated(&args.simulate);
+    let mut backend = if args.simulate.is_empty() {
+        vramd::gpu::nvml::open(args.nvml_lib.as_deref())?
+    } else {
+        Backend::simulated(&args.simulate)
+    };
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
     let socket_path = match args.socket {
@@ -116,8 +120,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         handshake_timeout: args.handshake_timeout,
         max_connections: args.max_connections.max(1),
         backend: backend.name.to_string(),
+        poll_interval: args.poll_interval.max(Duration::from_millis(10)),
     };
-    let ledger = Ledger::new(
+    let mut ledger = Ledger::new(
         LedgerConfig {
             cushion_bytes: args.cushion,
             aging: args.aging.max(Duration::from_millis(1)),
@@ -131,6 +136,31 @@ fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!(index = d.index, uuid = %d.uuid, name = %d.name, total_bytes = d.total_bytes,
             size = %vramd_protocol::format_size(d.total_bytes), backend = backend.name, "device");
     }
+    // A measuring backend is read once before anyone is served, so the first
+    // grants already see what is on the cards.
+    if let Some(reader) = backend.reader.as_mut() {
+        let first = vramd::gpu::read_all(&mut **reader, backend.devices.len());
+        let now = std::time::Instant::now();
+        for (i, r) in first.results.into_iter().enumerate() {
+            match r {
+                Ok(reading) => {
+                    tracing::info!(
+                        device = i,
+                        used_bytes = reading.used_bytes,
+                        processes = reading.processes.as_ref().map_or(0, Vec::len),
+                        per_process_usage = reading.processes.is_some(),
+                        "first reading"
+                    );
+                    ledger.set_reading(i, reading, first.taken_at, now);
+                }
+                Err(e) => {
+                    tracing::warn!(device = i, error = %e, "device unhealthy at start");
+                    ledger.set_fault(i, e, now);
+                }
+            }
+        }
+    }
+    let reader = backend.reader.take();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -138,7 +168,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let listener = bind_socket(&config)?;
-        serve(config, listener, ledger, shutdown_signal()).await?;
+        serve(config, listener, ledger, reader, shutdown_signal()).await?;
         anyhow::Ok(())
     })
 }

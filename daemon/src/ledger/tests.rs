@@ -265,68 +265,193 @@ fn spread_and_pack_placement() {
 fn measured(used: u64, procs: Option<Vec<(u32, u64)>>) -> Reading {
     Reading {
         used_bytes: used,
-        processes: procs,
+        processes: procs.map(|v| {
+            v.into_iter()
+                .map(|(pid, bytes)| ProcessUsage::new(pid, bytes))
+                .collect()
+        }),
     }
+}
+
+fn measured_ledger(totals: &[u64]) -> Ledger {
+    Ledger::new(
+        LedgerConfig::default(),
+        totals
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| spec(i as u32, t))
+            .collect(),
+        ReadingSource::Measured(Reading {
+            used_bytes: 0,
+            processes: Some(vec![]),
+        }),
+    )
+}
+
+fn ms(t: Instant, n: u64) -> Instant {
+    t + Duration::from_millis(n)
 }
 
 #[test]
 fn accounting_sees_outsiders_counts_overuse_and_never_double_counts() {
     let t0 = Instant::now();
-    let mut l = Ledger::new(
-        LedgerConfig::default(),
-        vec![spec(0, 24 * G)],
-        ReadingSource::Measured(Reading {
-            used_bytes: 0,
-            processes: Some(vec![]),
-        }),
-    );
+    let mut l = measured_ledger(&[24 * G]);
     // An outside process uses 10 GiB without a reservation.
-    l.set_reading(0, measured(10 * G, Some(vec![(99, 10 * G)])), t0);
+    l.set_reading(0, measured(10 * G, Some(vec![(99, 10 * G)])), t0, t0);
     assert_eq!(l.available(0), 14 * G);
     // A client reserves 4 GiB: counted in full before it loads.
     l.reserve(ConnId(1), peer(1), req(1, 4 * G), t0);
     assert_eq!(l.available(0), 10 * G);
     // Its process loads 3 GiB: still 4 (max of reserved and actual), not 7.
-    l.set_reading(
-        0,
-        measured(13 * G, Some(vec![(99, 10 * G), (1, 3 * G)])),
-        t0,
-    );
+    let r = measured(13 * G, Some(vec![(99, 10 * G), (1, 3 * G)]));
+    l.set_reading(0, r, t0, t0);
     assert_eq!(l.available(0), 10 * G);
-    // It grows to 6 GiB: counted at its real usage.
-    l.set_reading(
-        0,
-        measured(16 * G, Some(vec![(99, 10 * G), (1, 6 * G)])),
-        t0,
-    );
+    // It grows to 6 GiB: counted at its real usage, and flagged.
+    let r = measured(16 * G, Some(vec![(99, 10 * G), (1, 6 * G)]));
+    l.set_reading(0, r, t0, t0);
     assert_eq!(l.available(0), 8 * G);
+    let st = l.reservation_status(t0);
+    assert_eq!((st[0].actual_bytes, st[0].over_reserved), (6 * G, true));
+    assert_eq!(l.device_status()[0].unattributed_bytes, 10 * G);
     // A second reservation by the same process: one group, no double count.
     l.reserve(ConnId(1), peer(1), req(2, G), t0);
     assert_eq!(l.available(0), 8 * G);
     // Without per-process usage: used + Σ reserved (cautious).
-    l.set_reading(0, measured(16 * G, None), t0);
+    l.set_reading(0, measured(16 * G, None), t0, t0);
     assert_eq!(l.available(0), 24 * G - 16 * G - 5 * G);
+    let ds = &l.device_status()[0];
+    assert!(!ds.per_process_usage);
+    assert!(ds.note.as_deref().unwrap().contains("cautious"));
 }
 
 #[test]
 fn memory_still_in_use_after_release_keeps_blocking_until_read_free() {
     let t0 = Instant::now();
-    let mut l = Ledger::new(
-        LedgerConfig::default(),
-        vec![spec(0, 24 * G)],
-        ReadingSource::Measured(Reading {
-            used_bytes: 0,
-            processes: Some(vec![]),
-        }),
-    );
+    let mut l = measured_ledger(&[24 * G]);
     let id = grant_id(&l.reserve(ConnId(1), peer(1), req(1, 20 * G), t0));
-    l.set_reading(0, measured(20 * G, Some(vec![(1, 20 * G)])), t0);
-    l.reserve(ConnId(2), peer(2), req(1, 10 * G), t0);
+    let busy = || measured(20 * G, Some(vec![(1, 20 * G)]));
+    l.set_reading(0, busy(), ms(t0, 1), ms(t0, 1));
+    l.reserve(ConnId(2), peer(2), req(1, 10 * G), ms(t0, 2));
     // Released, but the process has not freed its memory yet: no grant.
-    assert!(granted(&l.release(ConnId(1), id, t0).unwrap().1).is_empty());
+    assert!(granted(&l.release(ConnId(1), id, ms(t0, 3)).unwrap().1).is_empty());
+    let e = l.set_reading(0, busy(), ms(t0, 4), ms(t0, 4));
+    assert!(granted(&e).is_empty());
     // The reading shows it freed: granted.
-    let e = l.set_reading(0, measured(0, Some(vec![])), t0);
+    let e = l.set_reading(0, measured(0, Some(vec![])), ms(t0, 5), ms(t0, 5));
     assert_eq!(granted(&e), vec![(ConnId(2), 1, 0)]);
+}
+
+#[test]
+fn a_reading_taken_before_a_release_cannot_free_its_memory() {
+    // The last reading was taken before the holder loaded its model. After
+    // the release, that stale reading must not be trusted to show the room.
+    let t0 = Instant::now();
+    let mut l = measured_ledger(&[24 * G]);
+    let id = grant_id(&l.reserve(ConnId(1), peer(1), req(1, 20 * G), t0));
+    l.reserve(ConnId(2), peer(2), req(1, 10 * G), ms(t0, 1));
+    let (_, e) = l.release(ConnId(1), id, ms(t0, 10)).unwrap();
+    assert!(
+        granted(&e).is_empty(),
+        "granted on a reading older than the release"
+    );
+    // A reading taken before the release, delivered late: still no grant.
+    let e = l.set_reading(0, measured(0, Some(vec![])), ms(t0, 9), ms(t0, 11));
+    assert!(granted(&e).is_empty());
+    // The first reading taken after the release decides.
+    let e = l.set_reading(0, measured(0, Some(vec![])), ms(t0, 12), ms(t0, 12));
+    assert_eq!(granted(&e), vec![(ConnId(2), 1, 0)]);
+}
+
+#[test]
+fn readings_early_late_or_never() {
+    let t0 = Instant::now();
+    // Never: no reading since start; reservations count by their bytes.
+    let mut l = measured_ledger(&[24 * G]);
+    l.reserve(ConnId(1), peer(1), req(1, 8 * G), t0);
+    assert_eq!(l.available(0), 16 * G);
+    // Early: the process already used memory before it reserved (the reading
+    // predates the grant): its usage is attributed, not counted twice.
+    let mut l = measured_ledger(&[24 * G]);
+    l.set_reading(0, measured(6 * G, Some(vec![(1, 6 * G)])), t0, t0);
+    assert_eq!(l.available(0), 18 * G);
+    l.reserve(ConnId(1), peer(1), req(1, 8 * G), ms(t0, 1));
+    assert_eq!(l.available(0), 16 * G);
+    // Late: after its connection closed, its process still shows usage:
+    // counted as unattributed until it is read free.
+    l.disconnect(ConnId(1), ms(t0, 2));
+    let r = measured(6 * G, Some(vec![(1, 6 * G)]));
+    l.set_reading(0, r, ms(t0, 3), ms(t0, 3));
+    assert_eq!(l.available(0), 18 * G);
+    assert_eq!(l.device_status()[0].unattributed_bytes, 6 * G);
+    l.set_reading(0, measured(0, Some(vec![])), ms(t0, 4), ms(t0, 4));
+    assert_eq!(l.available(0), 24 * G);
+}
+
+#[test]
+fn descendants_and_attached_pids_count_against_the_reservation() {
+    let t0 = Instant::now();
+    let mut l = measured_ledger(&[24 * G]);
+    let id = grant_id(&l.reserve(ConnId(1), peer(1), req(1, 8 * G), t0));
+    // A child of the client (pid 50, parent 1) uses 5 GiB: inside the 8 reserved.
+    let child = ProcessUsage {
+        pid: 50,
+        bytes: 5 * G,
+        ancestors: vec![1],
+    };
+    let r = Reading {
+        used_bytes: 5 * G,
+        processes: Some(vec![child.clone()]),
+    };
+    l.set_reading(0, r, t0, t0);
+    assert_eq!(l.available(0), 16 * G);
+    assert_eq!(l.reservation_status(t0)[0].actual_bytes, 5 * G);
+    // An unrelated process 77 uses 4 GiB: unattributed, until it is attached.
+    let r = Reading {
+        used_bytes: 9 * G,
+        processes: Some(vec![child, ProcessUsage::new(77, 4 * G)]),
+    };
+    l.set_reading(0, r, t0, t0);
+    assert_eq!(l.available(0), 12 * G);
+    assert_eq!(
+        l.attach_pids(ConnId(2), id, &[77], t0),
+        Err(LedgerError::NotHeld(id))
+    );
+    let (pids, _) = l.attach_pids(ConnId(1), id, &[77], t0).unwrap();
+    assert_eq!(pids, vec![1, 77]);
+    // Now 9 GiB actual against 8 reserved: counted at 9, flagged.
+    assert_eq!(l.available(0), 15 * G);
+    assert!(l.reservation_status(t0)[0].over_reserved);
+}
+
+#[test]
+fn an_unhealthy_device_takes_no_new_grants_and_recovers() {
+    let t0 = Instant::now();
+    let mut l = measured_ledger(&[24 * G, 24 * G]);
+    let held = l.reserve(ConnId(1), peer(1), req(1, 4 * G), t0);
+    assert_eq!(granted(&held)[0].2, 0);
+    l.set_fault(0, "GPU is lost".into(), t0);
+    assert!(!l.is_healthy(0));
+    assert_eq!(l.reservation_count(), 1, "reservations are kept");
+    let mut r = req(2, G);
+    r.device = DeviceSelector::Index(0);
+    let e = l.reserve(ConnId(2), peer(2), r.clone(), t0);
+    assert!(
+        matches!(&e[0], Effect::Failed { kind: ErrorKind::Unavailable, message, .. } if message.contains("GPU is lost")),
+        "{e:?}"
+    );
+    // "any" goes to the healthy device.
+    assert_eq!(
+        granted(&l.reserve(ConnId(2), peer(2), req(3, 20 * G), t0))[0].2,
+        1
+    );
+    let ds = l.device_status();
+    assert!(!ds[0].healthy && ds[0].available_bytes == 0);
+    l.set_reading(0, measured(0, Some(vec![])), ms(t0, 1), ms(t0, 1));
+    assert!(l.is_healthy(0));
+    assert_eq!(
+        granted(&l.reserve(ConnId(2), peer(2), r, ms(t0, 2))).len(),
+        1
+    );
 }
 
 #[test]

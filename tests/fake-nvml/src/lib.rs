@@ -1,0 +1,42 @@
+//! fake-nvml: a stand-in for `libnvidia-ml.so.1`, so vramd's NVML backend can
+//! be tested on machines without a GPU.
+//!
+//! The crate builds two things:
+//! - a cdylib, `target/<profile>/libfake_nvml.so`, exporting the handful of
+//!   NVML functions vramd uses (see [`ffi`]) with NVML's exact C ABI. Load it
+//!   with `Nvml::builder().lib_path(path).init()`, or run
+//!   `FAKE_NVML_STATE=/path/state.json vramd --nvml-lib target/debug/libfake_nvml.so`.
+//! - an rlib with the [`State`] types, so tests can write the JSON state file
+//!   that drives the fake ([`State::write_atomic`]).
+//!
+//! The fake re-reads the file named by [`STATE_ENV`] on every call, so a test
+//! changes the machine under a running daemon by rewriting that file. The
+//! format is documented in this crate's `README.md`.
+
+pub mod ffi;
+mod state;
+
+use std::path::{Path, PathBuf};
+
+pub use state::{
+    DEFAULT_DRIVER_VERSION, DeviceFailure, FakeDevice, FakeProcess, InitError, STATE_ENV, State,
+};
+
+/// File name of the built cdylib.
+pub const CDYLIB_FILE_NAME: &str = "libfake_nvml.so";
+
+/// Finds the built cdylib for an executable in a cargo target directory:
+/// `target/<profile>/libfake_nvml.so` when `exe` is a test in
+/// `target/<profile>/deps/` (or a binary in `target/<profile>/`), else the
+/// copy in `deps/` next to the test. Returns the first candidate that exists,
+/// or `None`.
+pub fn find_cdylib_near(exe: &Path) -> Option<PathBuf> {
+    let dir = exe.parent()?;
+    // The uplifted copy in target/<profile>/ first; target/<profile>/deps/
+    // holds the one built when fake-nvml is only a dependency.
+    [dir.parent(), Some(dir)]
+        .into_iter()
+        .flatten()
+        .map(|dir| dir.join(CDYLIB_FILE_NAME))
+        .find(|candidate| candidate.is_file())
+}
