@@ -39,8 +39,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use vramd_protocol::{
-    Counters, DeviceSelector, DeviceStatus, ErrorKind, Grant, QueueEntry, ReservationId,
-    ReservationStatus, ReserveRequest, format_size,
+    ConsumerStatus, Counters, DeviceSelector, DeviceStatus, ErrorKind, Grant, QueueEntry,
+    ReservationId, ReservationStatus, ReserveRequest, format_size,
 };
 
 /// Identifies one client connection inside the daemon.
@@ -130,6 +130,11 @@ pub struct LedgerConfig {
     pub starvation_guard: Duration,
     /// How a request for any device is placed.
     pub placement: Placement,
+    /// How long an evicted holder or consumer has to free its memory before
+    /// the daemon reports it and tries another victim.
+    pub eviction_deadline: Duration,
+    /// An idle reservation younger than this is never evicted.
+    pub min_residency: Duration,
 }
 
 impl Default for LedgerConfig {
@@ -139,6 +144,8 @@ impl Default for LedgerConfig {
             aging: Duration::from_secs(10),
             starvation_guard: Duration::from_secs(30),
             placement: Placement::Spread,
+            eviction_deadline: Duration::from_secs(30),
+            min_residency: Duration::from_secs(10),
         }
     }
 }
@@ -181,6 +188,31 @@ pub enum Effect {
         /// 1-based position.
         position: u32,
     },
+    /// Ask a holder to unload and release an idle reservation.
+    Evict {
+        /// The holder's connection.
+        conn: ConnId,
+        /// The reservation.
+        id: ReservationId,
+        /// Time it has.
+        deadline: Duration,
+        /// Who needs the room.
+        reason: String,
+    },
+    /// Ask an external consumer to unload.
+    EvictConsumer {
+        /// Its name in the config.
+        name: String,
+        /// Who needs the room.
+        reason: String,
+    },
+    /// A victim did not free its memory in time (for logs).
+    EvictionFailed {
+        /// The reservation or consumer.
+        victim: String,
+        /// What happened.
+        reason: String,
+    },
     /// A request failed: refused, or its wait limit passed.
     Failed {
         /// Its connection.
@@ -207,6 +239,8 @@ pub struct Released {
     pub label: Option<String>,
     /// How long it was held.
     pub held: Duration,
+    /// Whether it was released on an eviction request.
+    pub evicted: bool,
 }
 
 /// Why an operation on the ledger failed.
@@ -259,6 +293,76 @@ struct Reservation {
     /// Processes whose usage this reservation speaks for.
     pids: Vec<u32>,
     granted_at: Instant,
+    /// Idle: its model is kept warm and may be evicted.
+    idle: bool,
+    /// When it was last busy (or granted): older idle ones are evicted first.
+    last_busy: Instant,
+    /// Deadline of an eviction request sent to its holder.
+    evicting: Option<Instant>,
+}
+
+/// An external consumer declared in the config (Ollama, ComfyUI, …).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerSpec {
+    /// Its name.
+    pub name: String,
+    /// Its kind, for status.
+    pub kind: String,
+    /// Index (into the devices given to [`Ledger::new`]) of the device it
+    /// lives on; `None`: it may be on any.
+    pub device: Option<usize>,
+    /// It is evicted only for waiters of at least this priority.
+    pub priority: i32,
+    /// It is not evicted until it has been resident this long.
+    pub min_residency: Duration,
+    /// Labels of requests it is never evicted for.
+    pub coexist_with: Vec<String>,
+}
+
+/// What a consumer says it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConsumerReading {
+    /// Memory it holds.
+    pub resident_bytes: u64,
+    /// Models it holds, where it says.
+    pub models: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Consumer {
+    spec: ConsumerSpec,
+    reading: ConsumerReading,
+    reachable: bool,
+    last_error: Option<String>,
+    /// Since when it has held memory.
+    loaded_since: Option<Instant>,
+    last_eviction: Option<Instant>,
+    /// An unload was asked and has not completed.
+    evicting: bool,
+}
+
+/// Something that can be asked to give memory back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Victim {
+    Reservation(ReservationId),
+    Consumer(String),
+}
+
+impl std::fmt::Display for Victim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Victim::Reservation(id) => write!(f, "reservation {id}"),
+            Victim::Consumer(name) => write!(f, "consumer {name}"),
+        }
+    }
+}
+
+/// Evictions in flight for one waiter.
+#[derive(Debug, Clone)]
+struct Plan {
+    device: usize,
+    victims: Vec<Victim>,
+    deadline: Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -277,6 +381,12 @@ struct Waiter {
     deadline: Option<Instant>,
     /// Last position told to the client (0: none yet).
     told_position: u32,
+    /// Start granted reservations idle.
+    evictable: bool,
+    /// Evictions in flight to make room for it.
+    plan: Option<Plan>,
+    /// Victims that failed it; not asked again for it.
+    skip: Vec<Victim>,
 }
 
 /// The arbiter's state.
@@ -288,6 +398,7 @@ pub struct Ledger {
     /// Waiting requests in arrival order (ids increase with arrival).
     waiters: Vec<Waiter>,
     ghosts: Vec<Ghost>,
+    consumers: Vec<Consumer>,
     next_id: u64,
     counters: Counters,
 }
@@ -308,6 +419,7 @@ impl Ledger {
             reservations: BTreeMap::new(),
             waiters: Vec::new(),
             ghosts: Vec::new(),
+            consumers: Vec::new(),
             next_id: 1,
             counters: Counters::default(),
         }
@@ -433,6 +545,9 @@ impl Ledger {
                 .timeout_ms
                 .map(|ms| now.checked_add(Duration::from_millis(ms)).unwrap_or(now)),
             told_position: 0,
+            evictable: req.evictable,
+            plan: None,
+            skip: Vec::new(),
         });
         self.settle(now, &mut effects);
         effects
@@ -459,6 +574,10 @@ impl Ledger {
     }
 
     fn released(&mut self, r: Reservation, now: Instant) -> Released {
+        let evicted = r.evicting.is_some();
+        if evicted {
+            self.counters.evictions_completed += 1;
+        }
         if matches!(self.devices[r.device].source, ReadingSource::Measured(_)) {
             self.ghosts.push(Ghost {
                 device: r.device,
@@ -473,6 +592,7 @@ impl Ledger {
             bytes: r.bytes,
             label: r.label,
             held: now.saturating_duration_since(r.granted_at),
+            evicted,
         }
     }
 
@@ -586,10 +706,16 @@ impl Ledger {
         effects
     }
 
-    /// When [`Ledger::tick`] should next be called: the earliest wait limit,
-    /// or the next aging step while two or more requests wait.
+    /// When [`Ledger::tick`] should next be called: the earliest wait limit
+    /// or eviction deadline, or the next aging step while two or more
+    /// requests wait.
     pub fn next_wakeup(&self, now: Instant) -> Option<Instant> {
-        let deadline = self.waiters.iter().filter_map(|w| w.deadline).min();
+        let deadline = self
+            .waiters
+            .iter()
+            .flat_map(|w| [w.deadline, w.plan.as_ref().map(|p| p.deadline)])
+            .flatten()
+            .min();
         let aging =
             (self.waiters.len() >= 2).then(|| now + self.config.aging.min(Duration::from_secs(1)));
         match (deadline, aging) {
@@ -667,6 +793,7 @@ impl Ledger {
                 actual_bytes,
                 over_reserved,
                 pids: r.pids.clone(),
+                idle: r.idle,
             })
             .collect()
     }
@@ -704,6 +831,8 @@ impl Ledger {
             // guard); what it blocked may fit now.
             self.schedule(now, effects);
         }
+        self.fail_overdue_evictions(now, effects);
+        self.plan_evictions(now, effects);
         self.tell_positions(now, effects);
     }
 
@@ -767,6 +896,9 @@ impl Ledger {
                     peer: w.peer,
                     pids: vec![w.peer.pid],
                     granted_at: now,
+                    idle: w.evictable,
+                    last_busy: now,
+                    evicting: None,
                 },
             );
             self.counters.grants += 1;
@@ -840,6 +972,349 @@ impl Ledger {
         let waited = now.saturating_duration_since(w.arrived).as_millis();
         let step = self.config.aging.as_millis().max(1);
         i64::from(w.priority) + (waited / step).min(i64::MAX as u128 / 2) as i64
+    }
+
+    // ---- eviction --------------------------------------------------------
+
+    /// Marks a reservation held by `conn` idle (evictable) or busy.
+    pub fn set_idle(
+        &mut self,
+        conn: ConnId,
+        id: ReservationId,
+        idle: bool,
+        now: Instant,
+    ) -> Result<Vec<Effect>, LedgerError> {
+        let r = match self.reservations.get_mut(&id) {
+            Some(r) if r.conn == conn => r,
+            _ => return Err(LedgerError::NotHeld(id)),
+        };
+        if r.idle && !idle {
+            r.last_busy = now;
+        }
+        r.idle = idle;
+        let mut effects = Vec::new();
+        if idle {
+            // A waiter may now make room by evicting it.
+            self.settle(now, &mut effects);
+        }
+        Ok(effects)
+    }
+
+    /// Declares an external consumer.
+    pub fn add_consumer(&mut self, spec: ConsumerSpec) {
+        self.consumers.push(Consumer {
+            spec,
+            reading: ConsumerReading::default(),
+            reachable: false,
+            last_error: None,
+            loaded_since: None,
+            last_eviction: None,
+            evicting: false,
+        });
+    }
+
+    /// Stores what consumer `name` says it holds (or why it could not be
+    /// asked). An evicting consumer that holds nothing any more has completed
+    /// its eviction; grants still wait for the readings.
+    pub fn set_consumer(
+        &mut self,
+        name: &str,
+        reading: Result<ConsumerReading, String>,
+        now: Instant,
+    ) -> Vec<Effect> {
+        let Some(c) = self.consumers.iter_mut().find(|c| c.spec.name == name) else {
+            return Vec::new();
+        };
+        match reading {
+            Ok(r) => {
+                c.reachable = true;
+                c.last_error = None;
+                if r.resident_bytes == 0 {
+                    c.loaded_since = None;
+                    if c.evicting {
+                        c.evicting = false;
+                        self.counters.evictions_completed += 1;
+                    }
+                } else if c.loaded_since.is_none() {
+                    c.loaded_since = Some(now);
+                }
+                c.reading = r;
+            }
+            Err(e) => {
+                c.reachable = false;
+                c.last_error = Some(e);
+            }
+        }
+        let mut effects = Vec::new();
+        self.settle(now, &mut effects);
+        effects
+    }
+
+    /// Consumer `name` could not be asked to unload (down, error, garbage):
+    /// it is reported, skipped for the waiters it was asked for, and the next
+    /// candidates are tried at once.
+    pub fn consumer_unload_failed(
+        &mut self,
+        name: &str,
+        error: String,
+        now: Instant,
+    ) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let Some(c) = self.consumers.iter_mut().find(|c| c.spec.name == name) else {
+            return effects;
+        };
+        if !c.evicting {
+            return effects;
+        }
+        c.evicting = false;
+        c.last_error = Some(error.clone());
+        self.counters.evictions_failed += 1;
+        let victim = Victim::Consumer(name.to_string());
+        effects.push(Effect::EvictionFailed {
+            victim: victim.to_string(),
+            reason: error,
+        });
+        for w in &mut self.waiters {
+            if w.plan.as_ref().is_some_and(|p| p.victims.contains(&victim)) {
+                w.plan = None;
+                w.skip.push(victim.clone());
+            }
+        }
+        self.settle(now, &mut effects);
+        effects
+    }
+
+    /// Declared consumers for status.
+    pub fn consumer_status(&self, now: Instant) -> Vec<ConsumerStatus> {
+        self.consumers
+            .iter()
+            .map(|c| ConsumerStatus {
+                name: c.spec.name.clone(),
+                kind: c.spec.kind.clone(),
+                device: c.spec.device.map(|d| self.devices[d].spec.index),
+                priority: c.spec.priority,
+                reachable: c.reachable,
+                resident_bytes: c.reading.resident_bytes,
+                models: c.reading.models.clone(),
+                last_eviction_ms: c
+                    .last_eviction
+                    .map(|t| millis(now.saturating_duration_since(t))),
+                last_error: c.last_error.clone(),
+            })
+            .collect()
+    }
+
+    /// Victims that missed their deadline are reported and skipped; their
+    /// waiter plans again.
+    fn fail_overdue_evictions(&mut self, now: Instant, effects: &mut Vec<Effect>) {
+        for wi in 0..self.waiters.len() {
+            let Some(plan) = self.waiters[wi].plan.clone() else {
+                continue;
+            };
+            if now < plan.deadline {
+                continue;
+            }
+            self.waiters[wi].plan = None;
+            for v in plan.victims {
+                let pending = match &v {
+                    Victim::Reservation(id) => match self.reservations.get_mut(id) {
+                        Some(r) => {
+                            r.evicting = None;
+                            true
+                        }
+                        None => false,
+                    },
+                    Victim::Consumer(name) => {
+                        match self.consumers.iter_mut().find(|c| &c.spec.name == name) {
+                            Some(c) if c.evicting => {
+                                c.evicting = false;
+                                true
+                            }
+                            _ => false,
+                        }
+                    }
+                };
+                if pending {
+                    self.counters.evictions_failed += 1;
+                    effects.push(Effect::EvictionFailed {
+                        victim: v.to_string(),
+                        reason: format!(
+                            "did not give its memory back within {} ms",
+                            self.config.eviction_deadline.as_millis()
+                        ),
+                    });
+                    self.waiters[wi].skip.push(v);
+                }
+            }
+        }
+    }
+
+    /// For waiters that do not fit, asks idle holders and consumers to make
+    /// room — at most one eviction in flight per device, only when the
+    /// victims can free enough, never a busy holder.
+    fn plan_evictions(&mut self, now: Instant, effects: &mut Vec<Effect>) {
+        let mut claimed: Vec<bool> = vec![false; self.devices.len()];
+        for w in &self.waiters {
+            if let Some(p) = &w.plan {
+                claimed[p.device] = true;
+            }
+        }
+        for i in self.order(now) {
+            if self.waiters[i].plan.is_some() {
+                continue;
+            }
+            let w = &self.waiters[i];
+            let mut best: Option<(usize, Vec<(Victim, u64)>)> = None;
+            for &d in &w.candidates {
+                if claimed[d] || self.devices[d].fault.is_some() || self.capacity(d) < w.bytes {
+                    continue;
+                }
+                let available = self.available(d);
+                if available >= w.bytes {
+                    continue; // it fits; held back by the starvation guard
+                }
+                if let Some(victims) = self.choose_victims(d, w, w.bytes - available, now) {
+                    if best.as_ref().is_none_or(|(_, b)| victims.len() < b.len()) {
+                        best = Some((d, victims));
+                    }
+                }
+            }
+            let Some((d, victims)) = best else { continue };
+            claimed[d] = true;
+            let deadline = now + self.config.eviction_deadline;
+            let w = &self.waiters[i];
+            let reason = format!(
+                "request {} for {}{} waits for room on device {}",
+                w.id,
+                format_size(w.bytes),
+                w.label
+                    .as_deref()
+                    .map(|l| format!(" ({l})"))
+                    .unwrap_or_default(),
+                self.devices[d].spec.index
+            );
+            for (v, _) in &victims {
+                self.counters.evictions_requested += 1;
+                match v {
+                    Victim::Reservation(id) => {
+                        let r = self
+                            .reservations
+                            .get_mut(id)
+                            .expect("chosen from reservations");
+                        r.evicting = Some(deadline);
+                        effects.push(Effect::Evict {
+                            conn: r.conn,
+                            id: *id,
+                            deadline: self.config.eviction_deadline,
+                            reason: reason.clone(),
+                        });
+                    }
+                    Victim::Consumer(name) => {
+                        let c = self
+                            .consumers
+                            .iter_mut()
+                            .find(|c| &c.spec.name == name)
+                            .expect("chosen from consumers");
+                        c.evicting = true;
+                        c.last_eviction = Some(now);
+                        effects.push(Effect::EvictConsumer {
+                            name: name.clone(),
+                            reason: reason.clone(),
+                        });
+                    }
+                }
+            }
+            self.waiters[i].plan = Some(Plan {
+                device: d,
+                victims: victims.into_iter().map(|(v, _)| v).collect(),
+                deadline,
+            });
+        }
+    }
+
+    /// The fewest victims on device `d` whose memory covers `needed` for
+    /// waiter `w`, from the lowest priorities that can cover it, preferring
+    /// lower priority, then least recently used. `None` if no set can.
+    fn choose_victims(
+        &self,
+        d: usize,
+        w: &Waiter,
+        needed: u64,
+        now: Instant,
+    ) -> Option<Vec<(Victim, u64)>> {
+        let acc = self.account(d);
+        // (victim, priority, last used, bytes it would free)
+        let mut cands: Vec<(Victim, i32, Instant, u64)> = Vec::new();
+        for r in self.reservations.values().filter(|r| r.device == d) {
+            let v = Victim::Reservation(r.id);
+            if r.idle
+                && r.evicting.is_none()
+                && r.priority <= w.priority
+                && now.saturating_duration_since(r.granted_at) >= self.config.min_residency
+                && !w.skip.contains(&v)
+            {
+                let frees = r.bytes.max(acc.actual.get(&r.id).copied().unwrap_or(0));
+                cands.push((v, r.priority, r.last_busy, frees));
+            }
+        }
+        for c in &self.consumers {
+            let v = Victim::Consumer(c.spec.name.clone());
+            let label_coexists = w
+                .label
+                .as_ref()
+                .is_some_and(|l| c.spec.coexist_with.iter().any(|x| x == l));
+            if c.spec.device.is_none_or(|cd| cd == d)
+                && c.reachable
+                && !c.evicting
+                && c.reading.resident_bytes > 0
+                && c.spec.priority <= w.priority
+                && !label_coexists
+                && c.loaded_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= c.spec.min_residency)
+                && !w.skip.contains(&v)
+            {
+                let since = c.loaded_since.unwrap_or(now);
+                cands.push((v, c.spec.priority, since, c.reading.resident_bytes));
+            }
+        }
+        // The lowest priority tier that can cover the need.
+        let mut tiers: Vec<i32> = cands.iter().map(|c| c.1).collect();
+        tiers.sort_unstable();
+        tiers.dedup();
+        let tier = tiers
+            .into_iter()
+            .find(|&t| cands.iter().filter(|c| c.1 <= t).map(|c| c.3).sum::<u64>() >= needed)?;
+        let mut pool: Vec<(Victim, i32, Instant, u64)> =
+            cands.into_iter().filter(|c| c.1 <= tier).collect();
+        // Fewest victims: how many of the largest it takes.
+        let mut sizes: Vec<u64> = pool.iter().map(|c| c.3).collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        let mut k = 0;
+        let mut sum = 0u64;
+        while sum < needed {
+            sum += sizes[k];
+            k += 1;
+        }
+        // Among sets of k, prefer lower priority then least recently used:
+        // take each candidate in that order if the set can still be completed
+        // with the largest of the rest.
+        pool.sort_by_key(|c| (c.1, c.2));
+        let mut chosen = Vec::with_capacity(k);
+        let mut taken = 0u64;
+        for i in 0..pool.len() {
+            if chosen.len() == k {
+                break;
+            }
+            let slots_after = k - chosen.len() - 1;
+            let mut rest: Vec<u64> = pool[i + 1..].iter().map(|c| c.3).collect();
+            rest.sort_unstable_by(|a, b| b.cmp(a));
+            let best_rest: u64 = rest.iter().take(slots_after).sum();
+            if taken + pool[i].3 + best_rest >= needed {
+                taken += pool[i].3;
+                chosen.push((pool[i].0.clone(), pool[i].3));
+            }
+        }
+        (taken >= needed).then_some(chosen)
     }
 
     // ---- accounting ------------------------------------------------------

@@ -2,6 +2,8 @@
 //! the GPU backends, and the socket server. The `vramd` and `vramctl`
 //! binaries are thin wrappers over it.
 
+pub mod config;
+pub mod consumers;
 pub mod gpu;
 pub mod ledger;
 pub mod server;

@@ -38,6 +38,8 @@ use vramd_protocol::{
     StatusReport, encode_into, format_size,
 };
 
+use crate::config::ConsumerConfig;
+use crate::consumers::{self, ConsumerEvent, ConsumerHandle};
 use crate::gpu::{GpuReader, Poller, Readings, owner_uid};
 use crate::ledger::{ConnId, Effect, Ledger, Peer};
 
@@ -58,6 +60,10 @@ pub struct ServerConfig {
     pub backend: String,
     /// How often a measuring backend is read.
     pub poll_interval: Duration,
+    /// External consumers (their specs are also in the ledger).
+    pub consumers: Vec<ConsumerConfig>,
+    /// How often consumers are asked what they hold.
+    pub consumer_poll_interval: Duration,
 }
 
 /// Why the server could not start.
@@ -193,7 +199,28 @@ pub async fn serve(
         }
         None => None,
     };
-    let core = tokio::spawn(core_task(ledger, events_rx, config.backend.clone(), poller));
+    let (consumer_tx, consumer_rx) = mpsc::channel::<ConsumerEvent>(256);
+    let consumers: HashMap<String, ConsumerHandle> = config
+        .consumers
+        .iter()
+        .map(|c| {
+            let handle = consumers::start(
+                c.clone(),
+                config.consumer_poll_interval,
+                consumer_tx.clone(),
+            );
+            (c.name.clone(), handle)
+        })
+        .collect();
+    drop(consumer_tx);
+    let core = tokio::spawn(core_task(
+        ledger,
+        events_rx,
+        config.backend.clone(),
+        poller,
+        consumers,
+        consumer_rx,
+    ));
     let open = Arc::new(AtomicUsize::new(0));
     let mut next_conn = 1u64;
     info!(socket = %config.socket_path.display(), mode = format!("{:o}", config.socket_mode), "listening");
@@ -525,6 +552,8 @@ async fn core_task(
     mut events: mpsc::Receiver<Event>,
     backend: String,
     poller: Option<Poller>,
+    consumers: HashMap<String, ConsumerHandle>,
+    mut consumer_events: mpsc::Receiver<ConsumerEvent>,
 ) {
     // After a release, only a reading taken afterwards may show the memory
     // free (the ledger keeps counting it until then): ask for one at once.
@@ -535,18 +564,44 @@ async fn core_task(
     };
     let started = Instant::now();
     let mut conns: HashMap<ConnId, ConnHandle> = HashMap::new();
+    let mut consumers_open = true;
     loop {
         let wake = ledger.next_wakeup(Instant::now());
-        let event = match wake {
-            Some(at) => tokio::select! {
-                ev = events.recv() => ev,
-                _ = tokio::time::sleep_until(at.into()) => {
-                    let effects = ledger.tick(Instant::now());
-                    deliver(&conns, effects);
-                    continue;
-                }
-            },
-            None => events.recv().await,
+        let sleep = async {
+            match wake {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let event = tokio::select! {
+            ev = events.recv() => ev,
+            _ = sleep => {
+                let effects = ledger.tick(Instant::now());
+                deliver(&conns, &consumers, effects);
+                continue;
+            }
+            ce = consumer_events.recv(), if consumers_open => {
+                let now = Instant::now();
+                let effects = match ce {
+                    None => {
+                        consumers_open = false;
+                        continue;
+                    }
+                    Some(ConsumerEvent::Reading { name, result }) => ledger.set_consumer(&name, result, now),
+                    Some(ConsumerEvent::Unloaded { name, result: Ok(()) }) => {
+                        // The unload call returned; the readings will tell when
+                        // the memory is really free.
+                        refresh();
+                        debug!(consumer = %name, "unload call returned");
+                        Vec::new()
+                    }
+                    Some(ConsumerEvent::Unloaded { name, result: Err(e) }) => {
+                        ledger.consumer_unload_failed(&name, e, now)
+                    }
+                };
+                deliver(&conns, &consumers, effects);
+                continue;
+            }
         };
         let Some(event) = event else { return };
         let now = Instant::now();
@@ -562,10 +617,10 @@ async fn core_task(
                 let pid = conns.remove(&conn).map_or(0, |h| h.peer.pid);
                 for r in released {
                     info!(id = %r.id, conn = %conn, pid, device = r.device, bytes = r.bytes, size = %format_size(r.bytes),
-                        label = r.label.as_deref().unwrap_or(""), held_ms = r.held.as_millis() as u64,
+                        label = r.label.as_deref().unwrap_or(""), held_ms = r.held.as_millis() as u64, evicted = r.evicted,
                         "released (connection closed)");
                 }
-                deliver(&conns, effects);
+                deliver(&conns, &consumers, effects);
             }
             Event::Request { conn, msg } => {
                 let Some(handle) = conns.get(&conn) else {
@@ -581,7 +636,7 @@ async fn core_task(
                         debug!(conn = %conn, pid = peer.pid, tag = req.tag, bytes = req.bytes, device = %req.device,
                             priority = req.priority, label = req.label.as_deref().unwrap_or(""), "reserve");
                         let effects = ledger.reserve(conn, peer, req, now);
-                        deliver(&conns, effects);
+                        deliver(&conns, &consumers, effects);
                     }
                     ClientMessage::Cancel { tag } => {
                         let (count, effects) = ledger.cancel(conn, tag, now);
@@ -589,16 +644,16 @@ async fn core_task(
                             info!(conn = %conn, pid = peer.pid, tag, count, "cancelled");
                         }
                         reply(ServerMessage::Cancelled { tag, count });
-                        deliver(&conns, effects);
+                        deliver(&conns, &consumers, effects);
                     }
                     ClientMessage::Release { tag, id } => match ledger.release(conn, id, now) {
                         Ok((r, effects)) => {
                             info!(id = %r.id, conn = %conn, pid = peer.pid, device = r.device, bytes = r.bytes,
                                 size = %format_size(r.bytes), label = r.label.as_deref().unwrap_or(""),
-                                held_ms = r.held.as_millis() as u64, "released");
+                                held_ms = r.held.as_millis() as u64, evicted = r.evicted, "released");
                             reply(ServerMessage::Released { tag, id });
                             refresh();
-                            deliver(&conns, effects);
+                            deliver(&conns, &consumers, effects);
                         }
                         Err(e) => reply(error_msg(tag, ErrorKind::NotFound, e.to_string())),
                     },
@@ -611,16 +666,27 @@ async fn core_task(
                             reservations: ledger.reservation_status(now),
                             queue: ledger.queue_status(now),
                             counters: ledger.counters().clone(),
+                            consumers: ledger.consumer_status(now),
                         };
                         reply(ServerMessage::Status { tag, status });
                     }
                     ClientMessage::Ping { tag } => reply(ServerMessage::Pong { tag }),
+                    ClientMessage::SetIdle { tag, id, idle } => {
+                        match ledger.set_idle(conn, id, idle, now) {
+                            Ok(effects) => {
+                                debug!(id = %id, conn = %conn, idle, "idle state set");
+                                reply(ServerMessage::IdleSet { tag, id, idle });
+                                deliver(&conns, &consumers, effects);
+                            }
+                            Err(e) => reply(error_msg(tag, ErrorKind::NotFound, e.to_string())),
+                        }
+                    }
                     ClientMessage::AttachPids { tag, id, pids } => {
                         match ledger.attach_pids(conn, id, &pids, now) {
                             Ok((all, effects)) => {
                                 info!(id = %id, conn = %conn, pid = peer.pid, pids = ?all, "pids attached");
                                 reply(ServerMessage::Attached { tag, id, pids: all });
-                                deliver(&conns, effects);
+                                deliver(&conns, &consumers, effects);
                             }
                             Err(e) => reply(error_msg(tag, ErrorKind::NotFound, e.to_string())),
                         }
@@ -644,7 +710,7 @@ async fn core_task(
                             ledger.set_fault(i, fault, now)
                         }
                     };
-                    deliver(&conns, effects);
+                    deliver(&conns, &consumers, effects);
                 }
             }
         }
@@ -652,9 +718,41 @@ async fn core_task(
 }
 
 /// Sends effects to their connections and logs them.
-fn deliver(conns: &HashMap<ConnId, ConnHandle>, effects: Vec<Effect>) {
+fn deliver(
+    conns: &HashMap<ConnId, ConnHandle>,
+    consumers: &HashMap<String, ConsumerHandle>,
+    effects: Vec<Effect>,
+) {
     for effect in effects {
         let (conn, msg) = match effect {
+            Effect::Evict {
+                conn,
+                id,
+                deadline,
+                reason,
+            } => {
+                info!(id = %id, conn = %conn, pid = conns.get(&conn).map_or(0, |h| h.peer.pid),
+                    deadline_ms = deadline.as_millis() as u64, reason = %reason, "asking holder to unload (evict)");
+                (
+                    conn,
+                    ServerMessage::Evict {
+                        id,
+                        deadline_ms: deadline.as_millis() as u64,
+                        reason,
+                    },
+                )
+            }
+            Effect::EvictConsumer { name, reason } => {
+                match consumers.get(&name) {
+                    Some(h) => h.unload(reason),
+                    None => warn!(consumer = %name, "eviction of an unknown consumer"),
+                }
+                continue;
+            }
+            Effect::EvictionFailed { victim, reason } => {
+                warn!(victim = %victim, reason = %reason, "eviction failed; trying other candidates");
+                continue;
+            }
             Effect::Granted {
                 conn,
                 tag,

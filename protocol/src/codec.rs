@@ -317,6 +317,7 @@ mod tests {
                         priority,
                         label,
                         timeout_ms,
+                        evictable: false,
                     })
                 }),
             any::<u64>().prop_map(|tag| ClientMessage::Cancel { tag }),
@@ -474,6 +475,7 @@ mod tests {
                 priority: 0,
                 label: Some("x".into()),
                 timeout_ms: None,
+                evictable: false,
             }))
         );
     }
@@ -536,6 +538,7 @@ mod wire_contract {
                 priority: 0,
                 label: None,
                 timeout_ms: None,
+                evictable: false,
             }),
             ClientMessage::Cancel { tag: 0 },
             ClientMessage::Release {
@@ -554,7 +557,7 @@ mod wire_contract {
             assert_eq!(payload(m)[0] as usize, i, "{m:?}");
         }
         assert_eq!(payload(&msgs[0]), [0, 1, 0]);
-        assert_eq!(payload(&msgs[1]), [1, 1, 128, 8, 0, 0, 0, 0]);
+        assert_eq!(payload(&msgs[1]), [1, 1, 128, 8, 0, 0, 0, 0, 0]);
         assert_eq!(payload(&msgs[5]), [5, 9]);
     }
 
@@ -567,6 +570,18 @@ mod wire_contract {
             pids: vec![3],
         };
         assert_eq!(payload(&attached), [8, 1, 2, 1, 3]);
+        let idle = ServerMessage::IdleSet {
+            tag: 1,
+            id: ReservationId(2),
+            idle: true,
+        };
+        assert_eq!(payload(&idle), [9, 1, 2, 1]);
+        let evict = ServerMessage::Evict {
+            id: ReservationId(2),
+            deadline_ms: 5,
+            reason: "x".into(),
+        };
+        assert_eq!(payload(&evict), [10, 2, 5, 1, b'x']);
         let e = payload(&ServerMessage::Error {
             tag: 0,
             kind: ErrorKind::Internal,

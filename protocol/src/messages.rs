@@ -92,6 +92,10 @@ pub struct ReserveRequest {
     /// as it takes, `0` fails at once unless it fits now.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Start idle: the daemon may ask the holder to unload and release it
+    /// when a waiter needs the room (see `SetIdle`).
+    #[serde(default)]
+    pub evictable: bool,
 }
 
 /// A message from a client to the daemon.
@@ -148,6 +152,18 @@ pub enum ClientMessage {
         id: ReservationId,
         /// Process ids to add.
         pids: Vec<u32>,
+    },
+    /// Mark a reservation this connection holds idle (its model is kept warm
+    /// and may be unloaded when a waiter needs the room) or busy (never
+    /// evicted). Answered by `IdleSet`.
+    SetIdle {
+        /// Tag echoed in the answer.
+        #[serde(default)]
+        tag: u64,
+        /// The reservation.
+        id: ReservationId,
+        /// True: idle, evictable. False: busy.
+        idle: bool,
     },
 }
 
@@ -236,6 +252,26 @@ pub enum ServerMessage {
         /// Every process it now speaks for.
         pids: Vec<u32>,
     },
+    /// Answer to `SetIdle`.
+    IdleSet {
+        /// The request's tag.
+        tag: u64,
+        /// The reservation.
+        id: ReservationId,
+        /// Its new state.
+        idle: bool,
+    },
+    /// The daemon asks the holder to unload what reservation `id` holds and
+    /// then release it, within `deadline_ms`. Sent only for idle reservations.
+    Evict {
+        /// The reservation to give back.
+        id: ReservationId,
+        /// Milliseconds the holder has before the daemon reports it and tries
+        /// another victim.
+        deadline_ms: u64,
+        /// Who needs the room, for logs.
+        reason: String,
+    },
 }
 
 /// Kinds of failure reported on the wire. Each maps to one SDK error class.
@@ -311,6 +347,32 @@ pub struct StatusReport {
     pub queue: Vec<QueueEntry>,
     /// Event counters since start.
     pub counters: Counters,
+    /// External consumers declared in the config file.
+    pub consumers: Vec<ConsumerStatus>,
+}
+
+/// One external consumer (Ollama, ComfyUI, an HTTP app, a command) in
+/// [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerStatus {
+    /// Its name in the config.
+    pub name: String,
+    /// `ollama`, `comfyui`, `http` or `command`.
+    pub kind: String,
+    /// Device index it lives on, if declared.
+    pub device: Option<u32>,
+    /// Priority: it is evicted only for waiters of at least this priority.
+    pub priority: i32,
+    /// Whether its API answered the last check.
+    pub reachable: bool,
+    /// Memory it holds, as it reports (or as declared).
+    pub resident_bytes: u64,
+    /// Models it holds, where it says.
+    pub models: Vec<String>,
+    /// Milliseconds since it was last asked to unload, if ever.
+    pub last_eviction_ms: Option<u64>,
+    /// The last error talking to it.
+    pub last_error: Option<String>,
 }
 
 /// One device in [`StatusReport`].
@@ -373,6 +435,8 @@ pub struct ReservationStatus {
     /// Processes it speaks for (the client, and any it declared or launched;
     /// their descendants count too).
     pub pids: Vec<u32>,
+    /// Whether it is idle (evictable).
+    pub idle: bool,
 }
 
 /// One waiting request in [`StatusReport`].
@@ -413,4 +477,10 @@ pub struct Counters {
     pub refusals: u64,
     /// Requests withdrawn by `Cancel` or by their connection closing.
     pub cancels: u64,
+    /// Holders and consumers asked to unload.
+    pub evictions_requested: u64,
+    /// Of those, the ones that gave their memory back in time.
+    pub evictions_completed: u64,
+    /// Of those, the ones that failed, missed their deadline, or could not be reached.
+    pub evictions_failed: u64,
 }

@@ -19,7 +19,9 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use vramd_protocol::codec::ReadBuffer;
-use vramd_protocol::{ClientMessage, Decoder, Encoding, PROTOCOL_VERSION, ServerMessage, encode};
+use vramd_protocol::{
+    ClientMessage, Decoder, Encoding, PROTOCOL_VERSION, ReservationId, ServerMessage, encode,
+};
 
 use crate::error::{Error, Result};
 
@@ -113,11 +115,52 @@ impl Slot {
     }
 }
 
+/// An eviction request from the daemon, as the holder's callback sees it.
+#[derive(Debug, Clone)]
+pub struct Eviction {
+    /// The reservation to give back.
+    pub id: ReservationId,
+    /// Time the holder has to unload before the daemon tries someone else.
+    pub deadline: Duration,
+    /// Who needs the room.
+    pub reason: String,
+}
+
+/// Callback run when the daemon asks a holder to unload.
+pub(crate) type EvictHandler = Box<dyn FnOnce(&Eviction) + Send>;
+
+/// Per-reservation eviction state shared by the guard and the reader.
+#[derive(Default)]
+pub(crate) struct EvictState {
+    handler: Mutex<Option<EvictHandler>>,
+    evicted: AtomicBool,
+}
+
+impl std::fmt::Debug for EvictState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EvictState")
+            .field("evicted", &self.evicted.load(Ordering::SeqCst))
+            .finish_non_exhaustive()
+    }
+}
+
+impl EvictState {
+    pub(crate) fn set_handler(&self, h: EvictHandler) {
+        *lock(&self.handler) = Some(h);
+    }
+
+    /// Whether the reservation was given back on the daemon's request.
+    pub(crate) fn evicted(&self) -> bool {
+        self.evicted.load(Ordering::SeqCst)
+    }
+}
+
 /// A live session with the daemon.
 #[derive(Debug)]
 pub(crate) struct Conn {
     writer: Mutex<UnixStream>,
     slots: Mutex<HashMap<u64, Arc<Slot>>>,
+    evictions: Mutex<HashMap<ReservationId, Arc<EvictState>>>,
     closed: AtomicBool,
     next_tag: AtomicU64,
     socket_path: PathBuf,
@@ -176,6 +219,7 @@ impl Conn {
         let conn = Arc::new(Conn {
             writer: Mutex::new(stream),
             slots: Mutex::new(HashMap::new()),
+            evictions: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             next_tag: AtomicU64::new(1),
             socket_path: path.to_path_buf(),
@@ -213,6 +257,18 @@ impl Conn {
             lock(&self.slots).insert(tag, slot.clone());
         }
         (tag, slot)
+    }
+
+    /// Registers a granted reservation for eviction requests.
+    pub(crate) fn track(&self, id: ReservationId) -> Arc<EvictState> {
+        let st = Arc::new(EvictState::default());
+        lock(&self.evictions).insert(id, st.clone());
+        st
+    }
+
+    /// Stops tracking a reservation that ended.
+    pub(crate) fn untrack(&self, id: ReservationId) {
+        lock(&self.evictions).remove(&id);
     }
 
     /// Stops routing replies for `tag`.
@@ -264,9 +320,54 @@ impl Conn {
         }
     }
 
-    fn route(&self, msg: ServerMessage) {
+    /// Runs the holder's callback (on its own thread, so the reader keeps
+    /// reading), then releases the reservation.
+    fn evict(self: &Arc<Self>, eviction: Eviction) {
+        let Some(st) = lock(&self.evictions).remove(&eviction.id) else {
+            return; // already released
+        };
+        let conn = self.clone();
+        let id = eviction.id;
+        let run = move || {
+            if let Some(handler) = lock(&st.handler).take() {
+                // A panicking callback must not keep the memory.
+                let _ =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(&eviction)));
+            }
+            st.evicted.store(true, Ordering::SeqCst);
+            let _ = conn.send(&ClientMessage::Release {
+                tag: conn.untracked_tag(),
+                id: eviction.id,
+            });
+        };
+        if std::thread::Builder::new()
+            .name("vramd-client-evict".into())
+            .spawn(run)
+            .is_err()
+        {
+            // No thread: release at once rather than hold the memory.
+            let _ = self.send(&ClientMessage::Release {
+                tag: self.untracked_tag(),
+                id,
+            });
+        }
+    }
+
+    fn route(self: &Arc<Self>, msg: ServerMessage) {
         let (tag, terminal) = match &msg {
             ServerMessage::Welcome { .. } => return,
+            ServerMessage::Evict {
+                id,
+                deadline_ms,
+                reason,
+            } => {
+                self.evict(Eviction {
+                    id: *id,
+                    deadline: Duration::from_millis(*deadline_ms),
+                    reason: reason.clone(),
+                });
+                return;
+            }
             ServerMessage::Queued { tag, .. } => (*tag, false),
             ServerMessage::Granted { tag, .. }
             | ServerMessage::Released { tag, .. }
@@ -274,7 +375,8 @@ impl Conn {
             | ServerMessage::Status { tag, .. }
             | ServerMessage::Pong { tag }
             | ServerMessage::Error { tag, .. }
-            | ServerMessage::Attached { tag, .. } => (*tag, true),
+            | ServerMessage::Attached { tag, .. }
+            | ServerMessage::IdleSet { tag, .. } => (*tag, true),
         };
         let slot = {
             let mut slots = lock(&self.slots);

@@ -34,7 +34,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use conn::{Conn, Slot};
+pub use conn::Eviction;
+use conn::{Conn, EvictState, Slot};
 pub use error::{Error, Result};
 use vramd_protocol::{ClientMessage, ReserveRequest, ServerMessage};
 pub use vramd_protocol::{
@@ -51,6 +52,7 @@ pub struct Request {
     priority: i32,
     label: Option<String>,
     timeout: Option<Duration>,
+    evictable: bool,
 }
 
 impl Request {
@@ -63,7 +65,16 @@ impl Request {
             priority: 0,
             label: None,
             timeout: None,
+            evictable: false,
         }
+    }
+
+    /// Makes the reservation idle from the start: the daemon may ask the
+    /// holder to unload and release it when a waiter needs the room (see
+    /// [`Reservation::set_idle`] and [`Reservation::on_evict`]).
+    pub fn evictable(mut self, evictable: bool) -> Self {
+        self.evictable = evictable;
+        self
     }
 
     /// Restricts it to one device (an index or a UUID) or any.
@@ -101,6 +112,7 @@ impl Request {
             timeout_ms: self
                 .timeout
                 .map(|t| t.as_millis().min(u128::from(u64::MAX)) as u64),
+            evictable: self.evictable,
         })
     }
 }
@@ -300,6 +312,7 @@ impl Pending {
             ServerMessage::Granted { grant, .. } => {
                 self.finished = true;
                 Ok(Progress::Granted(Reservation {
+                    evict: self.conn.track(grant.id),
                     conn: self.conn.clone(),
                     id: grant.id,
                     device_index: grant.device,
@@ -354,6 +367,7 @@ impl Drop for Pending {
 #[must_use = "a reservation is released as soon as it is dropped"]
 pub struct Reservation {
     conn: Arc<Conn>,
+    evict: Arc<EvictState>,
     id: ReservationId,
     device_index: u32,
     device_uuid: String,
@@ -380,6 +394,42 @@ impl Reservation {
     /// Bytes reserved.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// Marks it idle (its model is kept warm and may be unloaded when a
+    /// waiter needs the room) or busy (never evicted). Mark it busy while
+    /// the model is in use.
+    pub fn set_idle(&self, idle: bool) -> Result<()> {
+        let (tag, slot) = self.conn.register();
+        if let Err(e) = self.conn.send(&ClientMessage::SetIdle {
+            tag,
+            id: self.id,
+            idle,
+        }) {
+            self.conn.unregister(tag);
+            return Err(e);
+        }
+        match slot.next(None)? {
+            Some(ServerMessage::IdleSet { .. }) => Ok(()),
+            Some(ServerMessage::Error { kind, message, .. }) => {
+                Err(Error::from_wire(kind, message))
+            }
+            Some(other) => Err(unexpected(other)),
+            None => Err(Error::Disconnected),
+        }
+    }
+
+    /// Sets the callback run when the daemon asks to evict this (idle)
+    /// reservation: it should unload the model; the reservation is released
+    /// when it returns. It runs on an SDK thread. Without a callback, an
+    /// evicted reservation is released at once.
+    pub fn on_evict(&self, f: impl FnOnce(&Eviction) + Send + 'static) {
+        self.evict.set_handler(Box::new(f));
+    }
+
+    /// Whether the daemon evicted it (it is released).
+    pub fn is_evicted(&self) -> bool {
+        self.evict.evicted()
     }
 
     /// Declares more processes whose GPU usage counts against this
@@ -411,7 +461,8 @@ impl Reservation {
     /// already gone, it was released then, and this returns `Ok`.
     pub fn release(mut self) -> Result<()> {
         self.released = true;
-        if !self.conn.owned_by_this_process() {
+        self.conn.untrack(self.id);
+        if !self.conn.owned_by_this_process() || self.evict.evicted() {
             return Ok(());
         }
         let (tag, slot) = self.conn.register();
@@ -438,7 +489,8 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         // A forked child never releases its parent's reservations.
-        if !self.released && self.conn.owned_by_this_process() {
+        if !self.released && self.conn.owned_by_this_process() && !self.evict.evicted() {
+            self.conn.untrack(self.id);
             let _ = self.conn.send(&ClientMessage::Release {
                 tag: self.conn.untracked_tag(),
                 id: self.id,

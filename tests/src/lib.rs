@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use vramd_client::Client;
 
+pub mod fake_gpu;
+pub mod fake_http;
+
 /// Longest any single wait in a test may take.
 pub const WAIT: Duration = Duration::from_secs(10);
 

@@ -196,6 +196,7 @@ fn a_client_vanishing_mid_frame_loses_its_reservations_and_harms_nobody() {
             priority: 0,
             label: Some("vanishing".into()),
             timeout_ms: None,
+            evictable: false,
         });
         s.write_all(&encode(Encoding::Binary, &reserve).unwrap())
             .unwrap();

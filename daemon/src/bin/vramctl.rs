@@ -48,6 +48,10 @@ enum Cmd {
         /// How much, e.g. 8GiB, 512MiB, 8GB.
         #[arg(value_parser = parse_size, value_name = "SIZE")]
         size: u64,
+        /// Hold it idle: when a waiter needs the room and the daemon asks,
+        /// print the request and release (exit 0).
+        #[arg(long)]
+        evictable: bool,
         #[command(flatten)]
         opts: ReserveOpts,
     },
@@ -126,12 +130,29 @@ fn run(cli: Cli, socket: PathBuf) -> Result<ExitCode, Error> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Reserve { size, opts } => {
+        Cmd::Reserve {
+            size,
+            evictable,
+            opts,
+        } => {
             let signals = SignalWatch::start()?;
             let client = Client::connect(&socket)?;
-            let Some(r) = wait_for_grant(&client, opts.request(size), &signals)? else {
+            let request = opts.request(size).evictable(evictable);
+            let Some(r) = wait_for_grant(&client, request, &signals)? else {
                 return Ok(ExitCode::from(130));
             };
+            if evictable {
+                let evicted = signals.last.clone();
+                r.on_evict(move |e| {
+                    println!(
+                        "eviction requested for reservation {} ({}); releasing",
+                        e.id, e.reason
+                    );
+                    let _ = std::io::stdout().flush();
+                    // Wakes the wait below as a signal would.
+                    evicted.store(EVICTED, Ordering::SeqCst);
+                });
+            }
             println!(
                 "granted reservation {} of {} on device {} ({}); holding until Ctrl-C",
                 r.id(),
@@ -141,6 +162,12 @@ fn run(cli: Cli, socket: PathBuf) -> Result<ExitCode, Error> {
             );
             let _ = std::io::stdout().flush();
             signals.wait();
+            if r.is_evicted() || signals.received() == Some(EVICTED) {
+                // The SDK releases after the callback returns.
+                let _ = wait_evicted(&r);
+                eprintln!("released (evicted)");
+                return Ok(ExitCode::SUCCESS);
+            }
             r.release()?;
             eprintln!("released");
             Ok(ExitCode::SUCCESS)
@@ -158,6 +185,20 @@ fn run(cli: Cli, socket: PathBuf) -> Result<ExitCode, Error> {
             run_command(&r, &command, &signals)
         }
     }
+}
+
+/// Marker in [`SignalWatch`]'s slot: an eviction, not a signal.
+const EVICTED: i32 = -1;
+
+/// Waits (bounded) until the SDK has released an evicted reservation.
+fn wait_evicted(r: &Reservation) -> bool {
+    for _ in 0..500 {
+        if r.is_evicted() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
 }
 
 /// Waits for the grant, printing queue positions; `None` if a signal came first.

@@ -20,6 +20,18 @@ struct Args {
     /// GPUs. Repeat for more devices.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     simulate: Vec<u64>,
+    /// Config file (TOML): eviction settings and external consumers
+    /// (Ollama, ComfyUI, HTTP apps, commands). See docs/configuration.md.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// How long an evicted holder or consumer has to free its memory
+    /// [default: config's eviction.deadline, else 30s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    eviction_deadline: Option<Duration>,
+    /// Idle reservations younger than this are never evicted
+    /// [default: config's eviction.min_residency, else 10s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    min_residency: Option<Duration>,
     /// Load NVML from this file instead of libnvidia-ml.so.1.
     #[arg(long, value_name = "PATH", conflicts_with = "simulate")]
     nvml_lib: Option<PathBuf>,
@@ -97,6 +109,10 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => vramd::config::Config::load(path)?,
+        None => vramd::config::Config::default(),
+    };
     if let Some(&zero) = args.simulate.iter().find(|&&b| b == 0) {
         bail!("--simulate {zero}: a simulated device needs a size above 0");
     }
@@ -121,6 +137,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         max_connections: args.max_connections.max(1),
         backend: backend.name.to_string(),
         poll_interval: args.poll_interval.max(Duration::from_millis(10)),
+        consumers: file.consumers.clone(),
+        consumer_poll_interval: file
+            .consumer_poll_interval
+            .unwrap_or(Duration::from_secs(2))
+            .max(Duration::from_millis(10)),
     };
     let mut ledger = Ledger::new(
         LedgerConfig {
@@ -128,6 +149,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             aging: args.aging.max(Duration::from_millis(1)),
             starvation_guard: args.starvation_guard,
             placement: args.placement,
+            eviction_deadline: args
+                .eviction_deadline
+                .or(file.eviction_deadline)
+                .unwrap_or(Duration::from_secs(30)),
+            min_residency: args
+                .min_residency
+                .or(file.min_residency)
+                .unwrap_or(Duration::from_secs(10)),
         },
         backend.devices.clone(),
         backend.source.clone(),
@@ -135,6 +164,29 @@ fn run(args: Args) -> anyhow::Result<()> {
     for d in &backend.devices {
         tracing::info!(index = d.index, uuid = %d.uuid, name = %d.name, total_bytes = d.total_bytes,
             size = %vramd_protocol::format_size(d.total_bytes), backend = backend.name, "device");
+    }
+    for c in &file.consumers {
+        let device = match c.device {
+            None => None,
+            Some(index) => Some(
+                backend
+                    .devices
+                    .iter()
+                    .position(|d| d.index == index)
+                    .with_context(|| {
+                        format!("consumer {:?}: there is no device {index}", c.name)
+                    })?,
+            ),
+        };
+        ledger.add_consumer(vramd::ledger::ConsumerSpec {
+            name: c.name.clone(),
+            kind: c.kind.name().to_string(),
+            device,
+            priority: c.priority,
+            min_residency: c.min_residency,
+            coexist_with: c.coexist_with.clone(),
+        });
+        tracing::info!(consumer = %c.name, kind = c.kind.name(), priority = c.priority, "consumer declared");
     }
     // A measuring backend is read once before anyone is served, so the first
     // grants already see what is on the cards.

@@ -1,4 +1,6 @@
 use super::*;
+#[allow(unused_imports)]
+use crate::ledger::{ConsumerReading, ConsumerSpec};
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 
@@ -41,6 +43,7 @@ fn req(tag: u64, bytes: u64) -> ReserveRequest {
         priority: 0,
         label: None,
         timeout_ms: None,
+        evictable: false,
     }
 }
 
@@ -486,6 +489,7 @@ enum Op {
         device: Option<u32>,
         priority: i32,
         timeout_ms: Option<u64>,
+        evictable: bool,
     },
     Release {
         conn: u64,
@@ -503,8 +507,8 @@ enum Op {
 
 fn arb_op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        5 => (0u64..5, 1u64..24, proptest::option::of(0u32..3), -2i32..3, proptest::option::of(0u64..60_000))
-            .prop_map(|(conn, bytes, device, priority, timeout_ms)| Op::Reserve { conn, bytes: bytes * G, device, priority, timeout_ms }),
+        5 => (0u64..5, 1u64..24, proptest::option::of(0u32..3), -2i32..3, proptest::option::of(0u64..60_000), any::<bool>())
+            .prop_map(|(conn, bytes, device, priority, timeout_ms, evictable)| Op::Reserve { conn, bytes: bytes * G, device, priority, timeout_ms, evictable }),
         3 => (0u64..5, 0usize..4).prop_map(|(conn, nth)| Op::Release { conn, nth }),
         1 => (0u64..5, 0usize..4).prop_map(|(conn, nth)| Op::Cancel { conn, nth }),
         1 => (0u64..5).prop_map(|conn| Op::Disconnect { conn }),
@@ -571,7 +575,7 @@ proptest! {
         for (op, advance_ms) in ops {
             now += Duration::from_millis(advance_ms);
             let effects = match op {
-                Op::Reserve { conn, bytes, device, priority, timeout_ms } => {
+                Op::Reserve { conn, bytes, device, priority, timeout_ms, evictable } => {
                     live.insert(conn);
                     let tag = next_tag;
                     next_tag += 1;
@@ -579,7 +583,7 @@ proptest! {
                     let r = ReserveRequest {
                         tag, bytes,
                         device: device.map_or(DeviceSelector::Any, DeviceSelector::Index),
-                        priority, label: None, timeout_ms,
+                        priority, label: None, timeout_ms, evictable,
                     };
                     prio.insert(ReservationId(l.next_id), (priority, now));
                     l.reserve(ConnId(conn), peer(conn as u32 + 100), r, now)
@@ -651,6 +655,14 @@ proptest! {
                     Effect::Queued { conn, tag, .. } => {
                         prop_assert_eq!(&fates[&(conn.0, *tag)], &Fate::Waiting);
                     }
+                    Effect::Evict { id, conn, .. } => {
+                        // Only idle, old-enough reservations of that holder are asked.
+                        let r = l.reservations.get(id).expect("evicts a held reservation");
+                        prop_assert!(r.idle && r.conn == *conn);
+                        prop_assert!(now.saturating_duration_since(r.granted_at) >= l.config.min_residency);
+                    }
+                    Effect::EvictConsumer { .. } => prop_assert!(false, "no consumers here"),
+                    Effect::EvictionFailed { .. } => {}
                 }
             }
             check_invariants(&l, now)?;
@@ -667,4 +679,190 @@ proptest! {
         prop_assert_eq!(l.reservation_count(), 0);
         prop_assert_eq!(l.waiter_count(), 0);
     }
+}
+
+// ---- eviction ---------------------------------------------------------------
+
+fn evicting_ledger(totals: &[u64]) -> Ledger {
+    let mut l = sim(totals);
+    l.config.min_residency = Duration::ZERO;
+    l.config.eviction_deadline = Duration::from_secs(5);
+    l
+}
+
+fn idle_req(tag: u64, bytes: u64, priority: i32) -> ReserveRequest {
+    let mut r = req(tag, bytes);
+    r.priority = priority;
+    r.evictable = true;
+    r
+}
+
+fn evicted(effects: &[Effect]) -> Vec<ReservationId> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Evict { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+fn evicted_consumers(effects: &[Effect]) -> Vec<String> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::EvictConsumer { name, .. } => Some(name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_idle_holder_is_asked_to_unload_and_its_release_grants_the_waiter() {
+    let t0 = Instant::now();
+    let mut l = evicting_ledger(&[24 * G]);
+    let idle = grant_id(&l.reserve(ConnId(1), peer(1), idle_req(1, 10 * G, 0), t0));
+    let busy = grant_id(&l.reserve(ConnId(2), peer(2), req(1, 10 * G), t0));
+    let e = l.reserve(ConnId(3), peer(3), req(1, 13 * G), t0);
+    assert_eq!(evicted(&e), vec![idle], "only the idle one is asked");
+    assert!(granted(&e).is_empty());
+    // Nothing more is asked while that eviction is in flight.
+    assert!(evicted(&l.tick(ms(t0, 10))).is_empty());
+    let (_, e) = l.release(ConnId(1), idle, ms(t0, 20)).unwrap();
+    assert_eq!(granted(&e), vec![(ConnId(3), 1, 0)]);
+    assert_eq!(l.counters().evictions_requested, 1);
+    assert_eq!(l.counters().evictions_completed, 1);
+    let _ = busy;
+}
+
+#[test]
+fn busy_holders_are_never_evicted_and_nothing_is_evicted_in_vain() {
+    let t0 = Instant::now();
+    let mut l = evicting_ledger(&[24 * G]);
+    let idle = grant_id(&l.reserve(ConnId(1), peer(1), idle_req(1, 4 * G, 0), t0));
+    l.reserve(ConnId(2), peer(2), req(1, 18 * G), t0);
+    // 10 GiB needed, only 4 (+2 free) could be freed: nobody is asked.
+    let e = l.reserve(ConnId(3), peer(3), req(1, 10 * G), t0);
+    assert!(evicted(&e).is_empty());
+    // Marking it busy then idle: asked only once it is idle and enough.
+    l.set_idle(ConnId(1), idle, false, t0).unwrap();
+    let e = l.reserve(ConnId(4), peer(4), req(1, 5 * G), t0);
+    assert!(evicted(&e).is_empty(), "busy holder asked");
+    let e = l.set_idle(ConnId(1), idle, true, t0).unwrap();
+    assert_eq!(evicted(&e), vec![idle]);
+    assert_eq!(l.counters().evictions_requested, 1);
+}
+
+#[test]
+fn victims_are_the_fewest_from_the_lowest_priorities_oldest_first() {
+    let t0 = Instant::now();
+    let mut l = evicting_ledger(&[24 * G]);
+    let a = grant_id(&l.reserve(ConnId(1), peer(1), idle_req(1, 4 * G, 0), t0));
+    let b = grant_id(&l.reserve(ConnId(2), peer(2), idle_req(1, 4 * G, 0), ms(t0, 1)));
+    let c = grant_id(&l.reserve(ConnId(3), peer(3), idle_req(1, 8 * G, 0), ms(t0, 2)));
+    let hi = grant_id(&l.reserve(ConnId(4), peer(4), idle_req(1, 8 * G, 3), ms(t0, 3)));
+    // Full. 8 GiB needed at priority 3: one 8 GiB victim of priority 0 (c),
+    // not two 4 GiB ones, not the priority-3 holder.
+    let e = l.reserve(ConnId(5), peer(5), idle_req(1, 8 * G, 3), ms(t0, 4));
+    assert_eq!(evicted(&e), vec![c]);
+    l.release(ConnId(3), c, ms(t0, 5)).unwrap();
+    // 4 GiB needed: the older of a and b.
+    let e = l.reserve(ConnId(6), peer(6), req(1, 4 * G), ms(t0, 6));
+    assert_eq!(evicted(&e), vec![a]);
+    // A priority-0 waiter never evicts a priority-3 holder.
+    l.release(ConnId(1), a, ms(t0, 7)).unwrap();
+    let _ = (b, hi);
+    let e = l.reserve(ConnId(7), peer(7), req(1, 12 * G), ms(t0, 8));
+    assert!(evicted(&e).is_empty(), "{e:?}");
+}
+
+#[test]
+fn young_reservations_are_kept_until_their_minimum_residency() {
+    let t0 = Instant::now();
+    let mut l = evicting_ledger(&[24 * G]);
+    l.config.min_residency = Duration::from_secs(10);
+    let idle = grant_id(&l.reserve(ConnId(1), peer(1), idle_req(1, 20 * G, 0), t0));
+    let e = l.reserve(ConnId(2), peer(2), req(1, 10 * G), ms(t0, 100));
+    assert!(evicted(&e).is_empty());
+    let e = l.tick(t0 + Duration::from_secs(10));
+    assert_eq!(evicted(&e), vec![idle]);
+}
+
+#[test]
+fn a_victim_that_misses_its_deadline_is_reported_and_the_next_is_asked() {
+    let t0 = Instant::now();
+    let mut l = evicting_ledger(&[24 * G]);
+    let stuck = grant_id(&l.reserve(ConnId(1), peer(1), idle_req(1, 12 * G, 0), t0));
+    let other = grant_id(&l.reserve(ConnId(2), peer(2), idle_req(1, 12 * G, 0), ms(t0, 1)));
+    let e = l.reserve(ConnId(3), peer(3), req(1, 12 * G), ms(t0, 2));
+    assert_eq!(evicted(&e), vec![stuck]);
+    assert_eq!(
+        l.next_wakeup(ms(t0, 3)),
+        Some(ms(t0, 2) + Duration::from_secs(5))
+    );
+    let e = l.tick(ms(t0, 2) + Duration::from_secs(5));
+    assert!(e.iter().any(|e| matches!(e, Effect::EvictionFailed { victim, .. } if victim == &format!("reservation {stuck}"))));
+    assert_eq!(evicted(&e), vec![other]);
+    assert_eq!(l.counters().evictions_failed, 1);
+}
+
+fn consumer(name: &str, priority: i32, coexist: &[&str]) -> ConsumerSpec {
+    ConsumerSpec {
+        name: name.into(),
+        kind: "ollama".into(),
+        device: Some(0),
+        priority,
+        min_residency: Duration::ZERO,
+        coexist_with: coexist.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+#[test]
+fn consumers_are_evicted_unless_the_waiter_coexists_with_them_or_they_fail() {
+    let t0 = Instant::now();
+    let mut l = evicting_ledger(&[24 * G]);
+    l.devices[0].source = ReadingSource::Measured(Reading::default());
+    l.add_consumer(consumer("ollama", 0, &["tts"]));
+    let held = ConsumerReading {
+        resident_bytes: 9 * G,
+        models: vec!["llama3".into()],
+    };
+    l.set_consumer("ollama", Ok(held.clone()), t0);
+    // The card shows Ollama's 9 GiB (unattributed) plus 10 GiB of a busy client.
+    let r = Reading {
+        used_bytes: 9 * G,
+        processes: Some(vec![ProcessUsage::new(900, 9 * G)]),
+    };
+    l.set_reading(0, r, t0, t0);
+    l.reserve(ConnId(1), peer(1), req(1, 10 * G), t0);
+    // The TTS coexists with Ollama: it just waits.
+    let mut tts = req(1, 6 * G);
+    tts.label = Some("tts".into());
+    let e = l.reserve(ConnId(2), peer(2), tts, ms(t0, 1));
+    assert!(evicted_consumers(&e).is_empty());
+    l.cancel(ConnId(2), 1, ms(t0, 2));
+    // An image request is not: Ollama is asked.
+    let e = l.reserve(ConnId(3), peer(3), req(1, 13 * G), ms(t0, 3));
+    assert_eq!(evicted_consumers(&e), vec!["ollama".to_string()]);
+    // Its unload call fails: reported, and with no other candidate, nothing else.
+    let e = l.consumer_unload_failed("ollama", "connection refused".into(), ms(t0, 4));
+    assert!(e.iter().any(|e| matches!(e, Effect::EvictionFailed { .. })));
+    assert!(
+        evicted_consumers(&e).is_empty(),
+        "a failed consumer is not retried for the same waiter"
+    );
+    assert_eq!(l.counters().evictions_failed, 1);
+    // A new waiter may ask it again; this time it unloads and the readings show it.
+    let e = l.reserve(ConnId(4), peer(4), req(1, 13 * G), ms(t0, 5));
+    assert_eq!(evicted_consumers(&e), vec!["ollama".to_string()]);
+    let e = l.set_consumer("ollama", Ok(ConsumerReading::default()), ms(t0, 6));
+    assert!(
+        granted(&e).is_empty(),
+        "granted on the consumer's word, before the readings"
+    );
+    let e = l.set_reading(0, measured(0, Some(vec![])), ms(t0, 7), ms(t0, 7));
+    assert_eq!(granted(&e).len(), 1);
+    assert_eq!(l.counters().evictions_completed, 1);
+    let st = &l.consumer_status(ms(t0, 8))[0];
+    assert!(st.reachable && st.resident_bytes == 0 && st.last_eviction_ms.is_some());
 }
