@@ -715,6 +715,7 @@ impl Ledger {
             .iter()
             .flat_map(|w| [w.deadline, w.plan.as_ref().map(|p| p.deadline)])
             .flatten()
+            .chain(self.next_eviction_eligibility(now))
             .min();
         let aging =
             (self.waiters.len() >= 2).then(|| now + self.config.aging.min(Duration::from_secs(1)));
@@ -722,6 +723,25 @@ impl Ledger {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// While requests wait: the next moment an idle reservation or a consumer
+    /// passes its minimum residency (it may then be evicted).
+    fn next_eviction_eligibility(&self, now: Instant) -> Option<Instant> {
+        if self.waiters.is_empty() {
+            return None;
+        }
+        let reservations = self
+            .reservations
+            .values()
+            .filter(|r| r.idle && r.evicting.is_none())
+            .map(|r| r.granted_at + self.config.min_residency);
+        let consumers = self
+            .consumers
+            .iter()
+            .filter(|c| !c.evicting)
+            .filter_map(|c| c.loaded_since.map(|t| t + c.spec.min_residency));
+        reservations.chain(consumers).filter(|&t| t > now).min()
     }
 
     /// Memory a new request on device `index` may get now (0 while the

@@ -377,17 +377,19 @@ fn print_status(s: &StatusReport) {
         );
         for r in &s.reservations {
             let flag = if r.over_reserved { " !" } else { "" };
+            let idle = if r.idle { " (idle)" } else { "" };
+            let actual = format!("{}{flag}", format_size(r.actual_bytes));
+            let label = r.label.as_deref().unwrap_or("-");
             println!(
-                "{:<6} {:<4} {:>11} {:>12} {:>8} {:>6} {:>4} {:>8}s  {}",
+                "{:<6} {:<4} {:>11} {:>12} {:>8} {:>6} {:>4} {:>8}s  {label}{idle}",
                 r.id,
                 r.device,
                 format_size(r.bytes),
-                format!("{}{flag}", format_size(r.actual_bytes)),
+                actual,
                 r.pid,
                 r.uid,
                 r.priority,
                 r.age_ms / 1000,
-                r.label.as_deref().unwrap_or("-")
             );
         }
         if s.reservations.iter().any(|r| r.over_reserved) {
@@ -416,11 +418,43 @@ fn print_status(s: &StatusReport) {
             );
         }
     }
+    if !s.consumers.is_empty() {
+        println!();
+        println!(
+            "{:<12} {:<8} {:<4} {:>4} {:<10} {:>11} {:>12}  MODELS / LAST ERROR",
+            "CONSUMER", "KIND", "DEV", "PRIO", "REACHABLE", "HOLDS", "LAST EVICT"
+        );
+        for c in &s.consumers {
+            let last = c
+                .last_eviction_ms
+                .map_or_else(|| "never".to_string(), |ms| format!("{}s ago", ms / 1000));
+            let detail = match &c.last_error {
+                Some(e) => e.clone(),
+                None => c.models.join(", "),
+            };
+            println!(
+                "{:<12} {:<8} {:<4} {:>4} {:<10} {:>11} {:>12}  {}",
+                truncate(&c.name, 12),
+                c.kind,
+                c.device
+                    .map_or_else(|| "any".to_string(), |d| d.to_string()),
+                c.priority,
+                if c.reachable { "yes" } else { "NO" },
+                format_size(c.resident_bytes),
+                last,
+                detail
+            );
+        }
+    }
     let c = &s.counters;
     println!();
     println!(
         "grants {} · releases {} (on disconnect {}) · timeouts {} · refusals {} · cancels {}",
         c.grants, c.releases, c.disconnect_releases, c.timeouts, c.refusals, c.cancels
+    );
+    println!(
+        "evictions: requested {} · completed {} · failed {}",
+        c.evictions_requested, c.evictions_completed, c.evictions_failed
     );
 }
 

@@ -784,6 +784,11 @@ fn young_reservations_are_kept_until_their_minimum_residency() {
     let idle = grant_id(&l.reserve(ConnId(1), peer(1), idle_req(1, 20 * G, 0), t0));
     let e = l.reserve(ConnId(2), peer(2), req(1, 10 * G), ms(t0, 100));
     assert!(evicted(&e).is_empty());
+    // The daemon wakes up when the holder becomes evictable.
+    assert_eq!(
+        l.next_wakeup(ms(t0, 100)),
+        Some(t0 + Duration::from_secs(10))
+    );
     let e = l.tick(t0 + Duration::from_secs(10));
     assert_eq!(evicted(&e), vec![idle]);
 }
