@@ -62,6 +62,9 @@ pub struct Peer {
     pub uid: u32,
     /// Group id.
     pub gid: u32,
+    /// Root or a member of the admin group: exempt from per-user limits and
+    /// sees everyone's details in status.
+    pub admin: bool,
 }
 
 /// A device as the backend describes it.
@@ -135,6 +138,10 @@ pub struct LedgerConfig {
     pub eviction_deadline: Duration,
     /// An idle reservation younger than this is never evicted.
     pub min_residency: Duration,
+    /// Most requests one user (not an admin) may have waiting at once.
+    pub max_queued_per_uid: usize,
+    /// Most bytes one user (not an admin) may hold and wait for together.
+    pub max_bytes_per_uid: Option<u64>,
 }
 
 impl Default for LedgerConfig {
@@ -146,6 +153,8 @@ impl Default for LedgerConfig {
             placement: Placement::Spread,
             eviction_deadline: Duration::from_secs(30),
             min_residency: Duration::from_secs(10),
+            max_queued_per_uid: 4096,
+            max_bytes_per_uid: None,
         }
     }
 }
@@ -472,6 +481,16 @@ impl Ledger {
             );
             return effects;
         }
+        if let Some(message) = self.over_user_limits(peer, req.bytes) {
+            self.counters.refusals += 1;
+            effects.push(Effect::Failed {
+                conn,
+                tag: req.tag,
+                kind: ErrorKind::LimitExceeded,
+                message,
+            });
+            return effects;
+        }
         let candidates = match self.candidates(&req.device) {
             Ok(c) => c,
             Err(message) => {
@@ -551,6 +570,38 @@ impl Ledger {
         });
         self.settle(now, &mut effects);
         effects
+    }
+
+    /// Why a request of `bytes` by `peer` would break a per-user limit.
+    fn over_user_limits(&self, peer: Peer, bytes: u64) -> Option<String> {
+        if peer.admin {
+            return None;
+        }
+        let queued = self.waiters.iter().filter(|w| w.peer.uid == peer.uid);
+        let queued_count = queued.clone().count();
+        if queued_count >= self.config.max_queued_per_uid {
+            return Some(format!(
+                "user {} already has {queued_count} requests waiting (limit {})",
+                peer.uid, self.config.max_queued_per_uid
+            ));
+        }
+        let limit = self.config.max_bytes_per_uid?;
+        let held: u64 = self
+            .reservations
+            .values()
+            .filter(|r| r.peer.uid == peer.uid)
+            .map(|r| r.bytes)
+            .chain(queued.map(|w| w.bytes))
+            .fold(0, u64::saturating_add);
+        (held.saturating_add(bytes) > limit).then(|| {
+            format!(
+                "user {} holds or waits for {}; {} more would pass the per-user limit of {}",
+                peer.uid,
+                format_size(held),
+                format_size(bytes),
+                format_size(limit)
+            )
+        })
     }
 
     /// Releases a reservation held by `conn` and grants what now fits.

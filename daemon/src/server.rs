@@ -64,6 +64,8 @@ pub struct ServerConfig {
     pub consumers: Vec<ConsumerConfig>,
     /// How often consumers are asked what they hold.
     pub consumer_poll_interval: Duration,
+    /// Members of this group (and root) are admins.
+    pub admin_group: Option<String>,
 }
 
 /// Why the server could not start.
@@ -154,6 +156,22 @@ fn group_id(name: &str) -> Option<u32> {
     }
 }
 
+/// Whether process `pid` (primary group `gid`) is in group `group`, from
+/// its supplementary groups in /proc.
+fn in_group(pid: u32, gid: u32, group: u32) -> bool {
+    if gid == group {
+        return true;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Groups:"))
+                .map(|l| l.split_whitespace().skip(1).any(|g| g.parse() == Ok(group)))
+        })
+        .unwrap_or(false)
+}
+
 /// What connection tasks tell the core task.
 #[derive(Debug)]
 enum Event {
@@ -222,6 +240,15 @@ pub async fn serve(
         consumer_rx,
     ));
     let open = Arc::new(AtomicUsize::new(0));
+    let admin_gid = match &config.admin_group {
+        Some(name) => Some(group_id(name).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("admin group {name:?} does not exist"),
+            )
+        })?),
+        None => None,
+    };
     let mut next_conn = 1u64;
     info!(socket = %config.socket_path.display(), mode = format!("{:o}", config.socket_mode), "listening");
     tokio::pin!(shutdown);
@@ -245,7 +272,7 @@ pub async fn serve(
                 let events = events_tx.clone();
                 let handshake = config.handshake_timeout;
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, conn, events, handshake, over_limit).await {
+                    if let Err(e) = connection(stream, conn, events, handshake, over_limit, admin_gid).await {
                         debug!(conn = %conn, error = %e, "connection ended with an error");
                     }
                     open.fetch_sub(1, Ordering::SeqCst);
@@ -382,12 +409,15 @@ async fn connection(
     events: mpsc::Sender<Event>,
     handshake_timeout: Duration,
     over_limit: bool,
+    admin_gid: Option<u32>,
 ) -> io::Result<()> {
     let cred = stream.peer_cred()?;
+    let pid = cred.pid().map_or(0, |p| p as u32);
     let peer = Peer {
-        pid: cred.pid().map_or(0, |p| p as u32),
+        pid,
         uid: cred.uid(),
         gid: cred.gid(),
+        admin: cred.uid() == 0 || admin_gid.is_some_and(|g| in_group(pid, cred.gid(), g)),
     };
     let mut buf = ReadBuffer::new();
     let hs = tokio::time::timeout(handshake_timeout, handshake(&mut stream, &mut buf, conn)).await;
@@ -658,7 +688,7 @@ async fn core_task(
                         Err(e) => reply(error_msg(tag, ErrorKind::NotFound, e.to_string())),
                     },
                     ClientMessage::Status { tag } => {
-                        let status = StatusReport {
+                        let mut status = StatusReport {
                             daemon_version: env!("CARGO_PKG_VERSION").to_string(),
                             backend: backend.clone(),
                             uptime_ms: now.duration_since(started).as_millis() as u64,
@@ -668,6 +698,9 @@ async fn core_task(
                             counters: ledger.counters().clone(),
                             consumers: ledger.consumer_status(now),
                         };
+                        if !peer.admin {
+                            redact(&mut status, peer.uid);
+                        }
                         reply(ServerMessage::Status { tag, status });
                     }
                     ClientMessage::Ping { tag } => reply(ServerMessage::Pong { tag }),
@@ -714,6 +747,18 @@ async fn core_task(
                 }
             }
         }
+    }
+}
+
+/// Hides the details of other users' reservations and requests (labels,
+/// pids) from a client that is not an admin.
+fn redact(status: &mut StatusReport, uid: u32) {
+    for r in status.reservations.iter_mut().filter(|r| r.uid != uid) {
+        r.label = None;
+        r.pids.clear();
+    }
+    for q in status.queue.iter_mut().filter(|q| q.uid != uid) {
+        q.label = None;
     }
 }
 
@@ -808,6 +853,7 @@ mod tests {
             pid: 1,
             uid,
             gid: 0,
+            admin: uid == 0,
         };
         assert_eq!(pids_refused(peer(my_uid), &[me]), None);
         let other = if my_uid == 4242 { 4243 } else { 4242 };
@@ -822,5 +868,56 @@ mod tests {
                 .unwrap()
                 .contains("no process")
         );
+    }
+}
+
+#[cfg(test)]
+mod redaction {
+    use super::*;
+    use vramd_protocol::{Counters, QueueEntry, ReservationId, ReservationStatus};
+
+    #[test]
+    fn other_users_details_are_hidden() {
+        let r = |uid| ReservationStatus {
+            id: ReservationId(uid as u64),
+            device: 0,
+            bytes: 1,
+            label: Some(format!("secret-{uid}")),
+            pid: 1,
+            uid,
+            priority: 0,
+            age_ms: 0,
+            actual_bytes: 0,
+            over_reserved: false,
+            pids: vec![1],
+            idle: false,
+        };
+        let mut s = StatusReport {
+            daemon_version: String::new(),
+            backend: String::new(),
+            uptime_ms: 0,
+            devices: vec![],
+            reservations: vec![r(1000), r(2000)],
+            queue: vec![QueueEntry {
+                id: ReservationId(3),
+                position: 1,
+                bytes: 1,
+                device: Default::default(),
+                priority: 0,
+                label: Some("q".into()),
+                pid: 2,
+                uid: 2000,
+                waited_ms: 0,
+            }],
+            counters: Counters::default(),
+            consumers: vec![],
+        };
+        redact(&mut s, 1000);
+        assert_eq!(s.reservations[0].label.as_deref(), Some("secret-1000"));
+        assert_eq!(s.reservations[1].label, None);
+        assert!(s.reservations[1].pids.is_empty());
+        assert_eq!(s.queue[0].label, None);
+        assert!(in_group(std::process::id(), 12345, 12345));
+        assert!(!in_group(std::process::id(), 12345, 54321));
     }
 }

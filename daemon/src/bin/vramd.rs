@@ -64,6 +64,16 @@ struct Args {
     /// Time a new client has to say hello.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     handshake_timeout: Duration,
+    /// Members of this group (name or gid), and root, are admins: exempt from
+    /// per-user limits, and they see everyone's labels in status.
+    #[arg(long, value_name = "GROUP")]
+    admin_group: Option<String>,
+    /// Most requests one user (not an admin) may have waiting at once.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    max_queued_per_uid: usize,
+    /// Most memory one user (not an admin) may hold and wait for together.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_bytes_per_uid: Option<u64>,
     /// Most client connections at once.
     #[arg(long, value_name = "N", default_value_t = 16384)]
     max_connections: usize,
@@ -138,6 +148,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         backend: backend.name.to_string(),
         poll_interval: args.poll_interval.max(Duration::from_millis(10)),
         consumers: file.consumers.clone(),
+        admin_group: args.admin_group.clone(),
         consumer_poll_interval: file
             .consumer_poll_interval
             .unwrap_or(Duration::from_secs(2))
@@ -157,6 +168,8 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .min_residency
                 .or(file.min_residency)
                 .unwrap_or(Duration::from_secs(10)),
+            max_queued_per_uid: args.max_queued_per_uid,
+            max_bytes_per_uid: args.max_bytes_per_uid,
         },
         backend.devices.clone(),
         backend.source.clone(),

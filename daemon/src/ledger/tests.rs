@@ -32,6 +32,7 @@ fn peer(pid: u32) -> Peer {
         pid,
         uid: 1000,
         gid: 1000,
+        admin: false,
     }
 }
 
@@ -870,4 +871,38 @@ fn consumers_are_evicted_unless_the_waiter_coexists_with_them_or_they_fail() {
     assert_eq!(l.counters().evictions_completed, 1);
     let st = &l.consumer_status(ms(t0, 8))[0];
     assert!(st.reachable && st.resident_bytes == 0 && st.last_eviction_ms.is_some());
+}
+
+#[test]
+fn per_user_limits_bound_what_one_user_holds_and_queues_but_not_admins() {
+    let t0 = Instant::now();
+    let mut l = sim(&[24 * G]);
+    l.config.max_queued_per_uid = 2;
+    l.config.max_bytes_per_uid = Some(31 * G);
+    l.reserve(ConnId(1), peer(1), req(1, 20 * G), t0);
+    l.reserve(ConnId(1), peer(1), req(2, 5 * G), t0);
+    l.reserve(ConnId(1), peer(1), req(3, 6 * G), t0);
+    assert_eq!(l.waiter_count(), 2);
+    // Third waiting request: over the queue limit.
+    let e = l.reserve(ConnId(1), peer(1), req(4, G), t0);
+    assert_eq!(failed(&e), vec![(4, ErrorKind::LimitExceeded)]);
+    // Bytes: 20 held + 5 queued + 7 > 31.
+    l.cancel(ConnId(1), 3, t0);
+    let e = l.reserve(ConnId(1), peer(1), req(5, 7 * G), t0);
+    assert!(
+        matches!(&e[0], Effect::Failed { kind: ErrorKind::LimitExceeded, message, .. } if message.contains("per-user limit")),
+        "{e:?}"
+    );
+    // Another user is not affected; an admin is exempt.
+    let other = Peer {
+        uid: 2000,
+        ..peer(9)
+    };
+    assert!(failed(&l.reserve(ConnId(2), other, req(1, 4 * G), t0)).is_empty());
+    let admin = Peer {
+        uid: 1000,
+        admin: true,
+        ..peer(1)
+    };
+    assert!(failed(&l.reserve(ConnId(1), admin, req(6, 20 * G), t0)).is_empty());
 }
