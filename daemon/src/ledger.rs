@@ -408,6 +408,9 @@ pub struct Ledger {
     waiters: Vec<Waiter>,
     ghosts: Vec<Ghost>,
     consumers: Vec<Consumer>,
+    /// A waiter that was told its position left, or aging may have
+    /// reordered the queue: positions must be recomputed.
+    positions_dirty: bool,
     next_id: u64,
     counters: Counters,
 }
@@ -429,6 +432,7 @@ impl Ledger {
             waiters: Vec::new(),
             ghosts: Vec::new(),
             consumers: Vec::new(),
+            positions_dirty: false,
             next_id: 1,
             counters: Counters::default(),
         }
@@ -656,6 +660,7 @@ impl Ledger {
         self.counters.cancels += u64::from(count);
         let mut effects = Vec::new();
         if count > 0 {
+            self.positions_dirty = true;
             self.settle(now, &mut effects);
         }
         (count, effects)
@@ -668,6 +673,9 @@ impl Ledger {
         self.waiters.retain(|w| w.conn != conn);
         let cancelled = before - self.waiters.len();
         self.counters.cancels += cancelled as u64;
+        if cancelled > 0 {
+            self.positions_dirty = true;
+        }
         let released: Vec<ReservationId> = self
             .reservations
             .values()
@@ -753,6 +761,7 @@ impl Ledger {
     /// Expires waiters whose wait limit passed, and re-ranks the queue (aging).
     pub fn tick(&mut self, now: Instant) -> Vec<Effect> {
         let mut effects = Vec::new();
+        self.positions_dirty = true;
         self.settle(now, &mut effects);
         effects
     }
@@ -912,6 +921,11 @@ impl Ledger {
             return;
         }
         let mut avail: Vec<u64> = (0..self.devices.len()).map(|d| self.available(d)).collect();
+        // Nothing can fit anywhere: no need to order the queue.
+        let most = avail.iter().copied().max().unwrap_or(0);
+        if self.waiters.iter().all(|w| w.bytes > most) {
+            return;
+        }
         let mut blocked = vec![false; self.devices.len()];
         let mut granted = Vec::new();
         for i in self.order(now) {
@@ -949,6 +963,9 @@ impl Ledger {
         granted.sort_unstable_by_key(|&(i, _)| i);
         for &(i, d) in granted.iter().rev() {
             let w = self.waiters.remove(i);
+            if w.told_position != 0 {
+                self.positions_dirty = true;
+            }
             let grant = Grant {
                 id: w.id,
                 device: self.devices[d].spec.index,
@@ -994,6 +1011,9 @@ impl Ledger {
         while i < self.waiters.len() {
             if self.waiters[i].deadline.is_some_and(|d| d <= now) {
                 let w = self.waiters.remove(i);
+                if w.told_position != 0 {
+                    self.positions_dirty = true;
+                }
                 self.counters.timeouts += 1;
                 effects.push(Effect::Failed {
                     conn: w.conn,
@@ -1014,6 +1034,12 @@ impl Ledger {
     }
 
     fn tell_positions(&mut self, now: Instant, effects: &mut Vec<Effect>) {
+        // Positions change only when a waiter arrives and stays, one that was
+        // told leaves, or aging reorders (ticks): otherwise skip the sort.
+        if !self.positions_dirty && self.waiters.iter().all(|w| w.told_position != 0) {
+            return;
+        }
+        self.positions_dirty = false;
         for (pos, i) in self.order(now).into_iter().enumerate() {
             let w = &mut self.waiters[i];
             let position = pos as u32 + 1;
@@ -1224,6 +1250,20 @@ impl Ledger {
     /// room — at most one eviction in flight per device, only when the
     /// victims can free enough, never a busy holder.
     fn plan_evictions(&mut self, now: Instant, effects: &mut Vec<Effect>) {
+        // The common case costs nothing: no waiter, or nothing evictable.
+        let evictable = self
+            .reservations
+            .values()
+            .any(|r| r.idle && r.evicting.is_none())
+            || self
+                .consumers
+                .iter()
+                .any(|c| c.reachable && !c.evicting && c.reading.resident_bytes > 0);
+        if self.waiters.is_empty() || !evictable {
+            return;
+        }
+        let avail: Vec<u64> = (0..self.devices.len()).map(|d| self.available(d)).collect();
+        let mut accounts: Vec<Option<Accounting>> = vec![None; self.devices.len()];
         let mut claimed: Vec<bool> = vec![false; self.devices.len()];
         for w in &self.waiters {
             if let Some(p) = &w.plan {
@@ -1240,11 +1280,12 @@ impl Ledger {
                 if claimed[d] || self.devices[d].fault.is_some() || self.capacity(d) < w.bytes {
                     continue;
                 }
-                let available = self.available(d);
+                let available = avail[d];
                 if available >= w.bytes {
                     continue; // it fits; held back by the starvation guard
                 }
-                if let Some(victims) = self.choose_victims(d, w, w.bytes - available, now) {
+                let acc = accounts[d].get_or_insert_with(|| self.account(d));
+                if let Some(victims) = self.choose_victims(d, acc, w, w.bytes - available, now) {
                     if best.as_ref().is_none_or(|(_, b)| victims.len() < b.len()) {
                         best = Some((d, victims));
                     }
@@ -1309,11 +1350,11 @@ impl Ledger {
     fn choose_victims(
         &self,
         d: usize,
+        acc: &Accounting,
         w: &Waiter,
         needed: u64,
         now: Instant,
     ) -> Option<Vec<(Victim, u64)>> {
-        let acc = self.account(d);
         // (victim, priority, last used, bytes it would free)
         let mut cands: Vec<(Victim, i32, Instant, u64)> = Vec::new();
         for r in self.reservations.values().filter(|r| r.device == d) {

@@ -402,7 +402,11 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        let _ = lock(&self.writer).shutdown(std::net::Shutdown::Both);
+        // Only the process that opened the session ends it (after fork() the
+        // child shares the socket).
+        if self.owned_by_this_process() {
+            let _ = lock(&self.writer).shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 

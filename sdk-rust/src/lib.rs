@@ -337,10 +337,12 @@ impl Pending {
             return;
         }
         self.finished = true;
-        self.conn.unregister(self.tag);
+        // In a forked child, touch nothing shared: a lock held by the
+        // parent's reader thread at fork() would never be released here.
         if !self.conn.owned_by_this_process() {
             return;
         }
+        self.conn.unregister(self.tag);
         let _ = self.conn.send(&ClientMessage::Cancel { tag: self.tag });
         // A grant that arrived before we unregistered is ours to give back.
         for m in self.slot.drain() {
@@ -461,8 +463,11 @@ impl Reservation {
     /// already gone, it was released then, and this returns `Ok`.
     pub fn release(mut self) -> Result<()> {
         self.released = true;
+        if !self.conn.owned_by_this_process() {
+            return Ok(());
+        }
         self.conn.untrack(self.id);
-        if !self.conn.owned_by_this_process() || self.evict.evicted() {
+        if self.evict.evicted() {
             return Ok(());
         }
         let (tag, slot) = self.conn.register();

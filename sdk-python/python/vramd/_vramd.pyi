@@ -1,0 +1,168 @@
+"""Type stubs of the native module ``vramd._vramd`` (import ``vramd`` instead)."""
+
+from __future__ import annotations
+
+from os import PathLike
+from types import TracebackType
+from typing import Any, Coroutine, Optional, Sequence, Type, Union
+
+from ._aio import ReserveAsync
+from ._errors import VramdError
+
+__version__: str
+SLICE_SECONDS: float
+
+Size = Union[int, str]
+Device = Union[None, int, str]
+
+def parse_size(size: str) -> int:
+    """Parses ``"8GiB"``, ``"512MiB"``, ``"1.5GiB"``, ``"8GB"`` or ``"4096"``
+    into bytes; raises ``ValueError`` otherwise."""
+
+def format_size(bytes: int) -> str:
+    """Formats bytes for people, e.g. ``"8.00 GiB"``."""
+
+def default_socket_path() -> str:
+    """The socket a ``Client()`` without arguments connects to."""
+
+def _error_for_wire_kind(kind: str, message: str) -> VramdError:
+    """The exception raised for a daemon error of wire kind ``kind``."""
+
+class Client:
+    """A connection to the vramd daemon; closing it releases everything
+    reserved through it."""
+
+    def __init__(self, socket: Union[None, str, PathLike[str]] = None) -> None:
+        """Connects; raises ``DaemonNotRunning`` when nothing listens."""
+    def reserve(
+        self,
+        size: Size,
+        *,
+        device: Device = None,
+        priority: int = 0,
+        label: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> Reservation:
+        """Reserves ``size`` and waits for the grant (GIL released; Ctrl-C
+        withdraws the request)."""
+    def submit(
+        self,
+        size: Size,
+        *,
+        device: Device = None,
+        priority: int = 0,
+        label: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> Pending:
+        """Sends a request and returns at once."""
+    def reserve_async(
+        self,
+        size: Size,
+        *,
+        device: Device = None,
+        priority: int = 0,
+        label: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> ReserveAsync:
+        """Reserves from asyncio: await it or use ``async with``."""
+    def status(self) -> dict[str, Any]:
+        """The daemon's state, with the schema of ``vramctl status --json``."""
+    def ping(self) -> None:
+        """Round trip to the daemon."""
+    def close(self) -> None:
+        """Closes the connection, releasing every reservation made through it."""
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+    @property
+    def socket(self) -> str:
+        """The socket path this client is connected to."""
+    @property
+    def daemon_version(self) -> str:
+        """The daemon's program version."""
+    def __enter__(self) -> Client: ...
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> bool: ...
+
+class Reservation:
+    """A granted VRAM reservation; released on ``release()``, on leaving a
+    ``with`` block, on garbage collection, and when the process dies."""
+
+    @property
+    def id(self) -> int:
+        """Its id, as ``vramctl status`` shows it."""
+    @property
+    def device_index(self) -> int:
+        """Index of its device, as ``nvidia-smi`` numbers devices."""
+    @property
+    def device_uuid(self) -> str:
+        """UUID of its device."""
+    @property
+    def bytes(self) -> int:
+        """Bytes reserved."""
+    @property
+    def label(self) -> Optional[str]:
+        """The label it was requested with."""
+    @property
+    def priority(self) -> int:
+        """The priority it was requested with."""
+    @property
+    def client(self) -> Client:
+        """The client it was made through."""
+    @property
+    def released(self) -> bool:
+        """Whether it was released in this process or its client closed."""
+    def release(self) -> None:
+        """Releases it; idempotent; a no-op in a forked child."""
+    def attach_pids(self, pids: Sequence[int]) -> list[int]:
+        """Declares more processes whose GPU usage counts against it; returns
+        every pid it now speaks for."""
+    def apply_torch_limit(self, device: Any = None) -> float:
+        """Caps PyTorch's caching allocator on its device to its bytes;
+        returns the fraction set."""
+    def __enter__(self) -> Reservation: ...
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> bool: ...
+    def __aenter__(self) -> Coroutine[Any, Any, Reservation]: ...
+    def __aexit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> Coroutine[Any, Any, None]: ...
+
+class Pending:
+    """A request sent and not yet granted; dropping it withdraws it."""
+
+    def poll(self, timeout: Optional[float] = 0.0) -> Optional[Reservation]:
+        """Waits up to ``timeout`` seconds; the reservation, or ``None``."""
+    def wait(self) -> Reservation:
+        """Waits for the grant."""
+    def cancel(self) -> None:
+        """Withdraws the request; never blocks."""
+    @property
+    def id(self) -> Optional[int]:
+        """The id the daemon gave it, once queued or granted."""
+    @property
+    def position(self) -> Optional[int]:
+        """Last known queue position (1 is next)."""
+    @property
+    def bytes(self) -> int:
+        """Bytes requested."""
+    @property
+    def done(self) -> bool:
+        """Whether it was granted, failed or cancelled."""
+    @property
+    def cancelled(self) -> bool:
+        """Whether it was cancelled."""
+    @property
+    def client(self) -> Client:
+        """The client it was sent through."""
