@@ -170,6 +170,26 @@ impl Daemon {
         c
     }
 
+    /// Waits until the daemon's status satisfies `f` (bounded by [`WAIT`]);
+    /// panics naming `what`, with the last status, if it never does.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        f: impl Fn(&vramd_client::StatusReport) -> bool,
+    ) -> vramd_client::StatusReport {
+        let c = self.client();
+        let mut last = None;
+        let ok = wait_until(WAIT, || {
+            let s = c.status().expect("status");
+            let ok = f(&s);
+            last = Some(s);
+            ok
+        });
+        let last = last.expect("at least one status");
+        assert!(ok, "timed out waiting for {what}; last status: {last:#?}");
+        last
+    }
+
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()

@@ -21,17 +21,7 @@ fn me() -> u32 {
 }
 
 fn wait_status(d: &Daemon, what: &str, f: impl Fn(&StatusReport) -> bool) -> StatusReport {
-    let c = d.client();
-    let mut last = None;
-    let ok = wait_until(WAIT, || {
-        let s = c.status().unwrap();
-        let ok = f(&s);
-        last = Some(s);
-        ok
-    });
-    let last = last.unwrap();
-    assert!(ok, "timed out waiting for {what}; last status: {last:#?}");
-    last
+    d.wait_status(what, f)
 }
 
 /// `vramctl reserve SIZE` in its own process (so its usage has its own pid).
@@ -80,26 +70,10 @@ fn seed_scenario_idle_ollama_models_make_room_for_an_image_model() {
         &[("llama3:8b", chat)],
         Duration::from_millis(600),
     );
-    let cfg = dir.path().join("vramd.toml");
-    std::fs::write(
-        &cfg,
-        ollama_config(&ollama.url(), "coexist_with = [\"tts\"]"),
-    )
-    .unwrap();
-    let lib = fake_nvml_lib();
-    let state = gpu.path().to_path_buf();
-    let d = Daemon::start_env(
-        &[
-            "--nvml-lib",
-            lib.to_str().unwrap(),
-            "--config",
-            cfg.to_str().unwrap(),
-            "--poll-interval",
-            "50ms",
-            "--min-residency",
-            "0s",
-        ],
-        &[("FAKE_NVML_STATE", state.as_path())],
+    let d = rig_with(
+        &dir,
+        &gpu,
+        &ollama_config(&ollama.url(), "coexist_with = [\"tts\"]"),
     );
     // A busy TTS server holds 2.8 GiB through a reservation.
     let tts = holder(&d, "2.8GiB");
@@ -173,24 +147,10 @@ fn the_requests_a_consumer_coexists_with_never_evict_it() {
         &[("llama3:8b", 20 * GIB)],
         Duration::ZERO,
     );
-    let cfg = dir.path().join("vramd.toml");
-    std::fs::write(
-        &cfg,
-        ollama_config(&ollama.url(), "coexist_with = [\"tts\"]"),
-    )
-    .unwrap();
-    let lib = fake_nvml_lib();
-    let state = gpu.path().to_path_buf();
-    let d = Daemon::start_env(
-        &[
-            "--nvml-lib",
-            lib.to_str().unwrap(),
-            "--config",
-            cfg.to_str().unwrap(),
-            "--poll-interval",
-            "50ms",
-        ],
-        &[("FAKE_NVML_STATE", state.as_path())],
+    let d = rig_with(
+        &dir,
+        &gpu,
+        &ollama_config(&ollama.url(), "coexist_with = [\"tts\"]"),
     );
     wait_status(&d, "Ollama seen", |s| {
         s.consumers[0].reachable && s.consumers[0].resident_bytes > 0

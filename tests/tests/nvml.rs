@@ -60,17 +60,7 @@ impl Fake {
 
     /// Waits until the daemon's status satisfies `f`.
     fn wait_status(&self, what: &str, f: impl Fn(&StatusReport) -> bool) -> StatusReport {
-        let c = self.daemon.client();
-        let mut last = None;
-        let ok = wait_until(WAIT, || {
-            let s = c.status().unwrap();
-            let ok = f(&s);
-            last = Some(s);
-            ok
-        });
-        let last = last.unwrap();
-        assert!(ok, "timed out waiting for {what}; last status: {last:#?}");
-        last
+        self.daemon.wait_status(what, f)
     }
 }
 

@@ -26,15 +26,15 @@ pub use state::{
 pub const CDYLIB_FILE_NAME: &str = "libfake_nvml.so";
 
 /// Finds the built cdylib for an executable in a cargo target directory:
-/// `target/<profile>/libfake_nvml.so` when `exe` is a test in
-/// `target/<profile>/deps/` (or a binary in `target/<profile>/`), else the
-/// copy in `deps/` next to the test. Returns the first candidate that exists,
-/// or `None`.
+/// the copy beside `exe` (a test in `target/<profile>/deps/`), else the one
+/// in the parent directory (`target/<profile>/`, where `cargo build` puts
+/// it). Returns the first candidate that exists, or `None`.
 pub fn find_cdylib_near(exe: &Path) -> Option<PathBuf> {
     let dir = exe.parent()?;
-    // The uplifted copy in target/<profile>/ first; target/<profile>/deps/
-    // holds the one built when fake-nvml is only a dependency.
-    [dir.parent(), Some(dir)]
+    // target/<profile>/deps/ first: a test build always refreshes that copy,
+    // while the uplifted one in target/<profile>/ is only refreshed by
+    // `cargo build` and may be stale.
+    [Some(dir), dir.parent()]
         .into_iter()
         .flatten()
         .map(|dir| dir.join(CDYLIB_FILE_NAME))

@@ -18,22 +18,17 @@ const UUID_B: &str = "GPU-66666666-7777-8888-9999-000000000000";
 
 static LOCK: Mutex<()> = Mutex::new(());
 
-/// `target/<profile>/libfake_nvml.so`, next to this test's `deps/` directory.
+/// The cdylib this test build made: `target/<profile>/deps/libfake_nvml.so`
+/// (or the uplifted copy beside `deps/`).
 fn cdylib() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps/");
-    let lib = profile_dir.join(CDYLIB_FILE_NAME);
-    assert!(
-        lib.is_file(),
-        "the fake NVML library is not at {}; `cargo test -p fake-nvml` should have built it \
-         (try `cargo build -p fake-nvml`)",
-        lib.display()
-    );
-    assert_eq!(fake_nvml::find_cdylib_near(&exe).as_deref(), Some(&*lib));
-    lib
+    fake_nvml::find_cdylib_near(&exe).unwrap_or_else(|| {
+        panic!(
+            "the fake NVML library ({CDYLIB_FILE_NAME}) is not next to {}; \
+             `cargo test -p fake-nvml` should have built it",
+            exe.display()
+        )
+    })
 }
 
 fn state_path() -> &'static PathBuf {
