@@ -118,9 +118,12 @@ impl Client {
     /// index, or a UUID. Higher ``priority`` is granted first. ``label`` is
     /// shown in ``vramctl status``. ``timeout`` is the longest wait in seconds
     /// (``None``: as long as it takes; ``0``: only if it fits now); past it
-    /// ``vramd.WaitTimeout`` is raised. The GIL is released while waiting;
+    /// ``vramd.WaitTimeout`` is raised. ``evictable=True`` makes the
+    /// reservation idle from the start: the daemon may ask for it back when a
+    /// waiter needs the room (see :meth:`Reservation.on_evict` and
+    /// :meth:`Reservation.set_idle`). The GIL is released while waiting;
     /// Ctrl-C withdraws the request and raises ``KeyboardInterrupt``.
-    #[pyo3(signature = (size, *, device = None, priority = 0, label = None, timeout = None))]
+    #[pyo3(signature = (size, *, device = None, priority = 0, label = None, timeout = None, evictable = false))]
     fn reserve(
         slf: &Bound<'_, Self>,
         size: &Bound<'_, PyAny>,
@@ -128,8 +131,9 @@ impl Client {
         priority: i32,
         label: Option<String>,
         timeout: Option<f64>,
+        evictable: bool,
     ) -> PyResult<Reservation> {
-        let spec = RequestSpec::new(size, device, priority, label, timeout)?;
+        let spec = RequestSpec::new(size, device, priority, label, timeout, evictable)?;
         let pending = Self::submit_spec(slf, spec)?;
         let py = slf.py();
         pending
@@ -140,7 +144,7 @@ impl Client {
     /// Sends a reservation request and returns at once with a
     /// :class:`Pending`, to wait on with ``poll()`` or ``wait()``. Same
     /// arguments as :meth:`reserve`.
-    #[pyo3(signature = (size, *, device = None, priority = 0, label = None, timeout = None))]
+    #[pyo3(signature = (size, *, device = None, priority = 0, label = None, timeout = None, evictable = false))]
     fn submit(
         slf: &Bound<'_, Self>,
         size: &Bound<'_, PyAny>,
@@ -148,8 +152,9 @@ impl Client {
         priority: i32,
         label: Option<String>,
         timeout: Option<f64>,
+        evictable: bool,
     ) -> PyResult<Pending> {
-        let spec = RequestSpec::new(size, device, priority, label, timeout)?;
+        let spec = RequestSpec::new(size, device, priority, label, timeout, evictable)?;
         Self::submit_spec(slf, spec)
     }
 
@@ -159,7 +164,7 @@ impl Client {
     /// context manager (``async with client.reserve_async("8GiB") as r:``),
     /// which releases on exit. Cancelling the awaiting task withdraws the
     /// request.
-    #[pyo3(signature = (size, *, device = None, priority = 0, label = None, timeout = None))]
+    #[pyo3(signature = (size, *, device = None, priority = 0, label = None, timeout = None, evictable = false))]
     fn reserve_async<'py>(
         slf: &Bound<'py, Self>,
         size: &Bound<'py, PyAny>,
@@ -167,15 +172,17 @@ impl Client {
         priority: i32,
         label: Option<String>,
         timeout: Option<f64>,
+        evictable: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         // Validate now, so a bad argument fails at the call, not at the await.
-        RequestSpec::new(size, device, priority, label.clone(), timeout)?;
+        RequestSpec::new(size, device, priority, label.clone(), timeout, evictable)?;
         let py = slf.py();
         let kwargs = PyDict::new(py);
         kwargs.set_item("device", device)?;
         kwargs.set_item("priority", priority)?;
         kwargs.set_item("label", label)?;
         kwargs.set_item("timeout", timeout)?;
+        kwargs.set_item("evictable", evictable)?;
         py.import("vramd._aio")?
             .getattr("ReserveAsync")?
             .call((slf, size), Some(&kwargs))

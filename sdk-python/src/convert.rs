@@ -96,11 +96,13 @@ impl RequestSpec {
         priority: i32,
         label: Option<String>,
         timeout: Option<f64>,
+        evictable: bool,
     ) -> PyResult<Self> {
         let bytes = size_bytes(size)?;
         let mut request = Request::new(bytes)
             .device(device(device_arg)?)
-            .priority(priority);
+            .priority(priority)
+            .evictable(evictable);
         if let Some(l) = &label {
             request = request.label(l.clone());
         }

@@ -1,11 +1,12 @@
 //! Python bindings of the vramd SDK: the native module `vramd._vramd`.
 //!
 //! This crate wraps the blocking Rust SDK (`vramd-client`) for Python. It
-//! owns the classes `Client`, `Reservation` and `Pending`, the size helpers,
-//! and the mapping of SDK errors to the exception classes defined in
-//! `python/vramd/_errors.py`. The Python package (`python/vramd/`) re-exports
-//! all of it and adds what is simpler in Python: the module-level default
-//! client, the asyncio helpers and the PyTorch helper.
+//! owns the classes `Client`, `Reservation`, `Pending` and `Eviction`, the
+//! size helpers, and the mapping of SDK errors to the exception classes
+//! defined in `python/vramd/_errors.py`. The Python package
+//! (`python/vramd/`) re-exports all of it and adds what is simpler in Python:
+//! the module-level default client, the asyncio helpers and the PyTorch
+//! helper.
 //!
 //! Rules every binding here follows: a call that can block releases the GIL
 //! (`Python::detach`); a wait runs in short slices and runs signal handlers
@@ -15,6 +16,7 @@
 mod client;
 mod convert;
 mod errors;
+mod evict;
 mod pending;
 mod reservation;
 
@@ -67,16 +69,34 @@ fn _error_for_wire_kind(py: Python<'_>, kind: &str, message: String) -> PyResult
         .into_any())
 }
 
+/// Lets eviction callbacks finish before the interpreter finalizes: none
+/// starts any more, and this waits (GIL released) for the running ones, each
+/// at most until its deadline. Registered with ``atexit`` by the package.
+#[pyfunction]
+fn _finish_eviction_callbacks(py: Python<'_>) {
+    py.detach(evict::finish_callbacks);
+}
+
+/// Forgets the parent's running eviction callbacks in a child after
+/// ``fork()``. Registered with ``os.register_at_fork`` by the package.
+#[pyfunction]
+fn _after_fork_in_child() {
+    evict::after_fork_in_child();
+}
+
 /// The native part of the ``vramd`` package; import ``vramd`` instead.
 #[pymodule(name = "_vramd")]
 fn vramd_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::Client>()?;
     m.add_class::<reservation::Reservation>()?;
     m.add_class::<pending::Pending>()?;
+    m.add_class::<evict::Eviction>()?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
     m.add_function(wrap_pyfunction!(format_size, m)?)?;
     m.add_function(wrap_pyfunction!(default_socket_path, m)?)?;
     m.add_function(wrap_pyfunction!(_error_for_wire_kind, m)?)?;
+    m.add_function(wrap_pyfunction!(_finish_eviction_callbacks, m)?)?;
+    m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("SLICE_SECONDS", pending::SLICE.as_secs_f64())?;
     Ok(())

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 import vramd
 
@@ -37,9 +37,16 @@ def wait_until(predicate: Callable[[], Any], timeout: float = WAIT, interval: fl
 
 
 class Daemon:
-    """A running ``vramd --simulate ...`` on a temporary socket."""
+    """A running ``vramd --simulate ...`` on a temporary socket;
+    ``extra_args`` go to the daemon's command line as they are (e.g.
+    ``["--min-residency", "0s"]``)."""
 
-    def __init__(self, *sizes: str, socket_path: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        *sizes: str,
+        socket_path: Optional[str] = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         if not VRAMD_BIN.exists():
             raise RuntimeError(
                 f"no vramd binary at {VRAMD_BIN}: build it with `cargo build -p vramd --bins` "
@@ -52,6 +59,7 @@ class Daemon:
         for size in sizes or ("24GiB",):
             args += ["--simulate", size]
         args += ["--socket", self.socket]
+        args += list(extra_args)
         env = dict(os.environ)
         env.pop("VRAMD_SOCKET", None)
         env["RUST_LOG"] = "debug"

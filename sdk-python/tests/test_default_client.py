@@ -72,7 +72,13 @@ def test_public_names_are_documented():
             assert isinstance(obj, str) and obj
             continue
         assert obj.__doc__ and obj.__doc__.strip(), name
-    for cls in (vramd.Client, vramd.Reservation, vramd.Pending, vramd.ReserveAsync):
+    for cls in (
+        vramd.Client,
+        vramd.Reservation,
+        vramd.Pending,
+        vramd.ReserveAsync,
+        vramd.Eviction,
+    ):
         for attr, value in vars(cls).items():
             if attr.startswith("_"):
                 continue

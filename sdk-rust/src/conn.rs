@@ -133,6 +133,8 @@ pub(crate) type EvictHandler = Box<dyn FnOnce(&Eviction) + Send>;
 #[derive(Default)]
 pub(crate) struct EvictState {
     handler: Mutex<Option<EvictHandler>>,
+    /// The daemon asked to evict it (the SDK will release it).
+    asked: AtomicBool,
     evicted: AtomicBool,
 }
 
@@ -152,6 +154,11 @@ impl EvictState {
     /// Whether the reservation was given back on the daemon's request.
     pub(crate) fn evicted(&self) -> bool {
         self.evicted.load(Ordering::SeqCst)
+    }
+
+    /// Whether the daemon asked to evict it.
+    pub(crate) fn asked(&self) -> bool {
+        self.asked.load(Ordering::SeqCst)
     }
 }
 
@@ -326,10 +333,13 @@ impl Conn {
         let Some(st) = lock(&self.evictions).remove(&eviction.id) else {
             return; // already released
         };
+        st.asked.store(true, Ordering::SeqCst);
         let conn = self.clone();
         let id = eviction.id;
         let run = move || {
-            if let Some(handler) = lock(&st.handler).take() {
+            // Take the handler out first: the lock must not be held while it runs.
+            let handler = lock(&st.handler).take();
+            if let Some(handler) = handler {
                 // A panicking callback must not keep the memory.
                 let _ =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(&eviction)));

@@ -481,6 +481,11 @@ impl Reservation {
         }
         match slot.next(None) {
             Ok(Some(ServerMessage::Released { .. })) | Err(Error::Disconnected) => Ok(()),
+            // The eviction thread's release got there first: it is released.
+            Ok(Some(ServerMessage::Error {
+                kind: ErrorKind::NotFound,
+                ..
+            })) if self.evict.asked() => Ok(()),
             Ok(Some(ServerMessage::Error { kind, message, .. })) => {
                 Err(Error::from_wire(kind, message))
             }

@@ -41,9 +41,12 @@ pub fn bin(name: &str) -> PathBuf {
             "--quiet",
             "-p",
             "vramd",
-            "--bins",
             "-p",
             "fake-nvml",
+            // `--lib` too: the fake libnvidia-ml is fake-nvml's library
+            // (a cdylib), which `--bins` alone would skip.
+            "--bins",
+            "--lib",
         ]);
         if profile == "release" {
             cmd.arg("--release");

@@ -13,11 +13,16 @@ you are done — or when your process dies::
 
 :class:`Client` holds one connection; :func:`reserve`, :func:`reserve_async`
 and :func:`status` use a module-level default client (:func:`default_client`).
-Every error is a :class:`VramdError`. See docs/python.md for the whole API.
+A reservation marked idle (``evictable=True``, :meth:`Reservation.set_idle`)
+may be taken back by the daemon when a waiter needs the room; its
+:meth:`Reservation.on_evict` callback unloads the model first. Every error is
+a :class:`VramdError`. See docs/python.md for the whole API.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 from typing import Any, Optional, Union
 
 from ._errors import (
@@ -42,6 +47,7 @@ from ._errors import (
 )
 from ._vramd import (
     Client,
+    Eviction,
     Pending,
     Reservation,
     __version__,
@@ -49,9 +55,16 @@ from ._vramd import (
     format_size,
     parse_size,
 )
-from . import _default
+from . import _default, _vramd
 from ._aio import ReserveAsync, wait_async
 from ._default import default_client
+
+# Eviction callbacks run on SDK threads: let the running ones return before
+# the interpreter finalizes (and start no more), and forget the parent's in a
+# forked child.
+atexit.register(_vramd._finish_eviction_callbacks)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_vramd._after_fork_in_child)
 
 __all__ = [
     "__version__",
@@ -68,6 +81,7 @@ __all__ = [
     "Client",
     "Reservation",
     "Pending",
+    "Eviction",
     "ReserveAsync",
     # exceptions
     "VramdError",
@@ -98,17 +112,25 @@ def reserve(
     priority: int = 0,
     label: Optional[str] = None,
     timeout: Optional[float] = None,
+    evictable: bool = False,
 ) -> Reservation:
     """Reserves VRAM through the default client and waits for the grant.
 
     Same arguments as :meth:`Client.reserve`: ``size`` in bytes or as
     ``"8GiB"``; ``device`` ``None``/``"any"``, an index or a UUID; higher
     ``priority`` first; ``label`` for ``vramctl status``; ``timeout`` in
-    seconds (``None`` waits as long as it takes). Use the result as a context
-    manager, or call ``release()``.
+    seconds (``None`` waits as long as it takes); ``evictable=True`` for a
+    reservation the daemon may take back when idle (see
+    :meth:`Reservation.on_evict`). Use the result as a context manager, or
+    call ``release()``.
     """
     pending = _default.submit(
-        size, device=device, priority=priority, label=label, timeout=timeout
+        size,
+        device=device,
+        priority=priority,
+        label=label,
+        timeout=timeout,
+        evictable=evictable,
     )
     return pending.wait()
 
@@ -120,12 +142,19 @@ def reserve_async(
     priority: int = 0,
     label: Optional[str] = None,
     timeout: Optional[float] = None,
+    evictable: bool = False,
 ) -> ReserveAsync:
     """Like :func:`reserve`, for asyncio: await the result, or use it with
     ``async with``. The default client connects (if it has not yet) when the
     request is sent."""
     return ReserveAsync(
-        None, size, device=device, priority=priority, label=label, timeout=timeout
+        None,
+        size,
+        device=device,
+        priority=priority,
+        label=label,
+        timeout=timeout,
+        evictable=evictable,
     )
 
 

@@ -51,6 +51,7 @@ class ReserveAsync:
         priority: int = 0,
         label: Optional[str] = None,
         timeout: Optional[float] = None,
+        evictable: bool = False,
     ) -> None:
         self._client = client
         self._size = size
@@ -59,6 +60,7 @@ class ReserveAsync:
             "priority": priority,
             "label": label,
             "timeout": timeout,
+            "evictable": evictable,
         }
         self._reservation: Optional[Reservation] = None
 

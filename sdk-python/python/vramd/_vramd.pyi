@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from os import PathLike
 from types import TracebackType
-from typing import Any, Coroutine, Optional, Sequence, Type, Union
+from typing import Any, Callable, Coroutine, Optional, Sequence, Type, TypeVar, Union
 
 from ._aio import ReserveAsync
 from ._errors import VramdError
@@ -14,6 +14,7 @@ SLICE_SECONDS: float
 
 Size = Union[int, str]
 Device = Union[None, int, str]
+_EvictCallback = TypeVar("_EvictCallback", bound=Callable[["Eviction"], object])
 
 def parse_size(size: str) -> int:
     """Parses ``"8GiB"``, ``"512MiB"``, ``"1.5GiB"``, ``"8GB"`` or ``"4096"``
@@ -27,6 +28,13 @@ def default_socket_path() -> str:
 
 def _error_for_wire_kind(kind: str, message: str) -> VramdError:
     """The exception raised for a daemon error of wire kind ``kind``."""
+
+def _finish_eviction_callbacks() -> None:
+    """At exit: starts no more eviction callbacks and waits for the running
+    ones, each at most until its deadline."""
+
+def _after_fork_in_child() -> None:
+    """In a forked child: forgets the parent's running eviction callbacks."""
 
 class Client:
     """A connection to the vramd daemon; closing it releases everything
@@ -42,9 +50,11 @@ class Client:
         priority: int = 0,
         label: Optional[str] = None,
         timeout: Optional[float] = None,
+        evictable: bool = False,
     ) -> Reservation:
         """Reserves ``size`` and waits for the grant (GIL released; Ctrl-C
-        withdraws the request)."""
+        withdraws the request). ``evictable=True`` makes it idle from the
+        start: the daemon may take it back when a waiter needs the room."""
     def submit(
         self,
         size: Size,
@@ -53,6 +63,7 @@ class Client:
         priority: int = 0,
         label: Optional[str] = None,
         timeout: Optional[float] = None,
+        evictable: bool = False,
     ) -> Pending:
         """Sends a request and returns at once."""
     def reserve_async(
@@ -63,6 +74,7 @@ class Client:
         priority: int = 0,
         label: Optional[str] = None,
         timeout: Optional[float] = None,
+        evictable: bool = False,
     ) -> ReserveAsync:
         """Reserves from asyncio: await it or use ``async with``."""
     def status(self) -> dict[str, Any]:
@@ -115,9 +127,24 @@ class Reservation:
         """The client it was made through."""
     @property
     def released(self) -> bool:
-        """Whether it was released in this process or its client closed."""
+        """Whether it was released in this process, its client closed, or it
+        was evicted."""
+    @property
+    def evicted(self) -> bool:
+        """Whether the daemon took it back: its eviction callback returned and
+        it is released."""
     def release(self) -> None:
-        """Releases it; idempotent; a no-op in a forked child."""
+        """Releases it; idempotent; a no-op after an eviction and in a forked
+        child."""
+    def set_idle(self, idle: bool = True) -> None:
+        """Marks it idle (the daemon may evict it when a waiter needs the
+        room) or busy (``False``: never evicted); waits for the daemon's
+        answer with the GIL released. Raises ``NotFound`` once evicted."""
+    def on_evict(self, callback: _EvictCallback) -> _EvictCallback:
+        """Sets ``callback(eviction)``, run on an SDK thread when the daemon
+        asks for the reservation back; it should unload the model, and the
+        reservation is released when it returns (an exception goes to
+        ``sys.unraisablehook``). Returns ``callback``: usable as a decorator."""
     def attach_pids(self, pids: Sequence[int]) -> list[int]:
         """Declares more processes whose GPU usage counts against it; returns
         every pid it now speaks for."""
@@ -138,6 +165,23 @@ class Reservation:
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> Coroutine[Any, Any, None]: ...
+
+class Eviction:
+    """The daemon's request to give a reservation back, as an eviction
+    callback receives it."""
+
+    def __init__(self, id: int, deadline: float, reason: str) -> None:
+        """Builds one by hand, e.g. to test a callback without a daemon."""
+    @property
+    def id(self) -> int:
+        """The id of the reservation the daemon wants back."""
+    @property
+    def deadline(self) -> float:
+        """Seconds the holder has to unload before the daemon asks someone
+        else."""
+    @property
+    def reason(self) -> str:
+        """Who needs the room, in words."""
 
 class Pending:
     """A request sent and not yet granted; dropping it withdraws it."""
