@@ -28,14 +28,15 @@
 //! counts as used by its process.
 //!
 //! # Scheduling
-//! Waiters are ordered by effective priority (priority + one step per
-//! `aging` waited), then arrival. A pass walks them in that order and grants
+//! Waiters are ordered by effective priority (priority + one per `aging`
+//! waited, continuously), then arrival; because every waiter ages at the same
+//! rate this order never changes while they wait (see [`queue`]). A pass walks them in that order and grants
 //! each that fits, so a smaller request may be granted ahead of a larger one
 //! that does not fit (backfill) — until the larger one has waited past the
 //! starvation guard; from then on its devices take no further grants until it
 //! is granted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use vramd_protocol::{
@@ -404,12 +405,23 @@ pub struct Ledger {
     config: LedgerConfig,
     devices: Vec<Device>,
     reservations: BTreeMap<ReservationId, Reservation>,
-    /// Waiting requests in arrival order (ids increase with arrival).
-    waiters: Vec<Waiter>,
+    /// Each connection's reservations.
+    held_by: HashMap<ConnId, BTreeSet<ReservationId>>,
+    /// Waiting requests in grant order.
+    queue: Queue,
     ghosts: Vec<Ghost>,
     consumers: Vec<Consumer>,
-    /// A waiter that was told its position left, or aging may have
-    /// reordered the queue: positions must be recomputed.
+    /// Origin of order keys.
+    epoch: Instant,
+    /// Since the last full pass, nothing freed room and no waiter left but
+    /// by that pass: only newly arrived waiters can fit.
+    clean: bool,
+    /// Waiters queued since the last pass.
+    fresh: Vec<OrderKey>,
+    /// Waiters not yet told their position.
+    untold: Vec<OrderKey>,
+    /// A waiter that was told its position left, or one arrived ahead of
+    /// others: every position must be recomputed.
     positions_dirty: bool,
     next_id: u64,
     counters: Counters,
@@ -418,6 +430,7 @@ pub struct Ledger {
 impl Ledger {
     /// A ledger over `devices`, all with readings from `source`.
     pub fn new(config: LedgerConfig, devices: Vec<DeviceSpec>, source: ReadingSource) -> Self {
+        let devices_len = devices.len();
         Self {
             config,
             devices: devices
@@ -428,10 +441,15 @@ impl Ledger {
                     fault: None,
                 })
                 .collect(),
+            queue: Queue::new(devices_len),
             reservations: BTreeMap::new(),
-            waiters: Vec::new(),
+            held_by: HashMap::new(),
             ghosts: Vec::new(),
             consumers: Vec::new(),
+            epoch: Instant::now(),
+            clean: false,
+            fresh: Vec::new(),
+            untold: Vec::new(),
             positions_dirty: false,
             next_id: 1,
             counters: Counters::default(),
@@ -455,7 +473,22 @@ impl Ledger {
 
     /// Number of waiting requests.
     pub fn waiter_count(&self) -> usize {
-        self.waiters.len()
+        self.queue.len()
+    }
+
+    /// Where a waiter of `priority` that arrived at `arrived` stands in the
+    /// grant order (see [`queue`]).
+    fn order_key(&self, priority: i32, arrived: Instant, id: ReservationId) -> OrderKey {
+        let since_epoch = if arrived >= self.epoch {
+            arrived.duration_since(self.epoch).as_nanos() as i128
+        } else {
+            -(self.epoch.duration_since(arrived).as_nanos() as i128)
+        };
+        let aging = self.config.aging.as_nanos().max(1) as i128;
+        OrderKey {
+            rank: since_epoch - i128::from(priority) * aging,
+            id,
+        }
     }
 
     /// Handles a request: refuses it if it can never fit, else queues it and
@@ -553,25 +586,31 @@ impl Ledger {
         }
         let id = ReservationId(self.next_id);
         self.next_id += 1;
-        self.waiters.push(Waiter {
-            id,
-            conn,
-            tag: req.tag,
-            bytes: req.bytes,
-            selector: req.device,
-            candidates,
-            priority: req.priority,
-            label: req.label,
-            peer,
-            arrived: now,
-            deadline: req
-                .timeout_ms
-                .map(|ms| now.checked_add(Duration::from_millis(ms)).unwrap_or(now)),
-            told_position: 0,
-            evictable: req.evictable,
-            plan: None,
-            skip: Vec::new(),
-        });
+        let key = self.order_key(req.priority, now, id);
+        self.fresh.push(key);
+        self.untold.push(key);
+        self.queue.insert(
+            key,
+            Waiter {
+                id,
+                conn,
+                tag: req.tag,
+                bytes: req.bytes,
+                selector: req.device,
+                candidates,
+                priority: req.priority,
+                label: req.label,
+                peer,
+                arrived: now,
+                deadline: req
+                    .timeout_ms
+                    .map(|ms| now.checked_add(Duration::from_millis(ms)).unwrap_or(now)),
+                told_position: 0,
+                evictable: req.evictable,
+                plan: None,
+                skip: Vec::new(),
+            },
+        );
         self.settle(now, &mut effects);
         effects
     }
@@ -581,8 +620,7 @@ impl Ledger {
         if peer.admin {
             return None;
         }
-        let queued = self.waiters.iter().filter(|w| w.peer.uid == peer.uid);
-        let queued_count = queued.clone().count();
+        let (queued_count, queued_bytes) = self.queue.usage_of(peer.uid);
         if queued_count >= self.config.max_queued_per_uid {
             return Some(format!(
                 "user {} already has {queued_count} requests waiting (limit {})",
@@ -595,8 +633,7 @@ impl Ledger {
             .values()
             .filter(|r| r.peer.uid == peer.uid)
             .map(|r| r.bytes)
-            .chain(queued.map(|w| w.bytes))
-            .fold(0, u64::saturating_add);
+            .fold(queued_bytes, u64::saturating_add);
         (held.saturating_add(bytes) > limit).then(|| {
             format!(
                 "user {} holds or waits for {}; {} more would pass the per-user limit of {}",
@@ -619,13 +656,35 @@ impl Ledger {
             Some(r) if r.conn == conn => {}
             _ => return Err(LedgerError::NotHeld(id)),
         }
-        let r = self.reservations.remove(&id).expect("checked above");
+        let r = self.take_reservation(id).expect("checked above");
         self.counters.releases += 1;
+        self.clean = false;
         // The ghost (if any) must exist before the pass that follows.
         let released = self.released(r, now);
         let mut effects = Vec::new();
         self.settle(now, &mut effects);
         Ok((released, effects))
+    }
+
+    /// Removes a reservation and its index entry.
+    fn take_reservation(&mut self, id: ReservationId) -> Option<Reservation> {
+        let r = self.reservations.remove(&id)?;
+        if let Some(set) = self.held_by.get_mut(&r.conn) {
+            set.remove(&id);
+            if set.is_empty() {
+                self.held_by.remove(&r.conn);
+            }
+        }
+        Some(r)
+    }
+
+    /// Removes a waiter; a waiter that was told its position leaves a gap.
+    fn take_waiter(&mut self, key: &OrderKey) -> Option<Waiter> {
+        let w = self.queue.remove(key)?;
+        if w.told_position != 0 {
+            self.positions_dirty = true;
+        }
+        Some(w)
     }
 
     fn released(&mut self, r: Reservation, now: Instant) -> Released {
@@ -654,13 +713,21 @@ impl Ledger {
     /// Withdraws `conn`'s waiting requests with `tag`; returns how many there
     /// were and the effects on the rest of the queue.
     pub fn cancel(&mut self, conn: ConnId, tag: u64, now: Instant) -> (u32, Vec<Effect>) {
-        let before = self.waiters.len();
-        self.waiters.retain(|w| !(w.conn == conn && w.tag == tag));
-        let count = (before - self.waiters.len()) as u32;
+        let keys: Vec<OrderKey> = self
+            .queue
+            .keys_of(conn)
+            .into_iter()
+            .filter(|k| self.queue.get(k).is_some_and(|w| w.tag == tag))
+            .collect();
+        for k in &keys {
+            self.take_waiter(k);
+        }
+        let count = keys.len() as u32;
         self.counters.cancels += u64::from(count);
         let mut effects = Vec::new();
         if count > 0 {
-            self.positions_dirty = true;
+            // A cancelled starved waiter may have kept room for itself.
+            self.clean = false;
             self.settle(now, &mut effects);
         }
         (count, effects)
@@ -669,28 +736,27 @@ impl Ledger {
     /// Drops everything `conn` held or waited for. Returns the reservations it
     /// held, and the effects (grants to waiters that now fit).
     pub fn disconnect(&mut self, conn: ConnId, now: Instant) -> (Vec<Released>, Vec<Effect>) {
-        let before = self.waiters.len();
-        self.waiters.retain(|w| w.conn != conn);
-        let cancelled = before - self.waiters.len();
-        self.counters.cancels += cancelled as u64;
-        if cancelled > 0 {
-            self.positions_dirty = true;
+        let keys = self.queue.keys_of(conn);
+        for k in &keys {
+            self.take_waiter(k);
         }
-        let released: Vec<ReservationId> = self
-            .reservations
-            .values()
-            .filter(|r| r.conn == conn)
-            .map(|r| r.id)
-            .collect();
-        let removed: Vec<Reservation> = released
+        let cancelled = keys.len();
+        self.counters.cancels += cancelled as u64;
+        let ids: Vec<ReservationId> = self
+            .held_by
+            .get(&conn)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        let removed: Vec<Reservation> = ids
             .into_iter()
-            .filter_map(|id| self.reservations.remove(&id))
+            .filter_map(|id| self.take_reservation(id))
             .collect();
         let released: Vec<Released> = removed.into_iter().map(|r| self.released(r, now)).collect();
         self.counters.releases += released.len() as u64;
         self.counters.disconnect_releases += released.len() as u64;
         let mut effects = Vec::new();
         if cancelled > 0 || !released.is_empty() {
+            self.clean = false;
             self.settle(now, &mut effects);
         }
         (released, effects)
@@ -711,6 +777,7 @@ impl Ledger {
         if let Some(d) = self.devices.get_mut(index) {
             d.source = ReadingSource::Measured(reading);
             d.fault = None;
+            self.clean = false;
             self.ghosts
                 .retain(|g| !(g.device == index && g.released_at < taken_at));
             self.settle(now, &mut effects);
@@ -724,6 +791,7 @@ impl Ledger {
         let mut effects = Vec::new();
         if let Some(d) = self.devices.get_mut(index) {
             d.fault = Some(fault);
+            self.clean = false;
             self.settle(now, &mut effects);
         }
         effects
@@ -753,6 +821,7 @@ impl Ledger {
             }
         }
         let all = r.pids.clone();
+        self.clean = false;
         let mut effects = Vec::new();
         self.settle(now, &mut effects);
         Ok((all, effects))
@@ -761,34 +830,32 @@ impl Ledger {
     /// Expires waiters whose wait limit passed, and re-ranks the queue (aging).
     pub fn tick(&mut self, now: Instant) -> Vec<Effect> {
         let mut effects = Vec::new();
-        self.positions_dirty = true;
         self.settle(now, &mut effects);
         effects
     }
 
     /// When [`Ledger::tick`] should next be called: the earliest wait limit
-    /// or eviction deadline, or the next aging step while two or more
-    /// requests wait.
+    /// or eviction deadline, or the moment an idle holder becomes evictable
+    /// while requests wait. (The grant order does not change with time.)
     pub fn next_wakeup(&self, now: Instant) -> Option<Instant> {
-        let deadline = self
-            .waiters
-            .iter()
-            .flat_map(|w| [w.deadline, w.plan.as_ref().map(|p| p.deadline)])
-            .flatten()
+        let plans = self.queue.planned().into_iter().filter_map(|k| {
+            self.queue
+                .get(&k)
+                .and_then(|w| w.plan.as_ref())
+                .map(|p| p.deadline)
+        });
+        self.queue
+            .next_deadline()
+            .into_iter()
+            .chain(plans)
             .chain(self.next_eviction_eligibility(now))
-            .min();
-        let aging =
-            (self.waiters.len() >= 2).then(|| now + self.config.aging.min(Duration::from_secs(1)));
-        match (deadline, aging) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+            .min()
     }
 
     /// While requests wait: the next moment an idle reservation or a consumer
     /// passes its minimum residency (it may then be evicted).
     fn next_eviction_eligibility(&self, now: Instant) -> Option<Instant> {
-        if self.waiters.is_empty() {
+        if self.queue.is_empty() {
             return None;
         }
         let reservations = self
@@ -880,22 +947,19 @@ impl Ledger {
 
     /// Waiting requests in the order they would be granted.
     pub fn queue_status(&self, now: Instant) -> Vec<QueueEntry> {
-        self.order(now)
-            .into_iter()
+        self.queue
+            .iter()
             .enumerate()
-            .map(|(pos, i)| {
-                let w = &self.waiters[i];
-                QueueEntry {
-                    id: w.id,
-                    position: pos as u32 + 1,
-                    bytes: w.bytes,
-                    device: w.selector.clone(),
-                    priority: w.priority,
-                    label: w.label.clone(),
-                    pid: w.peer.pid,
-                    uid: w.peer.uid,
-                    waited_ms: millis(now.saturating_duration_since(w.arrived)),
-                }
+            .map(|(pos, (_, w))| QueueEntry {
+                id: w.id,
+                position: pos as u32 + 1,
+                bytes: w.bytes,
+                device: w.selector.clone(),
+                priority: w.priority,
+                label: w.label.clone(),
+                pid: w.peer.pid,
+                uid: w.peer.uid,
+                waited_ms: millis(now.saturating_duration_since(w.arrived)),
             })
             .collect()
     }
@@ -916,132 +980,182 @@ impl Ledger {
         self.tell_positions(now, effects);
     }
 
+    /// Grants what fits. After a full pass, and until something frees room or
+    /// a waiter leaves, only newly arrived waiters can fit: they are checked
+    /// alone (no walk over the queue) unless a starved waiter may stand in
+    /// their way.
     fn schedule(&mut self, now: Instant, effects: &mut Vec<Effect>) {
-        if self.waiters.is_empty() {
+        if self.queue.is_empty() {
+            self.fresh.clear();
+            self.clean = true;
             return;
         }
         let mut avail: Vec<u64> = (0..self.devices.len()).map(|d| self.available(d)).collect();
-        // Nothing can fit anywhere: no need to order the queue.
-        let most = avail.iter().copied().max().unwrap_or(0);
-        if self.waiters.iter().all(|w| w.bytes > most) {
-            return;
-        }
-        let mut blocked = vec![false; self.devices.len()];
-        let mut granted = Vec::new();
-        for i in self.order(now) {
-            let w = &self.waiters[i];
-            let fits = w
-                .candidates
-                .iter()
-                .copied()
-                .filter(|&d| !blocked[d] && avail[d] >= w.bytes);
-            let chosen = match self.config.placement {
-                Placement::Spread => fits.max_by_key(|&d| (avail[d], std::cmp::Reverse(d))),
-                Placement::Pack => fits.min_by_key(|&d| (avail[d], d)),
-            };
-            match chosen {
-                Some(d) => {
+        let mut granted: Vec<(OrderKey, usize)> = Vec::new();
+        let fast = self.clean && {
+            let guard = self.config.starvation_guard;
+            self.fresh.iter().all(|k| {
+                self.queue.get(k).is_none_or(|w| {
+                    w.candidates.iter().all(|&d| {
+                        self.queue
+                            .oldest_for(d)
+                            .is_none_or(|a| now.saturating_duration_since(a) < guard)
+                    })
+                })
+            })
+        };
+        if fast {
+            let mut fresh = std::mem::take(&mut self.fresh);
+            fresh.sort_unstable();
+            for key in fresh {
+                let Some(w) = self.queue.get(&key) else {
+                    continue;
+                };
+                if let Some(d) = self.place(w, &avail, &[]) {
                     avail[d] -= w.bytes;
-                    granted.push((i, d));
+                    granted.push((key, d));
                 }
-                None if now.saturating_duration_since(w.arrived)
-                    >= self.config.starvation_guard =>
-                {
-                    // Starved: its devices keep their room for it.
-                    for &d in &w.candidates {
-                        if self.capacity(d) >= w.bytes {
-                            blocked[d] = true;
+            }
+        } else if (0..self.devices.len())
+            .all(|d| self.queue.smallest_for(d).is_none_or(|b| b > avail[d]))
+        {
+            // Nothing fits anywhere: no walk over the queue.
+            self.fresh.clear();
+        } else {
+            self.fresh.clear();
+            let mut blocked = vec![false; self.devices.len()];
+            for (key, w) in self.queue.iter() {
+                match self.place(w, &avail, &blocked) {
+                    Some(d) => {
+                        avail[d] -= w.bytes;
+                        granted.push((*key, d));
+                    }
+                    None if now.saturating_duration_since(w.arrived)
+                        >= self.config.starvation_guard =>
+                    {
+                        // Starved: its devices keep their room for it.
+                        for &d in &w.candidates {
+                            if self.capacity(d) >= w.bytes {
+                                blocked[d] = true;
+                            }
                         }
                     }
+                    None => {}
                 }
-                None => {}
             }
         }
-        if granted.is_empty() {
-            return;
+        self.clean = true;
+        for (key, d) in granted {
+            let w = self.take_waiter(&key).expect("granted from the queue");
+            self.grant(w, d, now, effects);
         }
-        granted.sort_unstable_by_key(|&(i, _)| i);
-        for &(i, d) in granted.iter().rev() {
-            let w = self.waiters.remove(i);
-            if w.told_position != 0 {
-                self.positions_dirty = true;
-            }
-            let grant = Grant {
+    }
+
+    /// The device a waiter goes to now, if it fits on one it may use.
+    fn place(&self, w: &Waiter, avail: &[u64], blocked: &[bool]) -> Option<usize> {
+        let fits = w
+            .candidates
+            .iter()
+            .copied()
+            .filter(|&d| !blocked.get(d).copied().unwrap_or(false) && avail[d] >= w.bytes);
+        match self.config.placement {
+            Placement::Spread => fits.max_by_key(|&d| (avail[d], std::cmp::Reverse(d))),
+            Placement::Pack => fits.min_by_key(|&d| (avail[d], d)),
+        }
+    }
+
+    fn grant(&mut self, w: Waiter, d: usize, now: Instant, effects: &mut Vec<Effect>) {
+        let grant = Grant {
+            id: w.id,
+            device: self.devices[d].spec.index,
+            device_uuid: self.devices[d].spec.uuid.clone(),
+            bytes: w.bytes,
+        };
+        self.held_by.entry(w.conn).or_default().insert(w.id);
+        self.reservations.insert(
+            w.id,
+            Reservation {
                 id: w.id,
-                device: self.devices[d].spec.index,
-                device_uuid: self.devices[d].spec.uuid.clone(),
-                bytes: w.bytes,
-            };
-            self.reservations.insert(
-                w.id,
-                Reservation {
-                    id: w.id,
-                    conn: w.conn,
-                    device: d,
-                    bytes: w.bytes,
-                    label: w.label.clone(),
-                    priority: w.priority,
-                    peer: w.peer,
-                    pids: vec![w.peer.pid],
-                    granted_at: now,
-                    idle: w.evictable,
-                    last_busy: now,
-                    evicting: None,
-                },
-            );
-            self.counters.grants += 1;
-            effects.push(Effect::Granted {
                 conn: w.conn,
-                tag: w.tag,
-                grant,
-                label: w.label,
-                waited: now.saturating_duration_since(w.arrived),
-            });
-        }
-        // Grants were collected in reverse; give them in queue order.
-        let n = granted.len();
-        let start = effects.len() - n;
-        effects[start..].reverse();
+                device: d,
+                bytes: w.bytes,
+                label: w.label.clone(),
+                priority: w.priority,
+                peer: w.peer,
+                pids: vec![w.peer.pid],
+                granted_at: now,
+                idle: w.evictable,
+                last_busy: now,
+                evicting: None,
+            },
+        );
+        self.counters.grants += 1;
+        effects.push(Effect::Granted {
+            conn: w.conn,
+            tag: w.tag,
+            grant,
+            label: w.label,
+            waited: now.saturating_duration_since(w.arrived),
+        });
     }
 
     /// Fails waiters whose wait limit passed; returns whether there were any.
     fn expire(&mut self, now: Instant, effects: &mut Vec<Effect>) -> bool {
-        let before = self.waiters.len();
-        let mut i = 0;
-        while i < self.waiters.len() {
-            if self.waiters[i].deadline.is_some_and(|d| d <= now) {
-                let w = self.waiters.remove(i);
-                if w.told_position != 0 {
-                    self.positions_dirty = true;
-                }
-                self.counters.timeouts += 1;
-                effects.push(Effect::Failed {
-                    conn: w.conn,
-                    tag: w.tag,
-                    kind: ErrorKind::Timeout,
-                    message: format!(
-                        "waited {} ms for {} and it did not fit (position {} in the queue)",
-                        millis(now.saturating_duration_since(w.arrived)),
-                        format_size(w.bytes),
-                        w.told_position.max(1),
-                    ),
-                });
-            } else {
-                i += 1;
-            }
+        let due = self.queue.due(now);
+        for key in &due {
+            let Some(w) = self.take_waiter(key) else {
+                continue;
+            };
+            self.counters.timeouts += 1;
+            effects.push(Effect::Failed {
+                conn: w.conn,
+                tag: w.tag,
+                kind: ErrorKind::Timeout,
+                message: format!(
+                    "waited {} ms for {} and it did not fit (position {} in the queue)",
+                    millis(now.saturating_duration_since(w.arrived)),
+                    format_size(w.bytes),
+                    w.told_position.max(1),
+                ),
+            });
         }
-        self.waiters.len() != before
+        if !due.is_empty() {
+            // An expired starved waiter may have kept room for itself.
+            self.clean = false;
+        }
+        !due.is_empty()
     }
 
-    fn tell_positions(&mut self, now: Instant, effects: &mut Vec<Effect>) {
-        // Positions change only when a waiter arrives and stays, one that was
-        // told leaves, or aging reorders (ticks): otherwise skip the sort.
-        if !self.positions_dirty && self.waiters.iter().all(|w| w.told_position != 0) {
-            return;
+    /// Tells waiters their positions where they changed. Waiters that arrive
+    /// behind everyone (the usual case) are told without a walk over the queue.
+    fn tell_positions(&mut self, _now: Instant, effects: &mut Vec<Effect>) {
+        let mut untold: Vec<OrderKey> = std::mem::take(&mut self.untold)
+            .into_iter()
+            .filter(|k| self.queue.contains(k))
+            .collect();
+        if !self.positions_dirty {
+            if untold.is_empty() {
+                return;
+            }
+            untold.sort_unstable();
+            if self.queue.tail(untold.len()) == untold {
+                let first = self.queue.len() - untold.len();
+                for (i, key) in untold.iter().enumerate() {
+                    let w = self.queue.get_mut(key).expect("in the queue");
+                    let position = (first + i) as u32 + 1;
+                    w.told_position = position;
+                    effects.push(Effect::Queued {
+                        conn: w.conn,
+                        tag: w.tag,
+                        id: w.id,
+                        position,
+                    });
+                }
+                return;
+            }
         }
         self.positions_dirty = false;
-        for (pos, i) in self.order(now).into_iter().enumerate() {
-            let w = &mut self.waiters[i];
+        for (pos, (_, w)) in self.queue.iter_mut().enumerate() {
             let position = pos as u32 + 1;
             if w.told_position != position {
                 w.told_position = position;
@@ -1053,22 +1167,6 @@ impl Ledger {
                 });
             }
         }
-    }
-
-    /// Indices of waiters in grant order: effective priority, then arrival.
-    fn order(&self, now: Instant) -> Vec<usize> {
-        let mut idx: Vec<usize> = (0..self.waiters.len()).collect();
-        idx.sort_by_key(|&i| {
-            let w = &self.waiters[i];
-            (std::cmp::Reverse(self.effective_priority(w, now)), w.id)
-        });
-        idx
-    }
-
-    fn effective_priority(&self, w: &Waiter, now: Instant) -> i64 {
-        let waited = now.saturating_duration_since(w.arrived).as_millis();
-        let step = self.config.aging.as_millis().max(1);
-        i64::from(w.priority) + (waited / step).min(i64::MAX as u128 / 2) as i64
     }
 
     // ---- eviction --------------------------------------------------------
@@ -1171,10 +1269,17 @@ impl Ledger {
             victim: victim.to_string(),
             reason: error,
         });
-        for w in &mut self.waiters {
-            if w.plan.as_ref().is_some_and(|p| p.victims.contains(&victim)) {
-                w.plan = None;
-                w.skip.push(victim.clone());
+        for key in self.queue.planned() {
+            let hit = self
+                .queue
+                .get(&key)
+                .and_then(|w| w.plan.as_ref())
+                .is_some_and(|p| p.victims.contains(&victim));
+            if hit {
+                self.queue.set_plan(&key, None);
+                if let Some(w) = self.queue.get_mut(&key) {
+                    w.skip.push(victim.clone());
+                }
             }
         }
         self.settle(now, &mut effects);
@@ -1204,14 +1309,14 @@ impl Ledger {
     /// Victims that missed their deadline are reported and skipped; their
     /// waiter plans again.
     fn fail_overdue_evictions(&mut self, now: Instant, effects: &mut Vec<Effect>) {
-        for wi in 0..self.waiters.len() {
-            let Some(plan) = self.waiters[wi].plan.clone() else {
+        for key in self.queue.planned() {
+            let Some(plan) = self.queue.get(&key).and_then(|w| w.plan.clone()) else {
                 continue;
             };
             if now < plan.deadline {
                 continue;
             }
-            self.waiters[wi].plan = None;
+            self.queue.set_plan(&key, None);
             for v in plan.victims {
                 let pending = match &v {
                     Victim::Reservation(id) => match self.reservations.get_mut(id) {
@@ -1240,7 +1345,9 @@ impl Ledger {
                             self.config.eviction_deadline.as_millis()
                         ),
                     });
-                    self.waiters[wi].skip.push(v);
+                    if let Some(w) = self.queue.get_mut(&key) {
+                        w.skip.push(v);
+                    }
                 }
             }
         }
@@ -1259,22 +1366,23 @@ impl Ledger {
                 .consumers
                 .iter()
                 .any(|c| c.reachable && !c.evicting && c.reading.resident_bytes > 0);
-        if self.waiters.is_empty() || !evictable {
+        if self.queue.is_empty() || !evictable {
             return;
         }
         let avail: Vec<u64> = (0..self.devices.len()).map(|d| self.available(d)).collect();
         let mut accounts: Vec<Option<Accounting>> = vec![None; self.devices.len()];
-        let mut claimed: Vec<bool> = vec![false; self.devices.len()];
-        for w in &self.waiters {
-            if let Some(p) = &w.plan {
-                claimed[p.device] = true;
+        let mut claimed: Vec<bool> = (0..self.devices.len())
+            .map(|d| self.queue.plan_on(d))
+            .collect();
+        // (waiter, device, victims, reason)
+        let mut chosen: Vec<(OrderKey, usize, Vec<Victim>, String)> = Vec::new();
+        for (key, w) in self.queue.iter() {
+            if claimed.iter().all(|&c| c) {
+                break;
             }
-        }
-        for i in self.order(now) {
-            if self.waiters[i].plan.is_some() {
+            if w.plan.is_some() {
                 continue;
             }
-            let w = &self.waiters[i];
             let mut best: Option<(usize, Vec<(Victim, u64)>)> = None;
             for &d in &w.candidates {
                 if claimed[d] || self.devices[d].fault.is_some() || self.capacity(d) < w.bytes {
@@ -1293,8 +1401,6 @@ impl Ledger {
             }
             let Some((d, victims)) = best else { continue };
             claimed[d] = true;
-            let deadline = now + self.config.eviction_deadline;
-            let w = &self.waiters[i];
             let reason = format!(
                 "request {} for {}{} waits for room on device {}",
                 w.id,
@@ -1305,7 +1411,16 @@ impl Ledger {
                     .unwrap_or_default(),
                 self.devices[d].spec.index
             );
-            for (v, _) in &victims {
+            chosen.push((
+                *key,
+                d,
+                victims.into_iter().map(|(v, _)| v).collect(),
+                reason,
+            ));
+        }
+        let deadline = now + self.config.eviction_deadline;
+        for (key, d, victims, reason) in chosen {
+            for v in &victims {
                 self.counters.evictions_requested += 1;
                 match v {
                     Victim::Reservation(id) => {
@@ -1336,11 +1451,14 @@ impl Ledger {
                     }
                 }
             }
-            self.waiters[i].plan = Some(Plan {
-                device: d,
-                victims: victims.into_iter().map(|(v, _)| v).collect(),
-                deadline,
-            });
+            self.queue.set_plan(
+                &key,
+                Some(Plan {
+                    device: d,
+                    victims,
+                    deadline,
+                }),
+            );
         }
     }
 
@@ -1588,6 +1706,10 @@ impl Ledger {
 fn millis(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
 }
+
+mod queue;
+
+use queue::{OrderKey, Queue};
 
 #[cfg(test)]
 mod tests;

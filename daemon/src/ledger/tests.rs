@@ -536,13 +536,18 @@ fn check_invariants(l: &Ledger, now: Instant) -> Result<(), TestCaseError> {
     }
     // Work conservation: a waiter that fits is held back only by a starved
     // waiter ahead of it on that device.
-    let order = l.order(now);
-    for (pos, &i) in order.iter().enumerate() {
-        let w = &l.waiters[i];
+    let order: Vec<&Waiter> = l.queue.iter().map(|(_, w)| w).collect();
+    for (pos, w) in order.iter().enumerate() {
+        // Every waiter knows its exact position after each event.
+        prop_assert_eq!(
+            w.told_position as usize,
+            pos + 1,
+            "stale position of {:?}",
+            w.id
+        );
         for &d in &w.candidates {
             if l.available(d) >= w.bytes {
-                let held_back = order[..pos].iter().any(|&j| {
-                    let s = &l.waiters[j];
+                let held_back = order[..pos].iter().any(|s| {
                     now.saturating_duration_since(s.arrived) >= l.config.starvation_guard
                         && s.candidates.contains(&d)
                         && l.capacity(d) >= s.bytes
@@ -625,7 +630,7 @@ proptest! {
                     for ((c, _), f) in fates.iter_mut() { if *c == conn { *f = Fate::Done; } }
                     // Nothing of the closed connection remains.
                     prop_assert!(l.reservations.values().all(|r| r.conn != ConnId(conn)));
-                    prop_assert!(l.waiters.iter().all(|w| w.conn != ConnId(conn)));
+                    prop_assert!(l.queue.iter().all(|(_, w)| w.conn != ConnId(conn)));
                     e
                 }
                 Op::Tick => l.tick(now),
@@ -640,10 +645,10 @@ proptest! {
                         // device and ranks ahead of this grant is still waiting.
                         let d = l.devices.iter().position(|x| x.spec.index == grant.device).unwrap();
                         let (p, arrived) = prio[&grant.id];
-                        let eff = |p: i32, a: Instant| i64::from(p) + (now.saturating_duration_since(a).as_millis() / l.config.aging.as_millis()) as i64;
-                        for s in &l.waiters {
+                        let granted_key = l.order_key(p, arrived, grant.id);
+                        for (_, s) in l.queue.iter() {
                             let starved = now.saturating_duration_since(s.arrived) >= l.config.starvation_guard;
-                            let ahead = (eff(s.priority, s.arrived), std::cmp::Reverse(s.id)) > (eff(p, arrived), std::cmp::Reverse(grant.id));
+                            let ahead = l.order_key(s.priority, s.arrived, s.id) < granted_key;
                             prop_assert!(!(starved && ahead && s.candidates.contains(&d) && l.capacity(d) >= s.bytes),
                                 "grant {:?} jumped starved waiter {:?}", grant.id, s.id);
                         }
