@@ -484,7 +484,29 @@ async fn connection(
     .await;
     // However the session ended, the core releases what it held.
     let _ = events.send(Event::Close { conn }).await;
-    result
+    if let Ok(SessionEnd::ClientDone) = result {
+        // The client sent its last request and shut its side down (e.g.
+        // `printf ... | socat`): it still gets the answers to what it sent.
+        // The core answers every request before the close, then drops this
+        // connection's channel, which ends the drain.
+        let encoding = decoder.encoding();
+        let drain = async {
+            while let Some(msg) = outbound.recv().await {
+                send(&mut stream, encoding, &msg).await?;
+            }
+            io::Result::Ok(())
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    }
+    result.map(|_| ())
+}
+
+/// How a session ended without an I/O error.
+enum SessionEnd {
+    /// The client closed its sending side; answers may still be owed.
+    ClientDone,
+    /// The daemon ended it (fatal framing error, shutdown).
+    Closed,
 }
 
 /// Why a client may not attach these pids: a pid that does not exist, or
@@ -508,7 +530,7 @@ async fn session(
     buf: &mut ReadBuffer,
     events: &mpsc::Sender<Event>,
     outbound: &mut mpsc::UnboundedReceiver<ServerMessage>,
-) -> io::Result<()> {
+) -> io::Result<SessionEnd> {
     let encoding = decoder.encoding();
     let (mut rd, mut wr) = stream.split();
     let mut out = Vec::with_capacity(1024);
@@ -535,7 +557,7 @@ async fn session(
                         }
                     }
                     if events.send(Event::Request { conn, msg }).await.is_err() {
-                        return Ok(());
+                        return Ok(SessionEnd::Closed);
                     }
                 }
                 Ok(None) => break,
@@ -543,7 +565,7 @@ async fn session(
                     send(&mut wr, encoding, &codec_error_msg(&e)).await?;
                     if e.is_fatal() {
                         warn!(conn = %conn, error = %e, "closing connection after a fatal framing error");
-                        return Ok(());
+                        return Ok(SessionEnd::Closed);
                     }
                 }
             }
@@ -551,11 +573,11 @@ async fn session(
         tokio::select! {
             read = fill(&mut rd, buf) => {
                 if !read? {
-                    return Ok(());
+                    return Ok(SessionEnd::ClientDone);
                 }
             }
             msg = outbound.recv() => {
-                let Some(msg) = msg else { return Ok(()) };
+                let Some(msg) = msg else { return Ok(SessionEnd::Closed) };
                 out.clear();
                 encode_into(encoding, &msg, &mut out).map_err(io::Error::other)?;
                 // Batch whatever else is ready into one write.

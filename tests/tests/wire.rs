@@ -270,3 +270,34 @@ fn readme_socat_example_works_verbatim() {
     assert!(replies.iter().any(|v| v.get("status").is_some()));
     assert!(replies.iter().any(|v| v.get("released").is_some()));
 }
+
+/// `printf '...' | socat - UNIX-CONNECT:...`: the client sends every line and
+/// shuts its side down at once; it still gets every answer.
+#[test]
+fn a_client_that_half_closes_gets_all_its_answers() {
+    let d = Daemon::start(&[]);
+    let mut s = UnixStream::connect(d.socket()).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(
+        b"{\"hello\":{\"version\":1}}\n{\"reserve\":{\"tag\":1,\"bytes\":1024}}\n{\"status\":{\"tag\":2}}\n{\"ping\":{\"tag\":3}}\n",
+    )
+    .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    let kinds: Vec<String> = all
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object().unwrap().keys().next().unwrap().clone()
+        })
+        .collect();
+    assert_eq!(kinds, ["welcome", "granted", "status", "pong"], "{all}");
+    // The connection is gone, so is its reservation.
+    let c = d.client();
+    assert!(wait_until(WAIT, || c
+        .status()
+        .unwrap()
+        .reservations
+        .is_empty()));
+}
