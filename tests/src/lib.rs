@@ -193,6 +193,25 @@ impl Daemon {
         last
     }
 
+    /// Starts `vramctl reserve SIZE --label holder` as a separate process
+    /// (so its memory belongs to its own pid) and returns once it printed
+    /// its grant.
+    pub fn hold(&self, size: &str) -> Child {
+        let mut child = self
+            .vramctl()
+            .args(["reserve", size, "--label", "holder"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn vramctl reserve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("piped stdout"))
+            .read_line(&mut line)
+            .expect("read the grant line");
+        assert!(line.starts_with("granted reservation"), "{line:?}");
+        child
+    }
+
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()

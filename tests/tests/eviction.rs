@@ -24,25 +24,6 @@ fn wait_status(d: &Daemon, what: &str, f: impl Fn(&StatusReport) -> bool) -> Sta
     d.wait_status(what, f)
 }
 
-/// `vramctl reserve SIZE` in its own process (so its usage has its own pid).
-fn holder(d: &Daemon, size: &str) -> std::process::Child {
-    let mut child = d
-        .vramctl()
-        .args(["reserve", size, "--label", "busy"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert!(line.starts_with("granted"), "{line}");
-    child
-}
-
 fn kill(mut c: std::process::Child) {
     let _ = c.kill();
     let _ = c.wait();
@@ -76,7 +57,7 @@ fn seed_scenario_idle_ollama_models_make_room_for_an_image_model() {
         &ollama_config(&ollama.url(), "coexist_with = [\"tts\"]"),
     );
     // A busy TTS server holds 2.8 GiB through a reservation.
-    let tts = holder(&d, "2.8GiB");
+    let tts = d.hold("2.8GiB");
     gpu.set_process(0, tts.id(), vramd_client::parse_size("2.8GiB").unwrap());
     let s = wait_status(&d, "Ollama seen", |s| {
         s.consumers

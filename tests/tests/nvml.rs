@@ -3,7 +3,6 @@
 //! daemon runs (format: tests/fake-nvml/README.md).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -155,30 +154,10 @@ fn a_reservation_counts_once_and_overuse_is_counted_and_flagged() {
     assert!(table.contains("6.00 GiB !"), "{table}");
 }
 
-/// Spawns `vramctl reserve SIZE` as a separate process holding a reservation.
-fn spawn_holder(f: &Fake, size: &str) -> Child {
-    let mut child = f
-        .daemon
-        .vramctl()
-        .args(["reserve", size])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert!(line.starts_with("granted"), "{line}");
-    child
-}
-
 #[test]
 fn memory_still_in_use_after_a_release_blocks_until_it_is_read_free() {
     let mut f = Fake::start(0);
-    let mut holder = spawn_holder(&f, "20GiB");
+    let mut holder = f.daemon.hold("20GiB");
     let hpid = holder.id();
     f.edit(0, |d| d["processes"] = procs(&[(hpid, 20 * GIB)]));
     f.wait_status("the holder's usage", |s| {

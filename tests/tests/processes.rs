@@ -1,28 +1,10 @@
 //! Real processes: a holder killed with SIGKILL, and `vramctl` end to end.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use vramd_client::{GIB, Progress, Request};
 use vramd_tests::{Daemon, WAIT, wait_until};
-
-/// Spawns `vramctl reserve SIZE` and waits for its "granted" line.
-fn spawn_holder(d: &Daemon, size: &str) -> Child {
-    let mut child = d
-        .vramctl()
-        .args(["reserve", size, "--label", "holder"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn vramctl reserve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .expect("read grant line");
-    assert!(line.starts_with("granted reservation"), "{line:?}");
-    child
-}
 
 fn wait_child(child: &mut Child) -> std::process::ExitStatus {
     let deadline = Instant::now() + WAIT;
@@ -38,7 +20,7 @@ fn wait_child(child: &mut Child) -> std::process::ExitStatus {
 #[test]
 fn sigkill_of_the_holder_grants_the_waiter() {
     let d = Daemon::start(&[]);
-    let mut holder = spawn_holder(&d, "20GiB");
+    let mut holder = d.hold("20GiB");
     let c = d.client();
     let s = c.status().unwrap();
     assert_eq!(
@@ -72,7 +54,7 @@ fn vramctl_reserve_releases_on_sigint_and_sigterm() {
     let d = Daemon::start(&[]);
     let c = d.client();
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        let mut holder = spawn_holder(&d, "4GiB");
+        let mut holder = d.hold("4GiB");
         assert_eq!(c.status().unwrap().reservations.len(), 1);
         // SAFETY: as above.
         unsafe { libc::kill(holder.id() as i32, sig) };
