@@ -1,0 +1,338 @@
+//! Processes the harness starts and watches: the daemon under test, helper
+//! processes (the ping-pong echo, the holder that gets SIGKILLed, the Python
+//! client), and what `/proc` says about them.
+//!
+//! Lifecycle rules: every child is started with `PR_SET_PDEATHSIG = SIGKILL`
+//! (so it dies with the harness even if the harness is killed), from the main
+//! thread (the signal follows the thread that forked), and is killed and
+//! reaped when its guard drops — also while a panic unwinds. Every wait here
+//! has a deadline.
+
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// A private temporary directory, removed when dropped.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates `$TMPDIR/vramd-bench-<pid>-<n>` with mode 0700.
+    pub fn new() -> io::Result<TempDir> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("vramd-bench-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map(|()| TempDir { path })
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Makes `cmd`'s child die with the thread that spawns it (SIGKILL).
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe functions (prctl, getppid, _exit).
+    unsafe {
+        let parent = libc::getpid();
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A child process killed and reaped when dropped.
+#[derive(Debug)]
+pub struct ChildGuard {
+    child: Option<Child>,
+}
+
+impl ChildGuard {
+    /// Spawns `cmd` (with [`die_with_parent`]).
+    pub fn spawn(cmd: &mut Command) -> io::Result<ChildGuard> {
+        let child = die_with_parent(cmd).spawn()?;
+        Ok(ChildGuard { child: Some(child) })
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// The child, for its pipes.
+    pub fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("child is running")
+    }
+
+    /// Waits up to `timeout` for it to exit; `None` if it did not.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(s)) => return Some(s),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Kills it (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `vramd` started on a private socket; killed when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    // Field order matters: the process dies before its directory goes.
+    child: ChildGuard,
+    socket: PathBuf,
+    dir: TempDir,
+}
+
+impl Daemon {
+    /// Starts `bin` with `args` plus `--socket` and `--log-level log_level`
+    /// (its log goes to a file in its directory), and waits up to 10 s until
+    /// it accepts connections.
+    pub fn start(bin: &Path, args: &[&str], log_level: &str) -> io::Result<Daemon> {
+        let dir = TempDir::new()?;
+        let socket = dir.path().join("vramd.sock");
+        let log = std::fs::File::create(dir.path().join("vramd.log"))?;
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--log-level")
+            .arg(log_level)
+            .env_remove("RUST_LOG")
+            .env_remove("VRAMD_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = ChildGuard::spawn(&mut cmd).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot start {}: {e}", bin.display()))
+        })?;
+        let mut d = Daemon { child, socket, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if UnixStream::connect(&d.socket).is_ok() {
+                return Ok(d);
+            }
+            if d.child.wait_timeout(Duration::ZERO).is_some() || Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "vramd did not start listening; log:\n{}",
+                    d.log_tail()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("vramd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// What `/proc` says about it now.
+    pub fn sample(&self) -> io::Result<ProcSample> {
+        ProcSample::read(self.pid())
+    }
+}
+
+/// Resource use of a process at one moment (from `/proc/<pid>`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcSample {
+    /// When it was taken.
+    pub at: Instant,
+    /// Resident set size.
+    pub rss_bytes: u64,
+    /// Peak resident set size.
+    pub hwm_bytes: u64,
+    /// User plus system CPU time, in clock ticks.
+    pub cpu_ticks: u64,
+    /// Context switches of all its threads (voluntary and not): each is a
+    /// wake-up or a preemption.
+    pub ctx_switches: u64,
+    /// Number of threads.
+    pub threads: u64,
+}
+
+impl ProcSample {
+    /// Reads `/proc/<pid>/{status,stat}` and its threads' switch counts.
+    pub fn read(pid: u32) -> io::Result<ProcSample> {
+        let at = Instant::now();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        let rss_bytes = field("VmRSS:") * 1024;
+        let hwm_bytes = field("VmHWM:") * 1024;
+        let threads = field("Threads:");
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the parenthesised command name; utime and stime are
+        // fields 14 and 15 (1-based), i.e. 12 and 13 after it.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let cpu_ticks = tick(11) + tick(12);
+        let mut ctx_switches = 0;
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.flatten() {
+                if let Ok(s) = std::fs::read_to_string(t.path().join("status")) {
+                    for l in s.lines() {
+                        if let Some(rest) = l
+                            .strip_prefix("voluntary_ctxt_switches:")
+                            .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                        {
+                            ctx_switches += rest.trim().parse::<u64>().unwrap_or(0);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(ProcSample {
+            at,
+            rss_bytes,
+            hwm_bytes,
+            cpu_ticks,
+            ctx_switches,
+            threads,
+        })
+    }
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as u64 } else { 100 }
+}
+
+/// Waits until `fd` is readable or `timeout` passes; true if readable.
+pub fn poll_readable(fd: std::os::fd::RawFd, timeout: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    n > 0
+}
+
+/// Sends SIGKILL to `pid`.
+pub fn sigkill(pid: u32) -> io::Result<()> {
+    // SAFETY: kill has no memory-safety preconditions.
+    if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Raises the soft open-files limit to the hard limit; returns the new soft
+/// limit.
+pub fn raise_nofile_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: r is a valid rlimit to fill and then read.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 0;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                r = want;
+            }
+        }
+    }
+    r.rlim_cur
+}
+
+/// Share of all CPUs busy over `window`, in percent, from `/proc/stat`
+/// (every process on the machine, this one included).
+pub fn machine_busy_pct(window: Duration) -> Option<f64> {
+    fn read() -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().next()?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let total: u64 = v.iter().take(8).sum();
+        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+        Some((total, idle))
+    }
+    let (t0, i0) = read()?;
+    std::thread::sleep(window);
+    let (t1, i1) = read()?;
+    let dt = t1.saturating_sub(t0);
+    if dt == 0 {
+        return None;
+    }
+    Some(100.0 * (1.0 - i1.saturating_sub(i0) as f64 / dt as f64))
+}
