@@ -507,7 +507,16 @@ pub fn markdown(r: &Value) -> String {
             sep.push_str("---|---|---|");
             let _ = writeln!(md, "{head}\n{sep}");
             if let Some(policies) = t["policies"].as_object() {
-                for (pname, p) in policies {
+                // vramd first, then the baselines, then anything else.
+                let mut names: Vec<&String> = policies.keys().collect();
+                names.sort_by_key(|n| {
+                    std::iter::once("vramd")
+                        .chain(BASELINES)
+                        .position(|x| x == n.as_str())
+                        .unwrap_or(usize::MAX)
+                });
+                for pname in names {
+                    let p = &policies[pname];
                     let mut line = format!(
                         "| {pname} | {} s | {} | {}% ({}%) |",
                         fmt_num(f(p, &["makespan_s"])),
