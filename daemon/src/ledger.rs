@@ -44,6 +44,10 @@ use vramd_protocol::{
     ReservationId, ReservationStatus, ReserveRequest, format_size,
 };
 
+/// Queue positions are pushed on every change up to this depth; deeper
+/// waiters learn their first position, then moves once within this depth.
+pub const POSITION_PUSH_LIMIT: u32 = 1000;
+
 /// Identifies one client connection inside the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ConnId(pub u64);
@@ -945,10 +949,11 @@ impl Ledger {
             .collect()
     }
 
-    /// Waiting requests in the order they would be granted.
-    pub fn queue_status(&self, now: Instant) -> Vec<QueueEntry> {
+    /// The first `limit` waiting requests, in the order they would be granted.
+    pub fn queue_status(&self, now: Instant, limit: usize) -> Vec<QueueEntry> {
         self.queue
             .iter()
+            .take(limit)
             .enumerate()
             .map(|(pos, (_, w))| QueueEntry {
                 id: w.id,
@@ -1157,7 +1162,11 @@ impl Ledger {
         self.positions_dirty = false;
         for (pos, (_, w)) in self.queue.iter_mut().enumerate() {
             let position = pos as u32 + 1;
-            if w.told_position != position {
+            // Deep in a long queue, moves are not pushed (a move at the head
+            // would otherwise cost a message per waiter): only a waiter's
+            // first position and its moves within the first POSITION_PUSH_LIMIT.
+            let worth_telling = position <= POSITION_PUSH_LIMIT || w.told_position == 0;
+            if w.told_position != position && worth_telling {
                 w.told_position = position;
                 effects.push(Effect::Queued {
                     conn: w.conn,

@@ -172,6 +172,9 @@ fn in_group(pid: u32, gid: u32, group: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Most queue entries a status lists (the answer must fit in one frame).
+const STATUS_QUEUE_LIMIT: usize = 1000;
+
 /// What connection tasks tell the core task.
 #[derive(Debug)]
 enum Event {
@@ -292,6 +295,24 @@ fn remove_socket(path: &Path) {
         if e.kind() != io::ErrorKind::NotFound {
             warn!(path = %path.display(), error = %e, "cannot remove socket file");
         }
+    }
+}
+
+/// Appends a reply; one that cannot be encoded (too large for a frame)
+/// becomes an `internal` error for its request instead of ending the session.
+fn encode_reply(encoding: Encoding, msg: &ServerMessage, out: &mut Vec<u8>) {
+    if let Err(e) = encode_into(encoding, msg, out) {
+        warn!(error = %e, "cannot encode a reply");
+        let tag = match msg {
+            ServerMessage::Status { tag, .. } => *tag,
+            _ => 0,
+        };
+        let fallback = error_msg(
+            tag,
+            ErrorKind::Internal,
+            format!("the reply could not be sent: {e}"),
+        );
+        let _ = encode_into(encoding, &fallback, out);
     }
 }
 
@@ -579,10 +600,10 @@ async fn session(
             msg = outbound.recv() => {
                 let Some(msg) = msg else { return Ok(SessionEnd::Closed) };
                 out.clear();
-                encode_into(encoding, &msg, &mut out).map_err(io::Error::other)?;
+                encode_reply(encoding, &msg, &mut out);
                 // Batch whatever else is ready into one write.
                 while let Ok(more) = outbound.try_recv() {
-                    encode_into(encoding, &more, &mut out).map_err(io::Error::other)?;
+                    encode_reply(encoding, &more, &mut out);
                     if out.len() > 64 * 1024 {
                         break;
                     }
@@ -716,7 +737,8 @@ async fn core_task(
                             uptime_ms: now.duration_since(started).as_millis() as u64,
                             devices: ledger.device_status(),
                             reservations: ledger.reservation_status(now),
-                            queue: ledger.queue_status(now),
+                            queue: ledger.queue_status(now, STATUS_QUEUE_LIMIT),
+                            queue_total: ledger.waiter_count() as u64,
                             counters: ledger.counters().clone(),
                             consumers: ledger.consumer_status(now),
                         };
@@ -933,6 +955,7 @@ mod redaction {
             }],
             counters: Counters::default(),
             consumers: vec![],
+            queue_total: 1,
         };
         redact(&mut s, 1000);
         assert_eq!(s.reservations[0].label.as_deref(), Some("secret-1000"));

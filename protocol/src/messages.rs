@@ -349,6 +349,8 @@ pub struct StatusReport {
     pub counters: Counters,
     /// External consumers declared in the config file.
     pub consumers: Vec<ConsumerStatus>,
+    /// How many requests wait in all; `queue` lists at most the first 1,000.
+    pub queue_total: u64,
 }
 
 /// One external consumer (Ollama, ComfyUI, an HTTP app, a command) in

@@ -259,3 +259,23 @@ fn async_client_reserves_without_blocking_the_runtime() {
         assert_eq!(b.status().await.unwrap().reservations.len(), 1);
     });
 }
+
+#[test]
+fn status_of_a_long_queue_lists_the_head_and_counts_the_rest() {
+    let d = Daemon::start(&[]);
+    let holder = d.client();
+    let _full = holder.reserve(Request::new(24 * GIB)).unwrap();
+    let c = d.client();
+    let pendings: Vec<_> = (0..1500)
+        .map(|_| c.submit(Request::new(GIB)).unwrap())
+        .collect();
+    assert!(wait_until(WAIT, || c.status().unwrap().queue_total == 1500));
+    let s = c.status().unwrap();
+    assert_eq!(s.queue.len(), 1000);
+    assert_eq!(s.queue[999].position, 1000);
+    let out = d.vramctl().arg("status").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("… and 500 more waiting"));
+    // Closing the connection withdraws all 1,500 at once (no cancel each).
+    drop(c);
+    drop(pendings);
+}

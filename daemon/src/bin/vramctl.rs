@@ -417,6 +417,10 @@ fn print_status(s: &StatusReport) {
                 q.label.as_deref().unwrap_or("-")
             );
         }
+        let more = s.queue_total.saturating_sub(s.queue.len() as u64);
+        if more > 0 {
+            println!("… and {more} more waiting");
+        }
     }
     if !s.consumers.is_empty() {
         println!();
