@@ -878,11 +878,17 @@ impl Ledger {
     /// Memory a new request on device `index` may get now (0 while the
     /// device is unhealthy).
     pub fn available(&self, index: usize) -> u64 {
-        if self.devices[index].fault.is_some() {
+        let device = &self.devices[index];
+        if device.fault.is_some() {
             return 0;
         }
-        self.capacity(index)
-            .saturating_sub(self.account(index).committed)
+        let committed = match device.source {
+            // What each reservation holds counts as used by its process, so
+            // the accounting model reduces to Σ reserved: no need to build it.
+            ReadingSource::Simulated => self.reserved(index),
+            ReadingSource::Measured(_) => self.account(index).committed,
+        };
+        self.capacity(index).saturating_sub(committed)
     }
 
     /// Per-device state for status.
