@@ -475,6 +475,11 @@ impl Ledger {
         self.reservations.len()
     }
 
+    /// Number of devices.
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
     /// Number of waiting requests.
     pub fn waiter_count(&self) -> usize {
         self.queue.len()
@@ -917,7 +922,11 @@ impl Ledger {
                     reserved_bytes: self.reserved(d),
                     cushion_bytes: self.config.cushion_bytes.min(spec.total_bytes),
                     committed_bytes: acc.committed,
-                    available_bytes: self.available(d),
+                    available_bytes: if dev.fault.is_some() {
+                        0
+                    } else {
+                        self.capacity(d).saturating_sub(acc.committed)
+                    },
                     unattributed_bytes: acc.unattributed,
                     healthy: dev.fault.is_none(),
                     note,

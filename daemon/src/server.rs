@@ -210,7 +210,7 @@ pub async fn serve(
     let poller = match reader {
         Some(reader) => {
             let tx = events_tx.clone();
-            let devices = ledger.device_status().len();
+            let devices = ledger.device_count();
             Some(Poller::start(
                 reader,
                 devices,
