@@ -289,6 +289,18 @@ mod tests {
         buf.extend(bytes);
     }
 
+    /// The daemon queues answers per connection, and a queue slot is as large
+    /// as the largest variant: a large inline variant (as `StatusReport` was,
+    /// 232 bytes in all) costs every idle connection kilobytes.
+    #[test]
+    fn server_messages_stay_small() {
+        assert!(
+            std::mem::size_of::<ServerMessage>() <= 72,
+            "ServerMessage is {} bytes; box the large variant",
+            std::mem::size_of::<ServerMessage>()
+        );
+    }
+
     fn arb_selector() -> impl Strategy<Value = DeviceSelector> {
         prop_oneof![
             Just(DeviceSelector::Any),

@@ -226,8 +226,9 @@ pub enum ServerMessage {
     Status {
         /// The `Status` request's tag.
         tag: u64,
-        /// The daemon's state.
-        status: StatusReport,
+        /// The daemon's state (boxed: it is by far the largest answer, and
+        /// every queued message is as large as the largest variant).
+        status: Box<StatusReport>,
     },
     /// Answer to `Ping`.
     Pong {

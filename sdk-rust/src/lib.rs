@@ -174,7 +174,7 @@ impl Client {
     /// The daemon's state (devices, reservations, queue, counters).
     pub fn status(&self) -> Result<StatusReport> {
         match self.call(|tag| ClientMessage::Status { tag })? {
-            ServerMessage::Status { status, .. } => Ok(status),
+            ServerMessage::Status { status, .. } => Ok(*status),
             other => Err(unexpected(other)),
         }
     }
@@ -549,7 +549,7 @@ impl AsyncClient {
         let (tag, slot) = self.inner.conn.register();
         self.inner.conn.send(&ClientMessage::Status { tag })?;
         match std::future::poll_fn(|cx| slot.poll_next(cx)).await? {
-            ServerMessage::Status { status, .. } => Ok(status),
+            ServerMessage::Status { status, .. } => Ok(*status),
             ServerMessage::Error { kind, message, .. } => Err(Error::from_wire(kind, message)),
             other => Err(unexpected(other)),
         }
