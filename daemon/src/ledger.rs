@@ -845,7 +845,8 @@ impl Ledger {
 
     /// When [`Ledger::tick`] should next be called: the earliest wait limit
     /// or eviction deadline, or the moment an idle holder becomes evictable
-    /// while requests wait. (The grant order does not change with time.)
+    /// while requests wait — it passes its minimum residency, or a waiter
+    /// ages up to its priority. (The grant order does not change with time.)
     pub fn next_wakeup(&self, now: Instant) -> Option<Instant> {
         let plans = self.queue.planned().into_iter().filter_map(|k| {
             self.queue
@@ -858,6 +859,48 @@ impl Ledger {
             .into_iter()
             .chain(plans)
             .chain(self.next_eviction_eligibility(now))
+            .chain(self.next_outranking(now))
+            .min()
+    }
+
+    /// While requests wait: the next moment a waiter's effective priority
+    /// reaches that of an idle reservation or a consumer it could not evict
+    /// before (see `choose_victims`).
+    ///
+    /// A waiter reaches priority `p` at `rank + p × aging` (its order key's
+    /// rank, from the epoch), so for each priority the first waiter in grant
+    /// order still below it is the next to get there: one lookup per distinct
+    /// priority of the idle, however long the queue.
+    fn next_outranking(&self, now: Instant) -> Option<Instant> {
+        if self.queue.is_empty() {
+            return None;
+        }
+        let mut levels: Vec<i32> = self
+            .reservations
+            .values()
+            .filter(|r| r.idle && r.evicting.is_none())
+            .map(|r| r.priority)
+            .chain(
+                self.consumers
+                    .iter()
+                    .filter(|c| !c.evicting && c.reading.resident_bytes > 0)
+                    .map(|c| c.spec.priority),
+            )
+            .collect();
+        levels.sort_unstable();
+        levels.dedup();
+        let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as i128;
+        let aging = self.config.aging.as_nanos().max(1) as i128;
+        levels
+            .into_iter()
+            .filter_map(|p| {
+                let lift = i128::from(p) * aging;
+                let key = self.queue.first_from_rank(now_ns - lift + 1)?;
+                let at = key.rank + lift;
+                u64::try_from(at)
+                    .ok()
+                    .map(|ns| self.epoch + Duration::from_nanos(ns))
+            })
             .min()
     }
 
@@ -1489,6 +1532,15 @@ impl Ledger {
     /// The fewest victims on device `d` whose memory covers `needed` for
     /// waiter `w`, from the lowest priorities that can cover it, preferring
     /// lower priority, then least recently used. `None` if no set can.
+    /// A waiter's priority plus one per `aging` it has waited, as it ranks
+    /// in the queue.
+    fn effective_priority(&self, w: &Waiter, now: Instant) -> i32 {
+        let waited = now.saturating_duration_since(w.arrived).as_nanos();
+        let steps = waited / self.config.aging.as_nanos().max(1);
+        w.priority
+            .saturating_add(i32::try_from(steps).unwrap_or(i32::MAX))
+    }
+
     fn choose_victims(
         &self,
         d: usize,
@@ -1497,13 +1549,18 @@ impl Ledger {
         needed: u64,
         now: Instant,
     ) -> Option<Vec<(Victim, u64)>> {
+        // A waiter may evict what it outranks, by its rank in the queue: a
+        // request that has aged past an idle model's priority may evict it,
+        // so a starved request (whose device takes no other grant) is not
+        // left waiting for idle models to leave by themselves.
+        let rank = self.effective_priority(w, now);
         // (victim, priority, last used, bytes it would free)
         let mut cands: Vec<(Victim, i32, Instant, u64)> = Vec::new();
         for r in self.reservations.values().filter(|r| r.device == d) {
             let v = Victim::Reservation(r.id);
             if r.idle
                 && r.evicting.is_none()
-                && r.priority <= w.priority
+                && r.priority <= rank
                 && now.saturating_duration_since(r.granted_at) >= self.config.min_residency
                 && !w.skip.contains(&v)
             {
@@ -1521,7 +1578,7 @@ impl Ledger {
                 && c.reachable
                 && !c.evicting
                 && c.reading.resident_bytes > 0
-                && c.spec.priority <= w.priority
+                && c.spec.priority <= rank
                 && !label_coexists
                 && c.loaded_since
                     .is_some_and(|t| now.saturating_duration_since(t) >= c.spec.min_residency)

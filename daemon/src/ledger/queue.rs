@@ -192,6 +192,15 @@ impl Queue {
         })
     }
 
+    /// The first key in grant order whose rank is at least `rank`.
+    pub fn first_from_rank(&self, rank: i128) -> Option<OrderKey> {
+        let from = OrderKey {
+            rank,
+            id: ReservationId(0),
+        };
+        self.by_key.range(from..).next().map(|(k, _)| *k)
+    }
+
     /// The last `n` keys in grant order, first to last.
     pub fn tail(&self, n: usize) -> Vec<OrderKey> {
         let mut v: Vec<OrderKey> = self.by_key.keys().rev().take(n).copied().collect();

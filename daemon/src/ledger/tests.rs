@@ -775,11 +775,35 @@ fn victims_are_the_fewest_from_the_lowest_priorities_oldest_first() {
     // 4 GiB needed: the older of a and b.
     let e = l.reserve(ConnId(6), peer(6), req(1, 4 * G), ms(t0, 6));
     assert_eq!(evicted(&e), vec![a]);
-    // A priority-0 waiter never evicts a priority-3 holder.
+    // A fresh priority-0 waiter does not evict a priority-3 holder.
     l.release(ConnId(1), a, ms(t0, 7)).unwrap();
     let _ = (b, hi);
     let e = l.reserve(ConnId(7), peer(7), req(1, 12 * G), ms(t0, 8));
     assert!(evicted(&e).is_empty(), "{e:?}");
+}
+
+#[test]
+fn a_waiter_evicts_a_higher_priority_idle_model_once_aged_up_to_it() {
+    let t0 = Instant::now();
+    let mut l = evicting_ledger(&[24 * G]);
+    l.config.aging = Duration::from_secs(10);
+    let hi = grant_id(&l.reserve(ConnId(1), peer(1), idle_req(1, 20 * G, 3), t0));
+    let arrived = ms(t0, 100);
+    let e = l.reserve(ConnId(2), peer(2), req(1, 10 * G), arrived);
+    assert!(
+        evicted(&e).is_empty(),
+        "a fresh priority-0 waiter evicted a priority-3 model"
+    );
+    // Priority 0 + one per 10 s waited reaches 3 after 30 s: the daemon
+    // wakes up at that moment, not before, and asks then.
+    let at = arrived + Duration::from_secs(30);
+    assert_eq!(l.next_wakeup(arrived), Some(at));
+    assert!(evicted(&l.tick(at - Duration::from_millis(1))).is_empty());
+    assert_eq!(evicted(&l.tick(at)), vec![hi]);
+    let (_, e) = l
+        .release(ConnId(1), hi, at + Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(granted(&e), vec![(ConnId(2), 1, 0)]);
 }
 
 #[test]
