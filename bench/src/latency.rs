@@ -19,10 +19,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use vramd_client::{Client, GIB, Request};
-use vramd_protocol::{ClientMessage, Encoding, encode};
+use vramd_protocol::{ClientMessage, Encoding, ServerMessage, encode};
 
 use crate::procs::{ChildGuard, ProcSample, TempDir, clock_ticks_per_second, poll_readable};
 use crate::stats::{Summary, nanos, round2};
+use crate::wire::RawConn;
 
 /// Length of the frame the floor bounces: an encoded 1 GiB reserve request.
 pub fn floor_frame_len() -> usize {
@@ -120,6 +121,9 @@ pub struct SdkRoundTrip {
     pub release: Summary,
     /// `ping()` (the daemon's plumbing without the ledger).
     pub ping: Summary,
+    /// The same grant+release pair without the SDK: frames written and read
+    /// by the calling thread on a blocking socket (what the daemon costs).
+    pub raw_pair: Summary,
     /// Where the time goes, per grant+release pair: CPU time and context
     /// switches (each a thread going to sleep or being woken) of the daemon
     /// and of this process (caller and SDK reader thread).
@@ -196,7 +200,28 @@ pub fn floor_and_sdk(
     let sdk = |e: vramd_client::Error| e.to_string();
     let mut echo = Echo::start(exe).map_err(io)?;
     let client = Client::connect(socket).map_err(sdk)?;
+    let mut raw = RawConn::open(socket, Duration::from_secs(10)).map_err(io)?;
     echo.round_trips(warmup, &mut Vec::new()).map_err(io)?;
+    let mut raw_tag = 0u64;
+    let mut raw_round_trip = |raw: &mut RawConn| -> io::Result<()> {
+        raw_tag += 1;
+        raw.reserve(raw_tag, GIB, 0)?;
+        let id = match raw.recv_next()? {
+            ServerMessage::Granted { grant, .. } => grant.id,
+            other => return Err(io::Error::other(format!("expected a grant, got {other:?}"))),
+        };
+        raw_tag += 1;
+        raw.send(&ClientMessage::Release { tag: raw_tag, id })?;
+        match raw.recv_next()? {
+            ServerMessage::Released { .. } => Ok(()),
+            other => Err(io::Error::other(format!(
+                "expected released, got {other:?}"
+            ))),
+        }
+    };
+    for _ in 0..warmup {
+        raw_round_trip(&mut raw).map_err(io)?;
+    }
     for _ in 0..warmup {
         client
             .reserve(Request::new(GIB))
@@ -216,6 +241,7 @@ pub fn floor_and_sdk(
         Vec::with_capacity(iterations),
         Vec::with_capacity(iterations / 4),
     );
+    let mut raw_pair = Vec::with_capacity(iterations / 4);
     let (mut echo_cost, mut floor_client_cost) = (Cost::default(), Cost::default());
     let (mut daemon_cost, mut sdk_client_cost) = (Cost::default(), Cost::default());
     for _ in 0..blocks {
@@ -248,6 +274,11 @@ pub fn floor_and_sdk(
             client.ping().map_err(sdk)?;
             ping.push(nanos(t0.elapsed()));
         }
+        for _ in 0..per_block / 4 {
+            let t0 = Instant::now();
+            raw_round_trip(&mut raw).map_err(io)?;
+            raw_pair.push(nanos(t0.elapsed()));
+        }
     }
     let (nf, np) = (floor.len(), pair.len());
     Ok((
@@ -261,6 +292,7 @@ pub fn floor_and_sdk(
             grant: Summary::of(grant),
             release: Summary::of(release),
             ping: Summary::of(ping),
+            raw_pair: Summary::of(raw_pair),
             cost: json!({
                 "daemon": daemon_cost.per_op(np),
                 "client": sdk_client_cost.per_op(np),

@@ -315,6 +315,13 @@ pub fn markdown(r: &Value) -> String {
         "Rust SDK `ping` (no ledger)",
         &r["rtt_rust"]["ping"],
     );
+    if r["rtt_rust"]["raw_pair"].is_object() {
+        row(
+            &mut md,
+            "grant+release without the SDK (frames on a blocking socket)",
+            &r["rtt_rust"]["raw_pair"],
+        );
+    }
     let py = &r["rtt_python"];
     if py["skipped"].as_bool() == Some(true) {
         let _ = writeln!(

@@ -74,6 +74,33 @@ impl RawConn {
         self.send(&ClientMessage::Reserve(reserve_request(tag, bytes, index)))
     }
 
+    /// Receives the next message, blocking under the read timeout set by the
+    /// last [`RawConn::recv`] (one `read` per message: no timeout to set).
+    pub fn recv_next(&mut self) -> io::Result<ServerMessage> {
+        let mut scratch = [0u8; 4096];
+        loop {
+            if let Some(m) = self
+                .decoder
+                .decode(&mut self.buf)
+                .map_err(io::Error::other)?
+            {
+                return Ok(m);
+            }
+            match self.stream.read(&mut scratch)? {
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the daemon closed the connection",
+                    ));
+                }
+                n => {
+                    self.read_bytes += n as u64;
+                    self.buf.extend(&scratch[..n]);
+                }
+            }
+        }
+    }
+
     /// Receives one message, waiting up to `timeout`; `Ok(None)` if none came.
     pub fn recv(&mut self, timeout: Duration) -> io::Result<Option<ServerMessage>> {
         let deadline = Instant::now() + timeout;
