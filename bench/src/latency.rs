@@ -126,7 +126,7 @@ pub struct SdkRoundTrip {
     pub raw_pair: Summary,
     /// Where the time goes, per grant+release pair: CPU time and context
     /// switches (each a thread going to sleep or being woken) of the daemon
-    /// and of this process (caller and SDK reader thread).
+    /// and of this process (caller and SDK background thread).
     pub cost: Value,
 }
 

@@ -1,9 +1,31 @@
-//! One connection to the daemon and its reader thread.
+//! One connection to the daemon: who reads its socket, and where replies go.
 //!
-//! Requests are written from the caller's thread under a mutex; a reader
-//! thread decodes everything the daemon sends and routes it by tag to a
-//! [`Slot`], where a blocking caller waits on a condition variable and an
-//! async caller on a waker. When the socket closes, every slot learns it.
+//! Requests are written from the caller's thread under a mutex. Everything
+//! the daemon sends is decoded and routed by tag to a [`Slot`], where a
+//! blocking caller waits on a condition variable and an async caller on a
+//! waker. When the socket closes, every slot learns it.
+//!
+//! # Who reads
+//! One reader at a time, either
+//! - a **blocking caller** waiting for its own answer: if nobody else is
+//!   reading, it becomes the *leader* and reads the socket itself, routing
+//!   whatever comes (its own answer, others' answers, eviction requests)
+//!   until its answer is there. The answer then wakes the caller directly,
+//!   with no hand-off between threads: that hand-off was about a fifth of a
+//!   request's round trip (docs/benchmarks.md); or
+//! - the **background thread**, whenever no caller leads: it waits for the
+//!   socket to be readable (`poll`, without holding anything), then reads
+//!   what is there without blocking. It serves async callers, callers that
+//!   found a reader busy, and unsolicited messages (eviction requests) while
+//!   the program does something else.
+//!
+//! While a caller leads, and for up to [`LINGER`] after it left, the
+//! background thread stays away from the socket unless someone else waits
+//! (a caller that found the reader busy, an async caller): a caller in a
+//! loop comes back within microseconds and leads again, and a background
+//! thread woken by every answer would cost the caller's CPU. Unsolicited
+//! messages (eviction requests) that arrive just as a leader leaves are
+//! therefore read up to [`LINGER`] late — eviction deadlines are seconds.
 //!
 //! A grant that arrives for a request nobody waits for any more (cancelled or
 //! dropped while the grant was in flight) is released at once, so a race can
@@ -11,6 +33,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,6 +50,11 @@ use crate::error::{Error, Result};
 
 /// How long `connect` waits for the daemon's welcome.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the background thread leaves the socket to callers after a
+/// leader left, when nobody else waits (see the module docs); also how often
+/// it looks while a caller leads.
+pub(crate) const LINGER: Duration = Duration::from_millis(50);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind; go on.
@@ -66,11 +94,26 @@ impl Slot {
         self.cv.notify_all();
     }
 
-    /// Next event, waiting up to `timeout` (`None`: as long as it takes).
-    /// `Ok(None)`: nothing arrived in time. `Err(Disconnected)`: the
-    /// connection closed and nothing is left.
-    pub(crate) fn next(&self, timeout: Option<Duration>) -> Result<Option<ServerMessage>> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+    /// The next event if one is there. `Err(Disconnected)`: the connection
+    /// closed and nothing is left.
+    fn try_take(&self) -> Result<Option<ServerMessage>> {
+        let mut st = lock(&self.state);
+        match st.events.pop_front() {
+            Some(m) => Ok(Some(m)),
+            None if st.closed => Err(Error::Disconnected),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether an async caller waits on it.
+    fn has_waker(&self) -> bool {
+        lock(&self.state).waker.is_some()
+    }
+
+    /// Next event, waiting up to `deadline` (`None`: as long as it takes)
+    /// for someone else to route it. `Ok(None)`: nothing arrived in time.
+    /// `Err(Disconnected)`: the connection closed and nothing is left.
+    fn wait(&self, deadline: Option<Instant>) -> Result<Option<ServerMessage>> {
         let mut st = lock(&self.state);
         loop {
             if let Some(m) = st.events.pop_front() {
@@ -162,10 +205,40 @@ impl EvictState {
     }
 }
 
+/// The reading end of the socket, with what was read but not yet decoded.
+/// Only the current reader (a leader or the background thread) touches it.
+#[derive(Debug)]
+struct ReadSide {
+    stream: UnixStream,
+    decoder: Decoder,
+    buf: ReadBuffer,
+}
+
+/// Who reads the socket now (see the module docs).
+#[derive(Debug, Default)]
+struct Readers {
+    /// A blocking caller reads.
+    leading: bool,
+    /// The background thread reads (it has seen the socket readable).
+    background: bool,
+    /// Blocking callers waiting on their slot for someone else to read.
+    waiting: usize,
+    /// When the last leader left, while the background thread lingers.
+    lead_ended: Option<Instant>,
+    /// The session is over: the background thread ends.
+    closed: bool,
+}
+
 /// A live session with the daemon.
 #[derive(Debug)]
 pub(crate) struct Conn {
     writer: Mutex<UnixStream>,
+    reader: Mutex<ReadSide>,
+    /// The reading end's descriptor, to `poll` it without taking `reader`.
+    read_fd: RawFd,
+    readers: Mutex<Readers>,
+    /// The background thread waits here while a caller leads or it lingers.
+    readers_cv: Condvar,
     slots: Mutex<HashMap<u64, Arc<Slot>>>,
     evictions: Mutex<HashMap<ReservationId, Arc<EvictState>>>,
     closed: AtomicBool,
@@ -176,7 +249,7 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    /// Connects, says hello, and starts the reader thread.
+    /// Connects, says hello, and starts the background reader thread.
     pub(crate) fn connect(path: &Path) -> Result<Arc<Conn>> {
         let not_running = |source| Error::NotRunning {
             path: path.to_path_buf(),
@@ -225,6 +298,14 @@ impl Conn {
         let reader_stream = stream.try_clone()?;
         let conn = Arc::new(Conn {
             writer: Mutex::new(stream),
+            read_fd: reader_stream.as_raw_fd(),
+            reader: Mutex::new(ReadSide {
+                stream: reader_stream,
+                decoder,
+                buf,
+            }),
+            readers: Mutex::new(Readers::default()),
+            readers_cv: Condvar::new(),
             slots: Mutex::new(HashMap::new()),
             evictions: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
@@ -236,7 +317,7 @@ impl Conn {
         let reader_conn = conn.clone();
         std::thread::Builder::new()
             .name("vramd-client-reader".into())
-            .spawn(move || reader_conn.read_loop(reader_stream, decoder, buf))?;
+            .spawn(move || reader_conn.background())?;
         Ok(conn)
     }
 
@@ -258,10 +339,13 @@ impl Conn {
     pub(crate) fn register(&self) -> (u64, Arc<Slot>) {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         let slot = Arc::new(Slot::default());
+        // Under the slots lock, as `close_all` sets `closed`: a slot is
+        // either closed here or drained there, never missed.
+        let mut slots = lock(&self.slots);
         if self.closed.load(Ordering::SeqCst) {
             slot.close();
         } else {
-            lock(&self.slots).insert(tag, slot.clone());
+            slots.insert(tag, slot.clone());
         }
         (tag, slot)
     }
@@ -292,6 +376,9 @@ impl Conn {
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::Disconnected);
         }
+        if !self.owned_by_this_process() {
+            return Err(forked());
+        }
         let bytes = encode(Encoding::Binary, msg).map_err(|e| Error::Protocol(e.to_string()))?;
         lock(&self.writer).write_all(&bytes).map_err(|e| {
             if matches!(
@@ -311,19 +398,234 @@ impl Conn {
         let _ = lock(&self.writer).shutdown(std::net::Shutdown::Both);
     }
 
-    fn read_loop(
-        self: Arc<Self>,
-        mut stream: UnixStream,
-        mut decoder: Decoder,
-        mut buf: ReadBuffer,
-    ) {
-        while let Ok(Some(msg)) = read_message(&mut stream, &mut decoder, &mut buf) {
-            self.route(msg);
+    /// The next event for `slot`, waiting up to `timeout` (`None`: as long
+    /// as it takes), reading the socket itself when nobody else does.
+    /// `Ok(None)`: nothing arrived in time. `Err(Disconnected)`: the
+    /// connection closed and nothing is left.
+    pub(crate) fn next(
+        self: &Arc<Self>,
+        slot: &Slot,
+        timeout: Option<Duration>,
+    ) -> Result<Option<ServerMessage>> {
+        if !self.owned_by_this_process() {
+            return Err(forked());
         }
-        self.closed.store(true, Ordering::SeqCst);
-        let slots: Vec<Arc<Slot>> = lock(&self.slots).drain().map(|(_, s)| s).collect();
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if let Some(m) = slot.try_take()? {
+                return Ok(Some(m));
+            }
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(Error::Disconnected);
+            }
+            let lead = {
+                let mut r = lock(&self.readers);
+                if !r.leading && !r.background && !r.closed {
+                    r.leading = true;
+                    true
+                } else {
+                    r.waiting += 1;
+                    false
+                }
+            };
+            if lead {
+                let outcome = self.lead(slot, deadline);
+                let mut r = lock(&self.readers);
+                r.leading = false;
+                if r.waiting > 0 || self.async_waiting() {
+                    // Someone else needs a reader now.
+                    r.lead_ended = None;
+                    self.readers_cv.notify_all();
+                } else {
+                    // Probably back soon: no need to wake the background
+                    // thread (it looks again within LINGER).
+                    r.lead_ended = Some(Instant::now());
+                }
+                drop(r);
+                match outcome {
+                    Lead::Answered(m) => return Ok(Some(m)),
+                    Lead::TimedOut => return Ok(None),
+                    Lead::Closed => return slot.try_take()?.map(Some).ok_or(Error::Disconnected),
+                }
+            }
+            // The current reader routes our answer; the background thread
+            // must not linger meanwhile.
+            self.readers_cv.notify_all();
+            let got = slot.wait(deadline);
+            lock(&self.readers).waiting -= 1;
+            match got {
+                Ok(Some(m)) => return Ok(Some(m)),
+                Err(e) => return Err(e),
+                Ok(None) if deadline.is_some_and(|d| Instant::now() >= d) => return Ok(None),
+                // Woken without an answer (spurious): try to lead.
+                Ok(None) => {}
+            }
+        }
+    }
+
+    /// Reads and routes as the leader until `slot` has an event, the
+    /// deadline passes or the session ends.
+    fn lead(self: &Arc<Self>, slot: &Slot, deadline: Option<Instant>) -> Lead {
+        let mut side = lock(&self.reader);
+        loop {
+            match slot.try_take() {
+                Ok(Some(m)) => return Lead::Answered(m),
+                Ok(None) => {}
+                Err(_) => return Lead::Closed,
+            }
+            let wait = match deadline {
+                None => None,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Lead::TimedOut;
+                    }
+                    Some(left)
+                }
+            };
+            // With no deadline a plain blocking read; with one, `poll` first.
+            let ready = match wait {
+                None => true,
+                Some(left) => poll_readable(self.read_fd, Some(left)),
+            };
+            if ready && self.read_and_route(&mut side, wait.is_some()).is_err() {
+                drop(side);
+                self.close_all();
+                return Lead::Closed;
+            }
+        }
+    }
+
+    /// One read from the socket (without blocking if `nonblocking`); routes
+    /// every complete message. `Err` when the session is over.
+    fn read_and_route(
+        self: &Arc<Self>,
+        side: &mut ReadSide,
+        nonblocking: bool,
+    ) -> std::result::Result<(), ()> {
+        let mut scratch = [0u8; 8 * 1024];
+        let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+        // SAFETY: `scratch` is valid for writes of its length for the call.
+        let n = unsafe {
+            libc::recv(
+                side.stream.as_raw_fd(),
+                scratch.as_mut_ptr().cast(),
+                scratch.len(),
+                flags,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(()),
+                _ => Err(()),
+            };
+        }
+        if n == 0 {
+            return Err(());
+        }
+        side.buf.extend(&scratch[..n as usize]);
+        loop {
+            match side.decoder.decode::<ServerMessage>(&mut side.buf) {
+                Ok(Some(m)) => self.route(m),
+                Ok(None) => return Ok(()),
+                // The daemon sent something we cannot decode: the stream is
+                // lost; end the session rather than guess.
+                Err(_) => return Err(()),
+            }
+        }
+    }
+
+    /// Whether an async caller waits for an answer.
+    fn async_waiting(&self) -> bool {
+        lock(&self.slots).values().any(|s| s.has_waker())
+    }
+
+    /// The session is over: every slot learns it, the background thread ends.
+    fn close_all(&self) {
+        let slots: Vec<Arc<Slot>> = {
+            let mut slots = lock(&self.slots);
+            self.closed.store(true, Ordering::SeqCst);
+            slots.drain().map(|(_, s)| s).collect()
+        };
         for s in slots {
             s.close();
+        }
+        lock(&self.readers).closed = true;
+        self.readers_cv.notify_all();
+    }
+
+    /// Polls for the next event from async code; makes sure the background
+    /// thread reads for it.
+    pub(crate) fn poll_next(
+        &self,
+        slot: &Slot,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<ServerMessage>> {
+        let p = slot.poll_next(cx);
+        if p.is_pending() {
+            let mut r = lock(&self.readers);
+            if r.lead_ended.take().is_some() {
+                self.readers_cv.notify_all();
+            }
+        }
+        p
+    }
+
+    /// The background reader: reads whenever no caller leads (see the module
+    /// docs), until the session ends.
+    fn background(self: Arc<Self>) {
+        loop {
+            {
+                let mut r = lock(&self.readers);
+                loop {
+                    if r.closed {
+                        return;
+                    }
+                    if r.leading {
+                        r = self
+                            .readers_cv
+                            .wait_timeout(r, LINGER)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                        continue;
+                    }
+                    let linger = match r.lead_ended {
+                        Some(t) if r.waiting == 0 => LINGER.saturating_sub(t.elapsed()),
+                        _ => Duration::ZERO,
+                    };
+                    if linger.is_zero() {
+                        r.lead_ended = None;
+                        break;
+                    }
+                    r = self
+                        .readers_cv
+                        .wait_timeout(r, linger)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+            // Wait for something to read, holding nothing.
+            poll_readable(self.read_fd, None);
+            {
+                let mut r = lock(&self.readers);
+                if r.closed {
+                    return;
+                }
+                if r.leading {
+                    continue; // the leader reads it
+                }
+                r.background = true;
+            }
+            let over = {
+                let mut side = lock(&self.reader);
+                self.read_and_route(&mut side, true).is_err()
+            };
+            lock(&self.readers).background = false;
+            if over {
+                self.close_all();
+                return;
+            }
         }
     }
 
@@ -408,6 +710,39 @@ impl Conn {
             (None, _) => {}
         }
     }
+}
+
+/// The error for a client used in a child after `fork()`: the session is the
+/// parent's, and its answers go to the parent.
+fn forked() -> Error {
+    Error::Protocol(
+        "this client was opened by the parent process before fork(); open a new one in the child"
+            .into(),
+    )
+}
+
+/// How a leader's reading ended.
+enum Lead {
+    Answered(ServerMessage),
+    TimedOut,
+    Closed,
+}
+
+/// Waits until `fd` is readable (or hung up), up to `timeout` (`None`: as
+/// long as it takes). Interrupted waits return `false` early.
+fn poll_readable(fd: RawFd, timeout: Option<Duration>) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = match timeout {
+        None => -1,
+        // Round up, so a short wait is not a busy loop.
+        Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, ms) > 0 }
 }
 
 impl Drop for Conn {

@@ -16,8 +16,9 @@
 //! # Ok::<(), vramd_client::Error>(())
 //! ```
 //!
-//! The API is blocking and needs no async runtime: a reader thread per
-//! connection routes the daemon's replies. Several reservations may share one
+//! The API is blocking and needs no async runtime: a waiting caller reads
+//! its own answer from the socket, and a background thread per connection
+//! reads when no caller does (eviction requests, async callers). Several reservations may share one
 //! [`Client`]; dropping the client closes its connection, which releases them
 //! all. With the `tokio` feature, [`AsyncClient`] offers the same from async
 //! code without blocking the executor.
@@ -193,7 +194,7 @@ impl Client {
             self.conn.unregister(tag);
             return Err(e);
         }
-        match slot.next(None)? {
+        match self.conn.next(&slot, None)? {
             Some(ServerMessage::Error { kind, message, .. }) => {
                 Err(Error::from_wire(kind, message))
             }
@@ -264,7 +265,7 @@ impl Pending {
         if self.finished {
             return Err(Error::Protocol("this request already finished".into()));
         }
-        match self.slot.next(timeout) {
+        match self.conn.next(&self.slot, timeout) {
             Ok(Some(m)) => self.handle(m).map(Some),
             Ok(None) => Ok(None),
             Err(e) => {
@@ -278,7 +279,7 @@ impl Pending {
     pub fn granted(mut self) -> impl Future<Output = Result<Reservation>> + Send {
         std::future::poll_fn(move |cx| {
             loop {
-                let msg = match self.slot.poll_next(cx) {
+                let msg = match self.conn.poll_next(&self.slot, cx) {
                     std::task::Poll::Pending => return std::task::Poll::Pending,
                     std::task::Poll::Ready(Err(e)) => {
                         self.finished = true;
@@ -338,7 +339,7 @@ impl Pending {
         }
         self.finished = true;
         // In a forked child, touch nothing shared: a lock held by the
-        // parent's reader thread at fork() would never be released here.
+        // parent's other threads at fork() would never be released here.
         if !self.conn.owned_by_this_process() {
             return;
         }
@@ -411,7 +412,7 @@ impl Reservation {
             self.conn.unregister(tag);
             return Err(e);
         }
-        match slot.next(None)? {
+        match self.conn.next(&slot, None)? {
             Some(ServerMessage::IdleSet { .. }) => Ok(()),
             Some(ServerMessage::Error { kind, message, .. }) => {
                 Err(Error::from_wire(kind, message))
@@ -449,7 +450,7 @@ impl Reservation {
             self.conn.unregister(tag);
             return Err(e);
         }
-        match slot.next(None)? {
+        match self.conn.next(&slot, None)? {
             Some(ServerMessage::Attached { pids, .. }) => Ok(pids),
             Some(ServerMessage::Error { kind, message, .. }) => {
                 Err(Error::from_wire(kind, message))
@@ -479,7 +480,7 @@ impl Reservation {
                 return Err(e);
             }
         }
-        match slot.next(None) {
+        match self.conn.next(&slot, None) {
             Ok(Some(ServerMessage::Released { .. })) | Err(Error::Disconnected) => Ok(()),
             // The eviction thread's release got there first: it is released.
             Ok(Some(ServerMessage::Error {
@@ -548,7 +549,7 @@ impl AsyncClient {
     pub async fn status(&self) -> Result<StatusReport> {
         let (tag, slot) = self.inner.conn.register();
         self.inner.conn.send(&ClientMessage::Status { tag })?;
-        match std::future::poll_fn(|cx| slot.poll_next(cx)).await? {
+        match std::future::poll_fn(|cx| self.inner.conn.poll_next(&slot, cx)).await? {
             ServerMessage::Status { status, .. } => Ok(*status),
             ServerMessage::Error { kind, message, .. } => Err(Error::from_wire(kind, message)),
             other => Err(unexpected(other)),
