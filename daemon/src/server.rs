@@ -350,8 +350,10 @@ async fn fill(
     buf: &mut ReadBuffer,
 ) -> io::Result<bool> {
     std::future::poll_fn(|cx| {
-        let mut scratch = [0u8; 8 * 1024];
-        let mut read = tokio::io::ReadBuf::new(&mut scratch);
+        // Uninitialized: zeroing 8 KiB for every read costs more than the
+        // few bytes a request usually is.
+        let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 8 * 1024];
+        let mut read = tokio::io::ReadBuf::uninit(&mut scratch);
         match std::pin::Pin::new(&mut *stream).poll_read(cx, &mut read) {
             std::task::Poll::Ready(Ok(())) => {
                 buf.extend(read.filled());
@@ -741,12 +743,13 @@ async fn core_task(
                     }
                     ClientMessage::Release { tag, id } => match ledger.release(conn, id, now) {
                         Ok((r, effects)) => {
-                            info!(id = %r.id, conn = %conn, pid = peer.pid, device = r.device, bytes = r.bytes,
-                                size = %format_size(r.bytes), label = r.label.as_deref().unwrap_or(""),
-                                held_ms = r.held.as_millis() as u64, evicted = r.evicted, "released");
                             reply(ServerMessage::Released { tag, id });
                             refresh();
                             deliver(&conns, &consumers, effects);
+                            // Logged once the answers are on their way.
+                            info!(id = %r.id, conn = %conn, pid = peer.pid, device = r.device, bytes = r.bytes,
+                                size = %format_size(r.bytes), label = r.label.as_deref().unwrap_or(""),
+                                held_ms = r.held.as_millis() as u64, evicted = r.evicted, "released");
                         }
                         Err(e) => reply(error_msg(tag, ErrorKind::NotFound, e.to_string())),
                     },
@@ -872,10 +875,17 @@ fn deliver(
                 label,
                 waited,
             } => {
-                info!(id = %grant.id, conn = %conn, pid = conns.get(&conn).map_or(0, |h| h.peer.pid),
-                    device = grant.device, bytes = grant.bytes, size = %format_size(grant.bytes),
+                let (id, device, bytes) = (grant.id, grant.device, grant.bytes);
+                let handle = conns.get(&conn);
+                if let Some(h) = handle {
+                    let _ = h.tx.send(ServerMessage::Granted { tag, grant });
+                }
+                // Logged once the answer is on its way: formatting and
+                // writing the line is not part of the client's wait.
+                info!(id = %id, conn = %conn, pid = handle.map_or(0, |h| h.peer.pid),
+                    device, bytes, size = %format_size(bytes),
                     label = label.as_deref().unwrap_or(""), waited_ms = waited.as_millis() as u64, "granted");
-                (conn, ServerMessage::Granted { tag, grant })
+                continue;
             }
             Effect::Queued {
                 conn,
