@@ -409,6 +409,7 @@ fn run_all(cli: &Cli) -> ExitCode {
         only: cli.only.clone(),
     };
     let t_all = Instant::now();
+    let ticks_before = procs::cpu_ticks();
     run.results.insert(
         "meta".into(),
         json!({
@@ -615,6 +616,12 @@ fn run_all(cli: &Cli) -> ExitCode {
     );
     run.results["meta"]["machine_busy_pct_after"] =
         json!(procs::machine_busy_pct(Duration::from_millis(500)).map(stats::round2));
+    run.results["meta"]["steal_pct_during_run"] = json!(
+        ticks_before
+            .zip(procs::cpu_ticks())
+            .and_then(|(a, b)| procs::steal_pct(a, b))
+            .map(stats::round2)
+    );
     let failed = !run.errors.is_empty();
     run.results
         .insert("errors".into(), Value::Object(run.errors.clone()));

@@ -312,6 +312,29 @@ pub fn raise_nofile_limit() -> u64 {
     r.rlim_cur
 }
 
+/// The machine's CPU time so far, from `/proc/stat`'s first line, in ticks:
+/// (all of it, stolen by the hypervisor). Compare two readings with
+/// [`steal_pct`].
+pub fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    Some((v.iter().take(8).sum(), v.get(7).copied().unwrap_or(0)))
+}
+
+/// Share of the CPUs' time between two [`cpu_ticks`] readings that the
+/// hypervisor gave to other guests, in percent: on a virtual machine, the
+/// noise no guest-side measurement sees.
+pub fn steal_pct(before: (u64, u64), after: (u64, u64)) -> Option<f64> {
+    let total = after.0.checked_sub(before.0).filter(|&t| t > 0)?;
+    Some(100.0 * after.1.saturating_sub(before.1) as f64 / total as f64)
+}
+
 /// Share of all CPUs busy over `window`, in percent, from `/proc/stat`
 /// (every process on the machine, this one included).
 pub fn machine_busy_pct(window: Duration) -> Option<f64> {

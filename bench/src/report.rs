@@ -259,6 +259,21 @@ pub fn markdown(r: &Value) -> String {
             "**Warning:** {b:.0}% of the machine's CPUs were busy with other work when the run started; the figures are noisy.\n"
         );
     }
+    match m["steal_pct_during_run"].as_f64() {
+        Some(s) if s >= 5.0 => {
+            let _ = writeln!(
+                md,
+                "**Warning:** the hypervisor gave {s:.0}% of this VM's CPU time to other guests during the run (steal); latencies and their tails are inflated.\n"
+            );
+        }
+        Some(s) => {
+            let _ = writeln!(
+                md,
+                "CPU time stolen by the hypervisor during the run: {s:.1}%.\n"
+            );
+        }
+        None => {}
+    }
     let _ = writeln!(md, "### Targets\n");
     let _ = writeln!(md, "| Target | Measured | Verdict |\n|---|---|---|");
     if let Some(ts) = r["targets"].as_array() {
