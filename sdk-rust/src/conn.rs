@@ -473,25 +473,27 @@ impl Conn {
                 Ok(None) => {}
                 Err(_) => return Lead::Closed,
             }
-            let wait = match deadline {
-                None => None,
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Lead::TimedOut;
-                    }
-                    Some(left)
-                }
-            };
-            // With no deadline a plain blocking read; with one, `poll` first.
+            let wait = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            // With no deadline a plain blocking read; with one, `poll` first
+            // — also when the time is up: a caller polling with a zero
+            // timeout still reads what has arrived (it is the only reader
+            // while it leads).
             let ready = match wait {
                 None => true,
                 Some(left) => poll_readable(self.read_fd, Some(left)),
             };
-            if ready && self.read_and_route(&mut side, wait.is_some()).is_err() {
-                drop(side);
-                self.close_all();
-                return Lead::Closed;
+            if ready {
+                if self.read_and_route(&mut side, wait.is_some()).is_err() {
+                    drop(side);
+                    self.close_all();
+                    return Lead::Closed;
+                }
+            } else if deadline.is_some_and(|d| Instant::now() >= d) {
+                return match slot.try_take() {
+                    Ok(Some(m)) => Lead::Answered(m),
+                    Ok(None) => Lead::TimedOut,
+                    Err(_) => Lead::Closed,
+                };
             }
         }
     }

@@ -192,3 +192,32 @@ fn a_caller_left_waiting_when_the_reader_returns_is_still_answered() {
     let rb = within(WAIT, move || b.join().unwrap()).unwrap();
     assert_eq!((ra.bytes(), rb.bytes()), (8 * GIB, 16 * GIB));
 }
+
+#[test]
+fn a_caller_polling_with_a_zero_timeout_still_sees_its_answers() {
+    let d = Daemon::start(&[]);
+    let holder = d.client();
+    let held = holder.reserve(Request::new(20 * GIB)).unwrap();
+    let c = d.client();
+    let mut p = c.submit(Request::new(10 * GIB)).unwrap();
+    // Each zero-timeout poll leads and leaves at once; what arrived must
+    // still be read (by the poller itself), not left for a background
+    // thread that never gets its turn.
+    let mut polls = 0;
+    let queued = wait_until(WAIT, || {
+        polls += 1;
+        matches!(
+            p.next(Some(Duration::ZERO)).unwrap(),
+            Some(Progress::Queued { .. })
+        )
+    });
+    assert!(queued, "no queue position after {polls} polls");
+    drop(held);
+    let granted = wait_until(WAIT, || {
+        matches!(
+            p.next(Some(Duration::ZERO)).unwrap(),
+            Some(Progress::Granted(_))
+        )
+    });
+    assert!(granted, "no grant seen by zero-timeout polls");
+}
