@@ -77,40 +77,19 @@ impl RawConn {
     /// Receives the next message, blocking under the read timeout set by the
     /// last [`RawConn::recv`] (one `read` per message: no timeout to set).
     pub fn recv_next(&mut self) -> io::Result<ServerMessage> {
-        let mut scratch = [0u8; 4096];
         loop {
-            if let Some(m) = self
-                .decoder
-                .decode(&mut self.buf)
-                .map_err(io::Error::other)?
-            {
+            if let Some(m) = self.decoded()? {
                 return Ok(m);
             }
-            match self.stream.read(&mut scratch)? {
-                0 => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the daemon closed the connection",
-                    ));
-                }
-                n => {
-                    self.read_bytes += n as u64;
-                    self.buf.extend(&scratch[..n]);
-                }
-            }
+            self.read_more()?;
         }
     }
 
     /// Receives one message, waiting up to `timeout`; `Ok(None)` if none came.
     pub fn recv(&mut self, timeout: Duration) -> io::Result<Option<ServerMessage>> {
         let deadline = Instant::now() + timeout;
-        let mut scratch = [0u8; 4096];
         loop {
-            if let Some(m) = self
-                .decoder
-                .decode(&mut self.buf)
-                .map_err(io::Error::other)?
-            {
+            if let Some(m) = self.decoded()? {
                 return Ok(Some(m));
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -118,17 +97,8 @@ impl RawConn {
                 return Ok(None);
             }
             self.stream.set_read_timeout(Some(left))?;
-            match self.stream.read(&mut scratch) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the daemon closed the connection",
-                    ));
-                }
-                Ok(n) => {
-                    self.read_bytes += n as u64;
-                    self.buf.extend(&scratch[..n]);
-                }
+            match self.read_more() {
+                Ok(()) => {}
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -138,6 +108,27 @@ impl RawConn {
                     return Ok(None);
                 }
                 Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The next complete message among the bytes already read, if any.
+    fn decoded(&mut self) -> io::Result<Option<ServerMessage>> {
+        self.decoder.decode(&mut self.buf).map_err(io::Error::other)
+    }
+
+    /// One `read` into the buffer, under the socket's current read timeout.
+    fn read_more(&mut self) -> io::Result<()> {
+        let mut scratch = [0u8; 4096];
+        match self.stream.read(&mut scratch)? {
+            0 => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the daemon closed the connection",
+            )),
+            n => {
+                self.read_bytes += n as u64;
+                self.buf.extend(&scratch[..n]);
+                Ok(())
             }
         }
     }

@@ -22,6 +22,15 @@ fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'st
         .expect("a caller did not get its answer in time")
 }
 
+/// Runs `f` to completion on a fresh single-threaded tokio runtime.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
 #[test]
 fn threads_sharing_one_client_all_get_their_answers() {
     let d = Daemon::start(&[]);
@@ -75,11 +84,7 @@ fn a_caller_waiting_in_the_queue_routes_other_threads_answers() {
     // An async caller on the same connection too.
     let c = client.clone();
     let granted = within(WAIT, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
+        block_on(async move {
             let p = c.submit(Request::new(2 * GIB)).unwrap();
             tokio::time::timeout(WAIT, p.granted()).await
         })
@@ -112,11 +117,7 @@ fn an_async_waiter_is_served_between_blocking_calls() {
         })
     };
     let granted = within(WAIT + WAIT, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
+        block_on(async move {
             let p = c.submit(Request::new(10 * GIB)).unwrap();
             let grant = p.granted();
             tokio::pin!(grant);
