@@ -744,12 +744,13 @@ async fn core_task(
                     ClientMessage::Release { tag, id } => match ledger.release(conn, id, now) {
                         Ok((r, effects)) => {
                             reply(ServerMessage::Released { tag, id });
-                            refresh();
-                            deliver(&conns, &consumers, effects);
-                            // Logged once the answers are on their way.
+                            // Logged once the answer is on its way, and
+                            // before the grants the release made room for.
                             info!(id = %r.id, conn = %conn, pid = peer.pid, device = r.device, bytes = r.bytes,
                                 size = %format_size(r.bytes), label = r.label.as_deref().unwrap_or(""),
                                 held_ms = r.held.as_millis() as u64, evicted = r.evicted, "released");
+                            refresh();
+                            deliver(&conns, &consumers, effects);
                         }
                         Err(e) => reply(error_msg(tag, ErrorKind::NotFound, e.to_string())),
                     },

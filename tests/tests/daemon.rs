@@ -121,3 +121,33 @@ fn logs_one_line_per_grant_release_timeout_and_refusal() {
         "{log}"
     );
 }
+
+#[test]
+fn a_release_is_logged_before_the_grant_it_made_room_for() {
+    let d = Daemon::start(&[]);
+    let a = d.client();
+    let b = d.client();
+    let held = a
+        .reserve(vramd_client::Request::new(20 << 30).label("first"))
+        .unwrap();
+    let waiting = b
+        .submit(vramd_client::Request::new(10 << 30).label("second"))
+        .unwrap();
+    held.release().unwrap();
+    let granted = waiting.wait().unwrap();
+    // The line is written just after the answer is sent.
+    assert!(wait_until(WAIT, || d.log().lines().any(|l| l
+        .contains(" granted ")
+        && l.contains("label=\"second\""))));
+    let log = d.log();
+    let line_of = |what: &str, label: &str| {
+        let label = format!("label=\"{label}\"");
+        log.lines()
+            .position(|l| l.contains(what) && l.contains(&label))
+            .unwrap_or_else(|| panic!("no {what:?} line for {label}:\n{log}"))
+    };
+    let released = line_of(" released ", "first");
+    let second = line_of(" granted ", "second");
+    assert!(released < second, "{log}");
+    drop(granted);
+}
