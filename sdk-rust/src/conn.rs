@@ -73,25 +73,32 @@ struct SlotState {
     events: VecDeque<ServerMessage>,
     closed: bool,
     waker: Option<Waker>,
+    /// Threads blocked on `cv`. A leader reading its own answer is not one
+    /// of them, and notifying nobody would still cost a syscall.
+    sleepers: u32,
 }
 
 impl Slot {
     fn push(&self, msg: ServerMessage) {
         let mut st = lock(&self.state);
         st.events.push_back(msg);
-        if let Some(w) = st.waker.take() {
-            w.wake();
-        }
-        self.cv.notify_all();
+        self.wake(&mut st);
     }
 
     fn close(&self) {
         let mut st = lock(&self.state);
         st.closed = true;
+        self.wake(&mut st);
+    }
+
+    /// Wakes whoever waits: the async caller's waker, blocked threads.
+    fn wake(&self, st: &mut SlotState) {
         if let Some(w) = st.waker.take() {
             w.wake();
         }
-        self.cv.notify_all();
+        if st.sleepers > 0 {
+            self.cv.notify_all();
+        }
     }
 
     /// The next event if one is there. `Err(Disconnected)`: the connection
@@ -122,11 +129,13 @@ impl Slot {
             if st.closed {
                 return Err(Error::Disconnected);
             }
+            st.sleepers += 1;
             match deadline {
                 None => st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
+                        st.sleepers -= 1;
                         return Ok(None);
                     }
                     st = self
@@ -136,6 +145,7 @@ impl Slot {
                         .0;
                 }
             }
+            st.sleepers -= 1;
         }
     }
 
