@@ -5,7 +5,9 @@
 #   - the daemon binaries the tests start (cargo build -p vramd --bins);
 #   - cargo fmt --check and cargo clippy -D warnings on sdk-python's own crate
 #     (it is not a member of the root workspace);
-#   - the wheel, built by maturin and installed into the virtualenv;
+#   - the wheel, built by maturin in release mode (what `pip install` builds,
+#     and what the benchmark's Python figure measures: a debug build is
+#     twice as slow per call) and installed into the virtualenv;
 #   - pytest over sdk-python/tests, which fails if it collects no test.
 # Run it from anywhere: bash sdk-python/scripts/test.sh [extra pytest args]
 set -euo pipefail
@@ -34,10 +36,10 @@ echo "== python sdk: cargo fmt"
 echo "== python sdk: cargo clippy"
 (cd "$sdk" && cargo clippy --quiet --all-targets -- -D warnings)
 
-echo "== python sdk: building and installing the wheel"
+echo "== python sdk: building (release) and installing the wheel"
 wheels="$sdk/target/test-wheels"
 rm -rf "$wheels"
-"$venv/bin/maturin" build --quiet --manifest-path "$sdk/Cargo.toml" \
+"$venv/bin/maturin" build --quiet --release --manifest-path "$sdk/Cargo.toml" \
   --interpreter "$py" --out "$wheels"
 wheel="$(ls "$wheels"/vramd-*.whl)"
 "$py" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$wheel"
