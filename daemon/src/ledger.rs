@@ -315,6 +315,13 @@ struct Reservation {
     evicting: Option<Instant>,
 }
 
+impl Reservation {
+    /// Idle and not already asked to unload: a possible eviction victim.
+    fn idle_unasked(&self) -> bool {
+        self.idle && self.evicting.is_none()
+    }
+}
+
 /// An external consumer declared in the config (Ollama, ComfyUI, …).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerSpec {
@@ -878,7 +885,7 @@ impl Ledger {
         let mut levels: Vec<i32> = self
             .reservations
             .values()
-            .filter(|r| r.idle && r.evicting.is_none())
+            .filter(|r| r.idle_unasked())
             .map(|r| r.priority)
             .chain(
                 self.consumers
@@ -913,7 +920,7 @@ impl Ledger {
         let reservations = self
             .reservations
             .values()
-            .filter(|r| r.idle && r.evicting.is_none())
+            .filter(|r| r.idle_unasked())
             .map(|r| r.granted_at + self.config.min_residency);
         let consumers = self
             .consumers
@@ -1425,10 +1432,7 @@ impl Ledger {
     /// victims can free enough, never a busy holder.
     fn plan_evictions(&mut self, now: Instant, effects: &mut Vec<Effect>) {
         // The common case costs nothing: no waiter, or nothing evictable.
-        let evictable = self
-            .reservations
-            .values()
-            .any(|r| r.idle && r.evicting.is_none())
+        let evictable = self.reservations.values().any(|r| r.idle_unasked())
             || self
                 .consumers
                 .iter()
@@ -1558,8 +1562,7 @@ impl Ledger {
         let mut cands: Vec<(Victim, i32, Instant, u64)> = Vec::new();
         for r in self.reservations.values().filter(|r| r.device == d) {
             let v = Victim::Reservation(r.id);
-            if r.idle
-                && r.evicting.is_none()
+            if r.idle_unasked()
                 && r.priority <= rank
                 && now.saturating_duration_since(r.granted_at) >= self.config.min_residency
                 && !w.skip.contains(&v)
