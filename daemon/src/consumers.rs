@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::config::{ConsumerConfig, ConsumerKind, Route};
-use crate::ledger::ConsumerReading;
+use vramd_ledger::ConsumerReading;
 
 /// What a consumer task reports to the core.
 #[derive(Debug)]

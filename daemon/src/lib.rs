@@ -1,9 +1,11 @@
-//! The vramd daemon as a library: the ledger (pure scheduling and accounting),
-//! the GPU backends, and the socket server. The `vramd` and `vramctl`
-//! binaries are thin wrappers over it.
+//! The vramd daemon as a library: start-up wiring ([`start`]), the GPU
+//! backends ([`gpu`]), external consumers ([`consumers`], from the
+//! [`config`] file) and the socket server ([`server`]) around the pure
+//! ledger (the `vramd-ledger` crate). The `vramd` binary only parses its
+//! arguments and calls [`start::run`].
 
 pub mod config;
 pub mod consumers;
 pub mod gpu;
-pub mod ledger;
 pub mod server;
+pub mod start;

@@ -123,6 +123,23 @@ pub fn parse_duration(input: &str) -> Result<std::time::Duration, ParseDurationE
     std::time::Duration::try_from_secs_f64(seconds).map_err(|_| err())
 }
 
+/// Formats a duration the way [`parse_duration`] reads it back: `250ms`,
+/// `30s`, `2m`, `1h`.
+pub fn format_duration(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 != 0 || ms == 0 {
+        return format!("{ms}ms");
+    }
+    let s = ms / 1000;
+    if s % 3600 == 0 {
+        format!("{}h", s / 3600)
+    } else if s % 60 == 0 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +181,14 @@ mod tests {
         assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5 parsecs").is_err());
+        for d in [
+            0, 1, 250, 1000, 10_000, 90_000, 120_000, 3_600_000, 5_400_000,
+        ] {
+            let d = Duration::from_millis(d);
+            assert_eq!(parse_duration(&format_duration(d)).unwrap(), d);
+        }
+        assert_eq!(format_duration(Duration::from_secs(30)), "30s");
+        assert_eq!(format_duration(Duration::from_secs(120)), "2m");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use vramd::ledger::LedgerConfig;
+use vramd_ledger::LedgerConfig;
 use vramd_protocol::GIB;
 
 use crate::stats::round2;

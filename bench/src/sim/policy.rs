@@ -1,7 +1,7 @@
 //! The arbiters the simulator compares: vramd's own [`Ledger`], and the
 //! designs it replaces.
 //!
-//! - [`LedgerArbiter`] drives the real `vramd::ledger::Ledger` in virtual
+//! - [`LedgerArbiter`] drives the real `vramd_ledger::Ledger` in virtual
 //!   time (each `Instant` is a fixed base plus the simulated time): every
 //!   grant decision — the priority + aging order, backfill, the starvation
 //!   guard — and every eviction of an idle model (victim choice, minimum
@@ -25,8 +25,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use vramd::ledger::{ConnId, DeviceSpec, Effect, Ledger, LedgerConfig, Peer, ReadingSource};
-use vramd_protocol::{ReservationId, ReserveRequest};
+use vramd_ledger::{ConnId, DeviceSpec, Effect, Input, Ledger, LedgerConfig, Peer, ReadingSource};
+use vramd_protocol::{ClientMessage, ReservationId, ReserveRequest, ServerMessage};
 
 /// What an arbiter decided in answer to one event.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -94,9 +94,10 @@ impl LedgerArbiter {
             name: "Simulated GPU".into(),
             total_bytes: capacity,
         };
+        let base = Instant::now();
         LedgerArbiter {
-            ledger: Ledger::new(config, vec![device], ReadingSource::Simulated),
-            base: Instant::now(),
+            ledger: Ledger::new(config, vec![device], ReadingSource::Simulated, base),
+            base,
             ids: HashMap::new(),
             ignore_priority,
             errors: Vec::new(),
@@ -105,6 +106,23 @@ impl LedgerArbiter {
 
     fn at(&self, now: Duration) -> Instant {
         self.base + now
+    }
+
+    /// Applies instance `inst`'s request (each instance is its own
+    /// connection and process, so the simulated readings attribute each
+    /// reservation to itself alone).
+    fn send(&mut self, inst: usize, msg: ClientMessage, now: Duration) -> Decisions {
+        let peer = Peer {
+            pid: 100_000 + inst as u32,
+            uid: 1000,
+            gid: 1000,
+            admin: true,
+        };
+        let conn = ConnId(inst as u64);
+        let effects = self
+            .ledger
+            .apply(Input::Request { conn, peer, msg }, self.at(now));
+        self.decide(effects)
     }
 
     fn decide(&mut self, effects: Vec<Effect>) -> Decisions {
@@ -123,6 +141,12 @@ impl LedgerArbiter {
                 Effect::EvictionFailed { victim, reason } => {
                     self.errors.push(format!("eviction of {victim}: {reason}"));
                 }
+                Effect::Reply {
+                    conn,
+                    msg: ServerMessage::Error { message, .. },
+                } => {
+                    self.errors.push(format!("instance {}: {message}", conn.0));
+                }
                 _ => {}
             }
         }
@@ -132,20 +156,9 @@ impl LedgerArbiter {
 
 impl Arbiter for LedgerArbiter {
     fn request(&mut self, inst: usize, bytes: u64, priority: i32, now: Duration) -> Decisions {
-        // Each instance is its own connection and process, so the simulated
-        // readings attribute each reservation to itself alone.
-        let peer = Peer {
-            pid: 100_000 + inst as u32,
-            uid: 1000,
-            gid: 1000,
-            admin: true,
-        };
         let priority = if self.ignore_priority { 0 } else { priority };
         let req = reserve_request(inst as u64, bytes, priority);
-        let effects = self
-            .ledger
-            .reserve(ConnId(inst as u64), peer, req, self.at(now));
-        self.decide(effects)
+        self.send(inst, ClientMessage::Reserve(req), now)
     }
 
     fn release(&mut self, inst: usize, now: Duration) -> Decisions {
@@ -154,13 +167,7 @@ impl Arbiter for LedgerArbiter {
                 .push(format!("instance {inst} released without a grant"));
             return Decisions::default();
         };
-        match self.ledger.release(ConnId(inst as u64), id, self.at(now)) {
-            Ok((_, effects)) => self.decide(effects),
-            Err(e) => {
-                self.errors.push(format!("instance {inst}: {e}"));
-                Decisions::default()
-            }
-        }
+        self.send(inst, ClientMessage::Release { tag: 0, id }, now)
     }
 
     fn set_idle(&mut self, inst: usize, idle: bool, now: Duration) -> Decisions {
@@ -168,20 +175,11 @@ impl Arbiter for LedgerArbiter {
             self.errors.push(format!("instance {inst} holds nothing"));
             return Decisions::default();
         };
-        match self
-            .ledger
-            .set_idle(ConnId(inst as u64), id, idle, self.at(now))
-        {
-            Ok(effects) => self.decide(effects),
-            Err(e) => {
-                self.errors.push(format!("instance {inst}: {e}"));
-                Decisions::default()
-            }
-        }
+        self.send(inst, ClientMessage::SetIdle { tag: 0, id, idle }, now)
     }
 
     fn tick(&mut self, now: Duration) -> Decisions {
-        let effects = self.ledger.tick(self.at(now));
+        let effects = self.ledger.apply(Input::Tick, self.at(now));
         self.decide(effects)
     }
 

@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::ledger::{DeviceSpec, Reading, ReadingSource};
+use vramd_ledger::{DeviceSpec, Reading, ReadingSource};
 
 /// Reads devices' memory. Implementations block; they run on the poller thread.
 pub trait GpuReader: Send {

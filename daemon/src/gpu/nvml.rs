@@ -14,7 +14,7 @@ use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::error::NvmlError;
 
 use super::{Backend, GpuReader};
-use crate::ledger::{DeviceSpec, ProcessUsage, Reading, ReadingSource};
+use vramd_ledger::{DeviceSpec, ProcessUsage, Reading, ReadingSource};
 
 /// The library loaded when no `--nvml-lib` is given.
 pub const DEFAULT_LIB: &str = "libnvidia-ml.so.1";

@@ -1,8 +1,253 @@
+//! Tests of the ledger, every event made through [`Ledger::apply`]: the
+//! [`Drive`] shim gives each kind of event the shape of a call and keeps the
+//! effects the older per-event tests assert on; `apply_*` tests pin the
+//! replies and log events themselves.
+
 use super::*;
-#[allow(unused_imports)]
-use crate::ledger::{ConsumerReading, ConsumerSpec};
 use proptest::prelude::*;
 use std::collections::BTreeSet;
+use vramd_protocol::{DeviceSelector, StatusReport};
+
+/// Each kind of event as a call, made through `apply`. The effects returned
+/// are those about requests and evictions (grants, queue moves, failures,
+/// eviction asks); replies and log events are pinned by the `apply_*` tests.
+trait Drive {
+    fn reserve(
+        &mut self,
+        conn: ConnId,
+        peer: Peer,
+        req: ReserveRequest,
+        now: Instant,
+    ) -> Vec<Effect>;
+    fn release(
+        &mut self,
+        conn: ConnId,
+        id: ReservationId,
+        now: Instant,
+    ) -> Result<(Released, Vec<Effect>), LedgerError>;
+    fn cancel(&mut self, conn: ConnId, tag: u64, now: Instant) -> (u32, Vec<Effect>);
+    fn disconnect(&mut self, conn: ConnId, now: Instant) -> (Vec<Released>, Vec<Effect>);
+    fn set_reading(
+        &mut self,
+        index: usize,
+        r: Reading,
+        taken_at: Instant,
+        now: Instant,
+    ) -> Vec<Effect>;
+    fn set_fault(&mut self, index: usize, fault: String, now: Instant) -> Vec<Effect>;
+    fn attach_pids(
+        &mut self,
+        conn: ConnId,
+        id: ReservationId,
+        pids: &[u32],
+        now: Instant,
+    ) -> Result<(Vec<u32>, Vec<Effect>), LedgerError>;
+    fn set_idle(
+        &mut self,
+        conn: ConnId,
+        id: ReservationId,
+        idle: bool,
+        now: Instant,
+    ) -> Result<Vec<Effect>, LedgerError>;
+    fn tick(&mut self, now: Instant) -> Vec<Effect>;
+    fn set_consumer(
+        &mut self,
+        name: &str,
+        r: Result<ConsumerReading, String>,
+        now: Instant,
+    ) -> Vec<Effect>;
+    fn consumer_unload_failed(&mut self, name: &str, error: String, now: Instant) -> Vec<Effect>;
+}
+
+/// Effects about requests and evictions, without replies and log events.
+fn decisions(effects: Vec<Effect>) -> Vec<Effect> {
+    effects
+        .into_iter()
+        .filter(|e| {
+            !matches!(
+                e,
+                Effect::Reply { .. }
+                    | Effect::Released { .. }
+                    | Effect::RefreshReadings
+                    | Effect::Log(_)
+            )
+        })
+        .collect()
+}
+
+/// The `not_found` answer of a request about a reservation not held, if any.
+fn not_held(effects: &[Effect], id: ReservationId) -> Option<LedgerError> {
+    effects.iter().find_map(|e| match e {
+        Effect::Reply {
+            msg:
+                ServerMessage::Error {
+                    kind: ErrorKind::NotFound,
+                    ..
+                },
+            ..
+        } => Some(LedgerError::NotHeld(id)),
+        _ => None,
+    })
+}
+
+fn released_of(effects: &[Effect]) -> Vec<Released> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Released { released, .. } => Some(released.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn request(l: &mut Ledger, conn: ConnId, msg: ClientMessage, now: Instant) -> Vec<Effect> {
+    let peer = Peer {
+        pid: 1,
+        uid: 1000,
+        gid: 1000,
+        admin: false,
+    };
+    l.apply(Input::Request { conn, peer, msg }, now)
+}
+
+impl Drive for Ledger {
+    fn reserve(
+        &mut self,
+        conn: ConnId,
+        peer: Peer,
+        req: ReserveRequest,
+        now: Instant,
+    ) -> Vec<Effect> {
+        let msg = ClientMessage::Reserve(req);
+        decisions(self.apply(Input::Request { conn, peer, msg }, now))
+    }
+
+    fn release(
+        &mut self,
+        conn: ConnId,
+        id: ReservationId,
+        now: Instant,
+    ) -> Result<(Released, Vec<Effect>), LedgerError> {
+        let e = request(self, conn, ClientMessage::Release { tag: 0, id }, now);
+        if let Some(err) = not_held(&e, id) {
+            return Err(err);
+        }
+        let released = released_of(&e).pop().expect("a release is logged");
+        Ok((released, decisions(e)))
+    }
+
+    fn cancel(&mut self, conn: ConnId, tag: u64, now: Instant) -> (u32, Vec<Effect>) {
+        let e = request(self, conn, ClientMessage::Cancel { tag }, now);
+        let count = e
+            .iter()
+            .find_map(|e| match e {
+                Effect::Reply {
+                    msg: ServerMessage::Cancelled { count, .. },
+                    ..
+                } => Some(*count),
+                _ => None,
+            })
+            .expect("cancel is answered");
+        (count, decisions(e))
+    }
+
+    fn disconnect(&mut self, conn: ConnId, now: Instant) -> (Vec<Released>, Vec<Effect>) {
+        let e = self.apply(Input::Disconnect { conn }, now);
+        (released_of(&e), decisions(e))
+    }
+
+    fn set_reading(
+        &mut self,
+        index: usize,
+        r: Reading,
+        taken_at: Instant,
+        now: Instant,
+    ) -> Vec<Effect> {
+        let input = Input::Reading {
+            device: index,
+            taken_at,
+            result: Ok(r),
+        };
+        decisions(self.apply(input, now))
+    }
+
+    fn set_fault(&mut self, index: usize, fault: String, now: Instant) -> Vec<Effect> {
+        let input = Input::Reading {
+            device: index,
+            taken_at: now,
+            result: Err(fault),
+        };
+        decisions(self.apply(input, now))
+    }
+
+    fn attach_pids(
+        &mut self,
+        conn: ConnId,
+        id: ReservationId,
+        pids: &[u32],
+        now: Instant,
+    ) -> Result<(Vec<u32>, Vec<Effect>), LedgerError> {
+        let msg = ClientMessage::AttachPids {
+            tag: 0,
+            id,
+            pids: pids.to_vec(),
+        };
+        let e = request(self, conn, msg, now);
+        if let Some(err) = not_held(&e, id) {
+            return Err(err);
+        }
+        let all = e
+            .iter()
+            .find_map(|e| match e {
+                Effect::Reply {
+                    msg: ServerMessage::Attached { pids, .. },
+                    ..
+                } => Some(pids.clone()),
+                _ => None,
+            })
+            .expect("attach is answered");
+        Ok((all, decisions(e)))
+    }
+
+    fn set_idle(
+        &mut self,
+        conn: ConnId,
+        id: ReservationId,
+        idle: bool,
+        now: Instant,
+    ) -> Result<Vec<Effect>, LedgerError> {
+        let e = request(self, conn, ClientMessage::SetIdle { tag: 0, id, idle }, now);
+        match not_held(&e, id) {
+            Some(err) => Err(err),
+            None => Ok(decisions(e)),
+        }
+    }
+
+    fn tick(&mut self, now: Instant) -> Vec<Effect> {
+        decisions(self.apply(Input::Tick, now))
+    }
+
+    fn set_consumer(
+        &mut self,
+        name: &str,
+        r: Result<ConsumerReading, String>,
+        now: Instant,
+    ) -> Vec<Effect> {
+        let input = Input::ConsumerReading {
+            name: name.to_string(),
+            result: r,
+        };
+        decisions(self.apply(input, now))
+    }
+
+    fn consumer_unload_failed(&mut self, name: &str, error: String, now: Instant) -> Vec<Effect> {
+        let input = Input::ConsumerUnloaded {
+            name: name.to_string(),
+            result: Err(error),
+        };
+        decisions(self.apply(input, now))
+    }
+}
 
 const G: u64 = 1 << 30;
 
@@ -24,6 +269,7 @@ fn sim(totals: &[u64]) -> Ledger {
             .map(|(i, &t)| spec(i as u32, t))
             .collect(),
         ReadingSource::Simulated,
+        Instant::now(),
     )
 }
 
@@ -289,6 +535,7 @@ fn measured_ledger(totals: &[u64]) -> Ledger {
             used_bytes: 0,
             processes: Some(vec![]),
         }),
+        Instant::now(),
     )
 }
 
@@ -468,6 +715,7 @@ fn cushion_is_kept_free() {
         },
         vec![spec(0, 10 * G)],
         ReadingSource::Simulated,
+        Instant::now(),
     );
     assert_eq!(
         failed(&l.reserve(ConnId(1), peer(1), req(1, 10 * G), t0)),
@@ -526,6 +774,31 @@ enum Fate {
 }
 
 fn check_invariants(l: &Ledger, now: Instant) -> Result<(), TestCaseError> {
+    // The sums and indices kept as reservations come and go match a walk.
+    for d in 0..l.devices.len() {
+        let on_d = l.reservations.values().filter(|r| r.device == d);
+        prop_assert_eq!(l.reserved(d), on_d.clone().map(|r| r.bytes).sum::<u64>());
+        prop_assert_eq!(
+            l.devices[d]
+                .reservations
+                .iter()
+                .copied()
+                .collect::<Vec<_>>(),
+            on_d.map(|r| r.id).collect::<Vec<_>>()
+        );
+    }
+    let mut per_uid: HashMap<u32, u64> = HashMap::new();
+    for r in l.reservations.values() {
+        *per_uid.entry(r.peer.uid).or_default() += r.bytes;
+    }
+    prop_assert_eq!(&l.held_by_uid, &per_uid);
+    let idle: BTreeSet<ReservationId> = l
+        .reservations
+        .values()
+        .filter(|r| r.idle_unasked())
+        .map(|r| r.id)
+        .collect();
+    prop_assert_eq!(&l.idle_unasked, &idle);
     for d in 0..l.devices.len() {
         prop_assert!(
             l.reserved(d) <= l.capacity(d),
@@ -592,7 +865,7 @@ proptest! {
                         priority, label: None, timeout_ms, evictable,
                     };
                     prio.insert(ReservationId(l.next_id), (priority, now));
-                    l.reserve(ConnId(conn), peer(conn as u32 + 100), r, now)
+                    l.reserve(ConnId(conn), Peer { uid: 1000 + (conn % 2) as u32, ..peer(conn as u32 + 100) }, r, now)
                 }
                 Op::Release { conn, nth } => {
                     let held: Vec<ReservationId> = fates.iter().filter_map(|((c, _), f)| match f {
@@ -669,6 +942,7 @@ proptest! {
                     }
                     Effect::EvictConsumer { .. } => prop_assert!(false, "no consumers here"),
                     Effect::EvictionFailed { .. } => {}
+                    other => prop_assert!(false, "the shim keeps decisions only: {:?}", other),
                 }
             }
             check_invariants(&l, now)?;
@@ -934,4 +1208,247 @@ fn per_user_limits_bound_what_one_user_holds_and_queues_but_not_admins() {
         ..peer(1)
     };
     assert!(failed(&l.reserve(ConnId(1), admin, req(6, 20 * G), t0)).is_empty());
+}
+
+// ---- apply: replies and log events ------------------------------------------
+
+fn admin() -> Peer {
+    Peer {
+        pid: 7,
+        uid: 0,
+        gid: 0,
+        admin: true,
+    }
+}
+
+fn reserve_msg(tag: u64, bytes: u64, label: &str) -> ClientMessage {
+    let mut r = req(tag, bytes);
+    r.label = Some(label.into());
+    ClientMessage::Reserve(r)
+}
+
+#[test]
+fn apply_release_answers_then_logs_then_grants_what_it_made_room_for() {
+    let t0 = Instant::now();
+    let mut l = sim(&[10 * G]);
+    let (a, b) = (ConnId(1), ConnId(2));
+    let id = grant_id(&request(&mut l, a, reserve_msg(1, 8 * G, "a"), t0));
+    request(&mut l, b, reserve_msg(5, 8 * G, "b"), t0);
+    let e = request(&mut l, a, ClientMessage::Release { tag: 9, id }, t0);
+    assert_eq!(e.len(), 4, "{e:?}");
+    assert_eq!(
+        e[0],
+        Effect::Reply {
+            conn: a,
+            msg: ServerMessage::Released { tag: 9, id }
+        }
+    );
+    assert!(
+        matches!(&e[1], Effect::Released { conn, released, disconnected: false }
+            if *conn == a && released.id == id && released.bytes == 8 * G && released.label.as_deref() == Some("a"))
+    );
+    assert_eq!(e[2], Effect::RefreshReadings);
+    assert!(matches!(&e[3], Effect::Granted { conn, tag: 5, .. } if *conn == b));
+}
+
+#[test]
+fn apply_answers_not_found_for_what_the_connection_does_not_hold() {
+    let t0 = Instant::now();
+    let mut l = sim(&[10 * G]);
+    let id = grant_id(&request(&mut l, ConnId(1), reserve_msg(1, G, "a"), t0));
+    let other = ConnId(2);
+    for (tag, msg) in [
+        (3, ClientMessage::Release { tag: 3, id }),
+        (
+            4,
+            ClientMessage::SetIdle {
+                tag: 4,
+                id,
+                idle: true,
+            },
+        ),
+        (
+            5,
+            ClientMessage::AttachPids {
+                tag: 5,
+                id,
+                pids: vec![1],
+            },
+        ),
+    ] {
+        let e = request(&mut l, other, msg, t0);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            matches!(&e[0], Effect::Reply { conn, msg: ServerMessage::Error { tag: t, kind: ErrorKind::NotFound, message } }
+                if *conn == other && *t == tag && message.contains(&id.to_string())),
+            "{e:?}"
+        );
+    }
+    assert_eq!(l.reservation_count(), 1);
+    assert_eq!(l.counters().releases, 0);
+}
+
+#[test]
+fn apply_answers_ping_status_and_a_second_hello_without_a_pass() {
+    let mut l = sim(&[10 * G]).with_identity(Identity {
+        daemon_version: "9.9.9".into(),
+        backend: "simulated".into(),
+    });
+    // Uptime counts from the ledger's start, which is before this.
+    let t0 = Instant::now();
+    let e = request(&mut l, ConnId(1), ClientMessage::Ping { tag: 4 }, t0);
+    assert_eq!(
+        e,
+        vec![Effect::Reply {
+            conn: ConnId(1),
+            msg: ServerMessage::Pong { tag: 4 }
+        }]
+    );
+    let hello = ClientMessage::Hello {
+        version: 1,
+        client: String::new(),
+    };
+    let e = request(&mut l, ConnId(1), hello, t0);
+    assert!(matches!(
+        &e[..],
+        [Effect::Reply {
+            msg: ServerMessage::Error {
+                kind: ErrorKind::BadRequest,
+                ..
+            },
+            ..
+        }]
+    ));
+    let e = request(
+        &mut l,
+        ConnId(1),
+        ClientMessage::Status { tag: 2 },
+        t0 + Duration::from_secs(3),
+    );
+    let [
+        Effect::Reply {
+            msg: ServerMessage::Status { tag: 2, status },
+            ..
+        },
+    ] = &e[..]
+    else {
+        panic!("{e:?}")
+    };
+    assert_eq!(status.daemon_version, "9.9.9");
+    assert_eq!(status.backend, "simulated");
+    assert!(status.uptime_ms >= 3000, "{}", status.uptime_ms);
+    assert_eq!(status.devices.len(), 1);
+}
+
+#[test]
+fn apply_status_hides_other_users_details_from_non_admins() {
+    let t0 = Instant::now();
+    let mut l = sim(&[10 * G]);
+    let user = |uid, pid| Peer {
+        pid,
+        uid,
+        gid: uid,
+        admin: false,
+    };
+    let reserve = |l: &mut Ledger, conn, peer, label: &str, bytes| {
+        let msg = reserve_msg(1, bytes, label);
+        l.apply(Input::Request { conn, peer, msg }, t0)
+    };
+    reserve(&mut l, ConnId(1), user(1000, 11), "mine", 4 * G);
+    reserve(&mut l, ConnId(2), user(2000, 22), "theirs", 4 * G);
+    reserve(&mut l, ConnId(3), user(2000, 23), "queued", 4 * G);
+    let status_of = |l: &mut Ledger, peer: Peer| -> StatusReport {
+        let msg = ClientMessage::Status { tag: 1 };
+        match l
+            .apply(
+                Input::Request {
+                    conn: ConnId(9),
+                    peer,
+                    msg,
+                },
+                t0,
+            )
+            .pop()
+        {
+            Some(Effect::Reply {
+                msg: ServerMessage::Status { status, .. },
+                ..
+            }) => *status,
+            other => panic!("{other:?}"),
+        }
+    };
+    let s = status_of(&mut l, user(1000, 99));
+    let label = |s: &StatusReport, uid| {
+        s.reservations
+            .iter()
+            .find(|r| r.uid == uid)
+            .map(|r| (r.label.clone(), r.pids.clone()))
+    };
+    assert_eq!(label(&s, 1000), Some((Some("mine".into()), vec![11])));
+    assert_eq!(label(&s, 2000), Some((None, vec![])));
+    assert_eq!(s.queue[0].label, None);
+    let s = status_of(&mut l, admin());
+    assert_eq!(label(&s, 2000), Some((Some("theirs".into()), vec![22])));
+    assert_eq!(s.queue[0].label.as_deref(), Some("queued"));
+}
+
+#[test]
+fn apply_logs_a_device_going_unhealthy_and_recovering_once_each() {
+    let t0 = Instant::now();
+    let mut l = measured_ledger(&[24 * G]);
+    let reading = |l: &mut Ledger, result| {
+        let input = Input::Reading {
+            device: 0,
+            taken_at: t0,
+            result,
+        };
+        l.apply(input, t0)
+    };
+    let logs = |e: Vec<Effect>| -> Vec<LogEvent> {
+        e.into_iter()
+            .filter_map(|e| match e {
+                Effect::Log(l) => Some(l),
+                _ => None,
+            })
+            .collect()
+    };
+    let down = LogEvent::DeviceUnhealthy {
+        device: 0,
+        fault: "lost".into(),
+    };
+    assert_eq!(logs(reading(&mut l, Err("lost".into()))), vec![down]);
+    assert!(logs(reading(&mut l, Err("lost".into()))).is_empty());
+    assert!(!l.is_healthy(0));
+    assert_eq!(
+        logs(reading(&mut l, Ok(measured(0, Some(vec![]))))),
+        vec![LogEvent::DeviceRecovered { device: 0 }]
+    );
+    assert!(logs(reading(&mut l, Ok(measured(0, Some(vec![]))))).is_empty());
+}
+
+#[test]
+fn apply_disconnect_logs_each_release_and_asks_for_one_fresh_reading() {
+    let t0 = Instant::now();
+    let mut l = sim(&[10 * G]);
+    let c = ConnId(1);
+    request(&mut l, c, reserve_msg(1, G, "a"), t0);
+    request(&mut l, c, reserve_msg(2, G, "b"), t0);
+    let e = l.apply(Input::Disconnect { conn: c }, t0);
+    let released: Vec<bool> = e
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Released { disconnected, .. } => Some(*disconnected),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(released, vec![true, true]);
+    assert_eq!(
+        e.iter().filter(|e| **e == Effect::RefreshReadings).count(),
+        1
+    );
+    // A connection that held nothing changes nothing.
+    assert!(
+        l.apply(Input::Disconnect { conn: ConnId(5) }, t0)
+            .is_empty()
+    );
 }

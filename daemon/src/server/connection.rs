@@ -1,0 +1,390 @@
+//! One client connection, from accept to close.
+//!
+//! 1. Accept; read the peer's credentials (pid, uid, gid) once.
+//! 2. The first byte picks the encoding ([`Encoding::detect`]); the first
+//!    message must be `Hello` with our protocol version, all within the
+//!    handshake timeout. Otherwise the client gets an error and is closed.
+//! 3. The connection registers with the core and forwards every request to
+//!    it; the core answers through the connection's outbound channel.
+//! 4. When the socket closes — a clean exit, a crash, SIGKILL — the
+//!    connection tells the core, which releases everything the connection
+//!    held or waited for and grants what now fits, at once.
+
+use std::io;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+use vramd_ledger::{ConnId, Peer};
+use vramd_protocol::codec::ReadBuffer;
+use vramd_protocol::{
+    ClientMessage, CodecError, Decoder, Encoding, ErrorKind, PROTOCOL_VERSION, ServerMessage,
+    encode_into,
+};
+
+use super::core::Event;
+use super::socket::in_group;
+use crate::gpu::owner_uid;
+
+/// Appends a reply; one that cannot be encoded (too large for a frame)
+/// becomes an `internal` error for its request instead of ending the session.
+fn encode_reply(encoding: Encoding, msg: &ServerMessage, out: &mut Vec<u8>) {
+    if let Err(e) = encode_into(encoding, msg, out) {
+        warn!(error = %e, "cannot encode a reply");
+        let tag = match msg {
+            ServerMessage::Status { tag, .. } => *tag,
+            _ => 0,
+        };
+        let fallback = error_msg(
+            tag,
+            ErrorKind::Internal,
+            format!("the reply could not be sent: {e}"),
+        );
+        let _ = encode_into(encoding, &fallback, out);
+    }
+}
+
+/// Writes one message to the client, in its encoding.
+async fn send(
+    stream: &mut (impl AsyncWriteExt + Unpin),
+    encoding: Encoding,
+    msg: &ServerMessage,
+) -> io::Result<()> {
+    let mut out = Vec::with_capacity(128);
+    encode_into(encoding, msg, &mut out).map_err(io::Error::other)?;
+    stream.write_all(&out).await
+}
+
+fn error_msg(tag: u64, kind: ErrorKind, message: impl Into<String>) -> ServerMessage {
+    ServerMessage::Error {
+        tag,
+        kind,
+        message: message.into(),
+    }
+}
+
+/// Reads more bytes into `buf`; `Ok(false)` at end of stream.
+///
+/// Cancel-safe (it is used in `select!`): bytes reach `buf` only in the poll
+/// that read them.
+///
+/// The scratch array lives on the stack of one poll, not in the future: kept
+/// across an `.await` it would sit in every idle connection's task (8 KiB ×
+/// 10,000 connections). `poll_read` (rather than `readable` + `try_read`)
+/// because it treats a short read as draining the socket, which saves an
+/// extra `recv` that would only say "would block" on every request.
+async fn fill(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut ReadBuffer,
+) -> io::Result<bool> {
+    std::future::poll_fn(|cx| {
+        // Uninitialized: zeroing 8 KiB for every read costs more than the
+        // few bytes a request usually is.
+        let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 8 * 1024];
+        let mut read = tokio::io::ReadBuf::uninit(&mut scratch);
+        match std::pin::Pin::new(&mut *stream).poll_read(cx, &mut read) {
+            std::task::Poll::Ready(Ok(())) => {
+                buf.extend(read.filled());
+                std::task::Poll::Ready(Ok(!read.filled().is_empty()))
+            }
+            std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// The handshake: encoding from the first byte, then `Hello`, within `timeout`.
+/// Returns the decoder to go on with, or `None` if the client was turned away.
+async fn handshake(
+    stream: &mut UnixStream,
+    buf: &mut ReadBuffer,
+    conn: ConnId,
+) -> io::Result<Option<(Decoder, String)>> {
+    if !fill(stream, buf).await? {
+        return Ok(None);
+    }
+    let first = buf.unread()[0];
+    let Some(encoding) = Encoding::detect(first) else {
+        // We cannot know which encoding the client wants; JSON is readable.
+        let msg = error_msg(
+            0,
+            ErrorKind::BadRequest,
+            format!(
+                "unrecognised first byte 0x{first:02x}: send JSON lines (starting with '{{') or binary frames (starting with 0x00)"
+            ),
+        );
+        send(stream, Encoding::Json, &msg).await?;
+        return Ok(None);
+    };
+    let mut decoder = Decoder::new(encoding);
+    loop {
+        match decoder.decode::<ClientMessage>(buf) {
+            Ok(Some(ClientMessage::Hello { version, client })) if version == PROTOCOL_VERSION => {
+                return Ok(Some((decoder, client)));
+            }
+            Ok(Some(ClientMessage::Hello { version, .. })) => {
+                let msg = error_msg(
+                    0,
+                    ErrorKind::VersionMismatch,
+                    format!(
+                        "this daemon speaks protocol version {PROTOCOL_VERSION}, the client sent {version}"
+                    ),
+                );
+                send(stream, encoding, &msg).await?;
+                return Ok(None);
+            }
+            Ok(Some(_)) => {
+                let msg = error_msg(
+                    0,
+                    ErrorKind::BadRequest,
+                    format!(
+                        r#"the first message must be hello, e.g. {{"hello":{{"version":{PROTOCOL_VERSION}}}}}"#
+                    ),
+                );
+                send(stream, encoding, &msg).await?;
+                return Ok(None);
+            }
+            Ok(None) => {
+                if !fill(stream, buf).await? {
+                    return Ok(None);
+                }
+            }
+            Err(e) => {
+                let fatal = e.is_fatal();
+                send(stream, encoding, &codec_error_msg(&e)).await?;
+                if fatal {
+                    debug!(conn = %conn, error = %e, "bad handshake");
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+fn codec_error_msg(e: &CodecError) -> ServerMessage {
+    let kind = match e {
+        CodecError::FrameTooLarge { .. } => ErrorKind::FrameTooLarge,
+        CodecError::LineTooLong { .. } => ErrorKind::LineTooLong,
+        CodecError::Malformed(_) | CodecError::Encode(_) => ErrorKind::BadRequest,
+    };
+    error_msg(0, kind, e.to_string())
+}
+
+/// Serves one client from handshake to close.
+pub(crate) async fn serve(
+    mut stream: UnixStream,
+    conn: ConnId,
+    events: mpsc::Sender<Event>,
+    handshake_timeout: Duration,
+    over_limit: bool,
+    admin_gid: Option<u32>,
+) -> io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let pid = cred.pid().map_or(0, |p| p as u32);
+    let peer = Peer {
+        pid,
+        uid: cred.uid(),
+        gid: cred.gid(),
+        admin: cred.uid() == 0 || admin_gid.is_some_and(|g| in_group(pid, cred.gid(), g)),
+    };
+    let mut buf = ReadBuffer::new();
+    let hs = tokio::time::timeout(handshake_timeout, handshake(&mut stream, &mut buf, conn)).await;
+    let (mut decoder, client) = match hs {
+        Ok(Ok(Some(ok))) => ok,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            let encoding = buf
+                .unread()
+                .first()
+                .and_then(|&b| Encoding::detect(b))
+                .unwrap_or(Encoding::Json);
+            let msg = error_msg(
+                0,
+                ErrorKind::HandshakeTimeout,
+                format!("no hello within {} ms", handshake_timeout.as_millis()),
+            );
+            // Best effort: the client may be gone or not reading.
+            let _ = tokio::time::timeout(
+                Duration::from_millis(100),
+                send(&mut stream, encoding, &msg),
+            )
+            .await;
+            debug!(conn = %conn, pid = peer.pid, "handshake timed out");
+            return Ok(());
+        }
+    };
+    let encoding = decoder.encoding();
+    if over_limit {
+        let msg = error_msg(
+            0,
+            ErrorKind::LimitExceeded,
+            "the daemon serves too many connections; try again later",
+        );
+        send(&mut stream, encoding, &msg).await?;
+        warn!(conn = %conn, pid = peer.pid, "connection refused: too many connections");
+        return Ok(());
+    }
+    send(
+        &mut stream,
+        encoding,
+        &ServerMessage::Welcome {
+            version: PROTOCOL_VERSION,
+            daemon: env!("CARGO_PKG_VERSION").to_string(),
+        },
+    )
+    .await?;
+    debug!(conn = %conn, pid = peer.pid, uid = peer.uid, client = %client, ?encoding, "session opened");
+
+    let (tx, mut outbound) = mpsc::unbounded_channel();
+    if events.send(Event::Open { conn, peer, tx }).await.is_err() {
+        return Ok(());
+    }
+    let result = session(
+        &mut stream,
+        conn,
+        peer,
+        &mut decoder,
+        &mut buf,
+        &events,
+        &mut outbound,
+    )
+    .await;
+    // However the session ended, the core releases what it held.
+    let _ = events.send(Event::Close { conn }).await;
+    if let Ok(SessionEnd::ClientDone) = result {
+        // The client sent its last request and shut its side down (e.g.
+        // `printf ... | socat`): it still gets the answers to what it sent.
+        // The core answers every request before the close, then drops this
+        // connection's channel, which ends the drain.
+        let encoding = decoder.encoding();
+        let drain = async {
+            while let Some(msg) = outbound.recv().await {
+                send(&mut stream, encoding, &msg).await?;
+            }
+            io::Result::Ok(())
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    }
+    result.map(|_| ())
+}
+
+/// How a session ended without an I/O error.
+enum SessionEnd {
+    /// The client closed its sending side; answers may still be owed.
+    ClientDone,
+    /// The daemon ended it (fatal framing error, shutdown).
+    Closed,
+}
+
+/// Why a client may not attach these pids: a pid that does not exist, or
+/// belongs to another user (root may attach any).
+fn pids_refused(peer: Peer, pids: &[u32]) -> Option<String> {
+    pids.iter().find_map(|&pid| match owner_uid(pid) {
+        None => Some(format!("no process {pid}")),
+        Some(uid) if peer.uid != 0 && uid != peer.uid => Some(format!(
+            "process {pid} belongs to uid {uid}; only your own processes (uid {}) can be attached",
+            peer.uid
+        )),
+        Some(_) => None,
+    })
+}
+
+async fn session(
+    stream: &mut UnixStream,
+    conn: ConnId,
+    peer: Peer,
+    decoder: &mut Decoder,
+    buf: &mut ReadBuffer,
+    events: &mpsc::Sender<Event>,
+    outbound: &mut mpsc::UnboundedReceiver<ServerMessage>,
+) -> io::Result<SessionEnd> {
+    let encoding = decoder.encoding();
+    let (mut rd, mut wr) = stream.split();
+    // Grows to the largest batch of replies written at once; idle
+    // connections that never got one hold nothing.
+    let mut out = Vec::new();
+    loop {
+        // Requests already buffered (e.g. pipelined after hello) go first.
+        loop {
+            match decoder.decode::<ClientMessage>(buf) {
+                Ok(Some(msg)) => {
+                    // Checking pids reads /proc: done here, at the edge,
+                    // not in the core task.
+                    if let ClientMessage::AttachPids { tag, pids, .. } = &msg {
+                        if let Some(why) = pids_refused(peer, pids) {
+                            let err = error_msg(*tag, ErrorKind::PermissionDenied, why);
+                            send(&mut wr, encoding, &err).await?;
+                            continue;
+                        }
+                    }
+                    if events.send(Event::Request { conn, msg }).await.is_err() {
+                        return Ok(SessionEnd::Closed);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    send(&mut wr, encoding, &codec_error_msg(&e)).await?;
+                    if e.is_fatal() {
+                        warn!(conn = %conn, error = %e, "closing connection after a fatal framing error");
+                        return Ok(SessionEnd::Closed);
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            read = fill(&mut rd, buf) => {
+                if !read? {
+                    return Ok(SessionEnd::ClientDone);
+                }
+            }
+            msg = outbound.recv() => {
+                let Some(msg) = msg else { return Ok(SessionEnd::Closed) };
+                out.clear();
+                encode_reply(encoding, &msg, &mut out);
+                // Batch whatever else is ready into one write.
+                while let Ok(more) = outbound.try_recv() {
+                    encode_reply(encoding, &more, &mut out);
+                    if out.len() > 64 * 1024 {
+                        break;
+                    }
+                }
+                wr.write_all(&out).await?;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_own_existing_processes_may_be_attached_unless_root() {
+        let me = std::process::id();
+        // SAFETY: getuid has no preconditions.
+        let my_uid = unsafe { libc::getuid() };
+        let peer = |uid| Peer {
+            pid: 1,
+            uid,
+            gid: 0,
+            admin: uid == 0,
+        };
+        assert_eq!(pids_refused(peer(my_uid), &[me]), None);
+        let other = if my_uid == 4242 { 4243 } else { 4242 };
+        let why = pids_refused(peer(other), &[me]).expect("another user's process is refused");
+        assert!(why.contains(&format!("belongs to uid {my_uid}")), "{why}");
+        assert!(
+            pids_refused(peer(0), &[me]).is_none(),
+            "root may attach any"
+        );
+        assert!(
+            pids_refused(peer(0), &[u32::MAX - 3])
+                .unwrap()
+                .contains("no process")
+        );
+    }
+}

@@ -1,0 +1,287 @@
+//! Start-up: the daemon's command line and the wiring from it to a running
+//! server — config file, GPU backend, ledger, consumers, socket, runtime.
+//!
+//! The ledger's policy defaults are defined once, in
+//! [`LedgerConfig::default`]; the command line shows them from there.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{CommandFactory, FromArgMatches, Parser};
+use vramd_ledger::{ConsumerSpec, Identity, Ledger, LedgerConfig, Placement};
+use vramd_protocol::{format_duration, format_size, parse_duration, parse_size, paths};
+
+use crate::config::{Config, ConfigError};
+use crate::gpu::Backend;
+use crate::gpu::nvml::NvmlStartError;
+use crate::server::{ServerConfig, ServerError, bind_socket, serve};
+
+/// How often consumers are asked what they hold, unless the config says.
+const CONSUMER_POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Arbitrates GPU memory between the programs on this machine.
+#[derive(Debug, Parser)]
+#[command(name = "vramd", version, about)]
+pub struct Args {
+    /// Arbitrate a simulated device of this size (e.g. 24GiB) instead of real
+    /// GPUs. Repeat for more devices.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub simulate: Vec<u64>,
+    /// Config file (TOML): eviction settings and external consumers
+    /// (Ollama, ComfyUI, HTTP apps, commands). See docs/configuration.md.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// How long an evicted holder or consumer has to free its memory.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub eviction_deadline: Option<Duration>,
+    /// Idle reservations younger than this are never evicted.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub min_residency: Option<Duration>,
+    /// Load NVML from this file instead of libnvidia-ml.so.1.
+    #[arg(long, value_name = "PATH", conflicts_with = "simulate")]
+    pub nvml_lib: Option<PathBuf>,
+    /// How often real GPUs are read (they are also read after every release).
+    #[arg(long, value_name = "DURATION", default_value = "250ms", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// Socket path [default: $VRAMD_SOCKET, else /run/vramd/vramd.sock as
+    /// root, else $XDG_RUNTIME_DIR/vramd.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Permission bits of the socket file, in octal.
+    #[arg(long, value_name = "OCTAL", default_value = "0660", value_parser = parse_mode)]
+    pub socket_mode: u32,
+    /// Group that owns the socket file (name or gid).
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// Memory kept free on every device as a safety margin.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub cushion: Option<u64>,
+    /// Waiting this long raises a request's effective priority by one.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub aging: Option<Duration>,
+    /// After waiting this long, a request stops smaller ones from being
+    /// granted ahead of it.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub starvation_guard: Option<Duration>,
+    /// Where requests for any device go: spread (most room) or pack (least room that fits).
+    #[arg(long, value_parser = clap::value_parser!(Placement))]
+    pub placement: Option<Placement>,
+    /// Time a new client has to say hello.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// Members of this group (name or gid), and root, are admins: exempt from
+    /// per-user limits, and they see everyone's labels in status.
+    #[arg(long, value_name = "GROUP")]
+    pub admin_group: Option<String>,
+    /// Most requests one user (not an admin) may have waiting at once.
+    #[arg(long, value_name = "N")]
+    pub max_queued_per_uid: Option<usize>,
+    /// Most memory one user (not an admin) may hold and wait for together.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_bytes_per_uid: Option<u64>,
+    /// Most client connections at once.
+    #[arg(long, value_name = "N", default_value_t = 16384)]
+    pub max_connections: usize,
+    /// Log level (error, warn, info, debug, trace) or a tracing filter; RUST_LOG overrides it.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+impl Args {
+    /// Parses the process's arguments (exiting with clap's message on
+    /// error), with the ledger's defaults shown in `--help` and filled in.
+    pub fn parse_with_defaults() -> Self {
+        let d = LedgerConfig::default();
+        let command = Self::command()
+            .mut_arg("cushion", |a| a.default_value(d.cushion_bytes.to_string()))
+            .mut_arg("aging", |a| a.default_value(format_duration(d.aging)))
+            .mut_arg("starvation_guard", |a| {
+                a.default_value(format_duration(d.starvation_guard))
+            })
+            .mut_arg("placement", |a| a.default_value(d.placement.to_string()))
+            .mut_arg("max_queued_per_uid", |a| {
+                a.default_value(d.max_queued_per_uid.to_string())
+            })
+            // The config file may set these; the command line wins over it.
+            .mut_arg("eviction_deadline", |a| {
+                a.help(format!(
+                    "How long an evicted holder or consumer has to free its memory \
+                     [default: config's eviction.deadline, else {}]",
+                    format_duration(d.eviction_deadline)
+                ))
+            })
+            .mut_arg("min_residency", |a| {
+                a.help(format!(
+                    "Idle reservations younger than this are never evicted \
+                     [default: config's eviction.min_residency, else {}]",
+                    format_duration(d.min_residency)
+                ))
+            });
+        let matches = command.get_matches();
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+
+    /// The ledger's policy: the command line, then the config file, then
+    /// [`LedgerConfig::default`].
+    pub fn ledger_config(&self, file: &Config) -> LedgerConfig {
+        let d = LedgerConfig::default();
+        LedgerConfig {
+            cushion_bytes: self.cushion.unwrap_or(d.cushion_bytes),
+            aging: self.aging.unwrap_or(d.aging).max(Duration::from_millis(1)),
+            starvation_guard: self.starvation_guard.unwrap_or(d.starvation_guard),
+            placement: self.placement.unwrap_or(d.placement),
+            eviction_deadline: self
+                .eviction_deadline
+                .or(file.eviction_deadline)
+                .unwrap_or(d.eviction_deadline),
+            min_residency: self
+                .min_residency
+                .or(file.min_residency)
+                .unwrap_or(d.min_residency),
+            max_queued_per_uid: self.max_queued_per_uid.unwrap_or(d.max_queued_per_uid),
+            max_bytes_per_uid: self.max_bytes_per_uid.or(d.max_bytes_per_uid),
+        }
+    }
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("invalid mode {s:?}: use octal such as 0660"))?;
+    if m > 0o777 {
+        return Err(format!("invalid mode {s:?}: at most 0777"));
+    }
+    Ok(m)
+}
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config file is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// NVML could not be opened or found no GPU.
+    #[error(transparent)]
+    Nvml(#[from] NvmlStartError),
+    /// An argument or config value is wrong.
+    #[error("{0}")]
+    Invalid(String),
+    /// The socket could not be set up.
+    #[error(transparent)]
+    Socket(#[from] ServerError),
+    /// The runtime or the server failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Starts the daemon as `args` say and serves until SIGTERM or SIGINT.
+pub fn run(args: Args) -> Result<(), StartError> {
+    let file = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(&zero) = args.simulate.iter().find(|&&b| b == 0) {
+        return Err(StartError::Invalid(format!(
+            "--simulate {zero}: a simulated device needs a size above 0"
+        )));
+    }
+    let mut backend = if args.simulate.is_empty() {
+        crate::gpu::nvml::open(args.nvml_lib.as_deref())?
+    } else {
+        Backend::simulated(&args.simulate)
+    };
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let socket_path = match &args.socket {
+        Some(p) => p.clone(),
+        None => paths::daemon_socket_path(uid).ok_or_else(|| {
+            StartError::Invalid(
+                "no socket path: set --socket or VRAMD_SOCKET, or XDG_RUNTIME_DIR for a per-user daemon"
+                    .into(),
+            )
+        })?,
+    };
+    let config = ServerConfig {
+        socket_path,
+        socket_mode: args.socket_mode,
+        socket_group: args.socket_group.clone(),
+        handshake_timeout: args.handshake_timeout,
+        max_connections: args.max_connections.max(1),
+        poll_interval: args.poll_interval.max(Duration::from_millis(10)),
+        consumers: file.consumers.clone(),
+        admin_group: args.admin_group.clone(),
+        consumer_poll_interval: file
+            .consumer_poll_interval
+            .unwrap_or(CONSUMER_POLL_INTERVAL)
+            .max(Duration::from_millis(10)),
+    };
+    let identity = Identity {
+        daemon_version: env!("CARGO_PKG_VERSION").to_string(),
+        backend: backend.name.to_string(),
+    };
+    let mut ledger = Ledger::new(
+        args.ledger_config(&file),
+        backend.devices.clone(),
+        backend.source.clone(),
+        std::time::Instant::now(),
+    )
+    .with_identity(identity);
+    for d in &backend.devices {
+        tracing::info!(index = d.index, uuid = %d.uuid, name = %d.name, total_bytes = d.total_bytes,
+            size = %format_size(d.total_bytes), backend = backend.name, "device");
+    }
+    for c in &file.consumers {
+        let device = match c.device {
+            None => None,
+            Some(index) => Some(
+                backend
+                    .devices
+                    .iter()
+                    .position(|d| d.index == index)
+                    .ok_or_else(|| {
+                        StartError::Invalid(format!(
+                            "consumer {:?}: there is no device {index}",
+                            c.name
+                        ))
+                    })?,
+            ),
+        };
+        ledger.add_consumer(ConsumerSpec {
+            name: c.name.clone(),
+            kind: c.kind.name().to_string(),
+            device,
+            priority: c.priority,
+            min_residency: c.min_residency,
+            coexist_with: c.coexist_with.clone(),
+        });
+        tracing::info!(consumer = %c.name, kind = c.kind.name(), priority = c.priority, "consumer declared");
+    }
+    let reader = backend.reader.take();
+    let io = |context| move |source| StartError::Io { context, source };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(io("cannot start the async runtime"))?;
+    runtime.block_on(async move {
+        let listener = bind_socket(&config)?;
+        serve(config, listener, ledger, reader, shutdown_signal())
+            .await
+            .map_err(io("server failed"))
+    })
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+    }
+}

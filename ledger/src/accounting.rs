@@ -1,0 +1,185 @@
+//! What is committed on a device: the accounting model (see the crate
+//! docs) over the latest reading, the reservations and the ghosts.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use vramd_protocol::ReservationId;
+
+use crate::{Ledger, ProcessUsage, Reading, ReadingSource, Reservation};
+
+/// A reservation released on a measured device whose memory has not yet been
+/// seen free: it keeps counting until a reading taken after its release.
+#[derive(Debug, Clone)]
+pub(crate) struct Ghost {
+    pub device: usize,
+    pub pids: Vec<u32>,
+    pub bytes: u64,
+    pub released_at: Instant,
+}
+
+/// The accounting of one device (see the crate docs).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Accounting {
+    pub committed: u64,
+    pub unattributed: u64,
+    /// Actual usage of each reservation's group (reservations sharing a
+    /// process are one group and show the group's usage).
+    pub actual: HashMap<ReservationId, u64>,
+    /// Reserved bytes of each reservation's group.
+    pub group_bytes: HashMap<ReservationId, u64>,
+}
+
+impl Ledger {
+    /// Memory a new request on device `index` may get now (0 while the
+    /// device is unhealthy).
+    pub fn available(&self, index: usize) -> u64 {
+        let device = &self.devices[index];
+        if device.fault.is_some() {
+            return 0;
+        }
+        let committed = match device.source {
+            // What each reservation holds counts as used by its process, so
+            // the accounting model reduces to Σ reserved, which is kept as
+            // reservations come and go: no need to build it.
+            ReadingSource::Simulated => self.reserved(index),
+            ReadingSource::Measured(_) => self.account(index).committed,
+        };
+        self.capacity(index).saturating_sub(committed)
+    }
+
+    /// Total memory of device `d` less the cushion.
+    pub(crate) fn capacity(&self, d: usize) -> u64 {
+        self.devices[d]
+            .spec
+            .total_bytes
+            .saturating_sub(self.config.cushion_bytes)
+    }
+
+    /// Σ bytes of the reservations granted on device `d`.
+    pub(crate) fn reserved(&self, d: usize) -> u64 {
+        self.devices[d].reserved_bytes
+    }
+
+    /// The reservations granted on device `d`.
+    pub(crate) fn on_device(&self, d: usize) -> impl Iterator<Item = &Reservation> {
+        self.devices[d]
+            .reservations
+            .iter()
+            .filter_map(|id| self.reservations.get(id))
+    }
+
+    /// The latest reading of device `d`; on a simulated device, what each
+    /// reservation holds as used by its process.
+    pub(crate) fn reading(&self, d: usize) -> Cow<'_, Reading> {
+        match &self.devices[d].source {
+            ReadingSource::Measured(r) => Cow::Borrowed(r),
+            ReadingSource::Simulated => {
+                let mut per_pid: BTreeMap<u32, u64> = BTreeMap::new();
+                for r in self.on_device(d) {
+                    *per_pid.entry(r.peer.pid).or_default() += r.bytes;
+                }
+                Cow::Owned(Reading {
+                    used_bytes: per_pid.values().sum(),
+                    processes: Some(
+                        per_pid
+                            .into_iter()
+                            .map(|(pid, bytes)| ProcessUsage::new(pid, bytes))
+                            .collect(),
+                    ),
+                })
+            }
+        }
+    }
+
+    /// The accounting of device `d` (see the crate docs). Released
+    /// reservations not yet seen free (ghosts) count like held ones.
+    pub(crate) fn account(&self, d: usize) -> Accounting {
+        let reading = self.reading(d);
+        // Holders: (reservation id if still held, pids, bytes).
+        let holders: Vec<(Option<ReservationId>, &[u32], u64)> = self
+            .on_device(d)
+            .map(|r| (Some(r.id), r.pids.as_slice(), r.bytes))
+            .chain(
+                self.ghosts
+                    .iter()
+                    .filter(|g| g.device == d)
+                    .map(|g| (None, g.pids.as_slice(), g.bytes)),
+            )
+            .collect();
+        let Some(processes) = reading.processes.as_deref() else {
+            let reserved: u64 = holders.iter().map(|h| h.2).sum();
+            return Accounting {
+                committed: reading.used_bytes.saturating_add(reserved),
+                unattributed: reading.used_bytes,
+                actual: HashMap::new(),
+                group_bytes: holders
+                    .iter()
+                    .filter_map(|h| h.0.map(|id| (id, h.2)))
+                    .collect(),
+            };
+        };
+        // Group holders whose pids overlap (union-find over small sets).
+        let mut parent: Vec<usize> = (0..holders.len()).collect();
+        fn find(parent: &mut [usize], mut i: usize) -> usize {
+            while parent[i] != i {
+                parent[i] = parent[parent[i]];
+                i = parent[i];
+            }
+            i
+        }
+        let mut owner: HashMap<u32, usize> = HashMap::new();
+        for (i, (_, pids, _)) in holders.iter().enumerate() {
+            for pid in pids.iter() {
+                match owner.get(pid) {
+                    Some(&j) => {
+                        let (a, b) = (find(&mut parent, i), find(&mut parent, j));
+                        parent[a] = b;
+                    }
+                    None => {
+                        owner.insert(*pid, i);
+                    }
+                }
+            }
+        }
+        let mut group_bytes: HashMap<usize, u64> = HashMap::new();
+        for (i, h) in holders.iter().enumerate() {
+            let root = find(&mut parent, i);
+            *group_bytes.entry(root).or_default() += h.2;
+        }
+        // A process counts for the holder of its pid or of its nearest
+        // ancestor that a holder speaks for.
+        let mut group_actual: HashMap<usize, u64> = HashMap::new();
+        for p in processes {
+            let holder = std::iter::once(&p.pid)
+                .chain(p.ancestors.iter())
+                .find_map(|pid| owner.get(pid).copied());
+            if let Some(i) = holder {
+                let root = find(&mut parent, i);
+                *group_actual.entry(root).or_default() += p.bytes;
+            }
+        }
+        let attributed: u64 = group_actual.values().sum();
+        let unattributed = reading.used_bytes.saturating_sub(attributed);
+        let committed = group_bytes
+            .iter()
+            .map(|(root, &bytes)| bytes.max(group_actual.get(root).copied().unwrap_or(0)))
+            .fold(unattributed, u64::saturating_add);
+        let mut actual = HashMap::new();
+        let mut per_reservation_group_bytes = HashMap::new();
+        for (i, h) in holders.iter().enumerate() {
+            if let Some(id) = h.0 {
+                let root = find(&mut parent, i);
+                actual.insert(id, group_actual.get(&root).copied().unwrap_or(0));
+                per_reservation_group_bytes.insert(id, group_bytes[&root]);
+            }
+        }
+        Accounting {
+            committed,
+            unattributed,
+            actual,
+            group_bytes: per_reservation_group_bytes,
+        }
+    }
+}

@@ -1,0 +1,827 @@
+//! vramd's pure core: devices, reservations, the wait queue, accounting,
+//! eviction choice and status — every decision the daemon makes.
+//!
+//! It is deterministic and has one entry point, [`Ledger::apply`]: every
+//! event is an [`Input`] (a client's request, a disconnect, a reading, a
+//! tick, a consumer's report) with the time it happened, and the answer is
+//! the list of [`Effect`]s the daemon must carry out — every reply, grant,
+//! queue move, eviction ask and log-worthy event, in order. The ledger does
+//! no I/O, reads no clock and holds no lock; the daemon owns it from one
+//! task and [`Ledger::next_wakeup`] tells it when to send the next
+//! [`Input::Tick`].
+//!
+//! Modules, by concern: [`types`] (the vocabulary), `accounting` (what is
+//! committed on a device), `queue` (waiters in grant order), `schedule`
+//! (grant passes, wait limits, positions), `eviction` (idle holders and
+//! consumers, victim choice) and `status` (the report clients see).
+//!
+//! # Accounting
+//! For each device, from its latest [`Reading`]:
+//! - `actual(g)`: usage of the processes a group of reservations speaks for
+//!   (reservations whose pids overlap form one group, so a process holding two
+//!   reservations is not counted twice);
+//! - `unattributed = max(0, used − Σ actual(g))`;
+//! - `committed = unattributed + Σ max(bytes(g), actual(g))`;
+//! - `available = total − cushion − committed`; a request fits iff
+//!   `bytes ≤ available`.
+//!
+//! A process counts for a reservation when the reservation speaks for its
+//! pid or for one of its ancestors (the client, processes it attached, and
+//! their descendants). Without per-process usage,
+//! `committed = used + Σ bytes`: over-cautious, never overcommitting.
+//!
+//! A released reservation on a measured device becomes a *ghost* that keeps
+//! counting until a reading taken after the release arrives: a grant never
+//! rests on a reading older than the release it depends on. An unhealthy
+//! device (its reading failed) offers nothing until a reading succeeds. A
+//! simulated device has no readings of its own: what each reservation holds
+//! counts as used by its process, so its committed memory is the sum of the
+//! reservations, kept per device as they come and go.
+//!
+//! # Scheduling
+//! Waiters are ordered by effective priority (priority + one per `aging`
+//! waited, continuously), then arrival; because every waiter ages at the same
+//! rate this order never changes while they wait (see `queue`). A pass
+//! walks them in that order and grants each that fits, so a smaller request
+//! may be granted ahead of a larger one that does not fit (backfill) — until
+//! the larger one has waited past the starvation guard; from then on its
+//! devices take no further grants until it is granted.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use vramd_protocol::{
+    ClientMessage, Counters, DeviceSelector, ErrorKind, ReservationId, ReserveRequest,
+    ServerMessage, format_size,
+};
+
+mod accounting;
+mod eviction;
+mod queue;
+mod schedule;
+mod status;
+pub mod types;
+
+pub use status::{STATUS_QUEUE_LIMIT, redact};
+pub use types::{
+    ConnId, ConsumerReading, ConsumerSpec, DeviceSpec, Effect, Identity, Input, LedgerConfig,
+    LedgerError, LogEvent, Peer, Placement, ProcessUsage, Reading, ReadingSource, Released,
+};
+
+use accounting::Ghost;
+use eviction::{Plan, Victim};
+use queue::{OrderKey, Queue};
+
+/// Queue positions are pushed on every change up to this depth; deeper
+/// waiters learn their first position, then moves once within this depth.
+pub const POSITION_PUSH_LIMIT: u32 = 1000;
+
+#[derive(Debug, Clone)]
+struct Device {
+    spec: DeviceSpec,
+    source: ReadingSource,
+    /// Why the device is unhealthy (its last reading failed); `None` if healthy.
+    fault: Option<String>,
+    /// Σ bytes of the reservations granted on it, kept as they come and go.
+    reserved_bytes: u64,
+    /// Its reservations, so that its accounting never walks the others.
+    reservations: BTreeSet<ReservationId>,
+}
+
+#[derive(Debug, Clone)]
+struct Reservation {
+    id: ReservationId,
+    conn: ConnId,
+    device: usize,
+    bytes: u64,
+    label: Option<String>,
+    priority: i32,
+    peer: Peer,
+    /// Processes whose usage this reservation speaks for.
+    pids: Vec<u32>,
+    granted_at: Instant,
+    /// Idle: its model is kept warm and may be evicted.
+    idle: bool,
+    /// When it was last busy (or granted): older idle ones are evicted first.
+    last_busy: Instant,
+    /// Deadline of an eviction request sent to its holder.
+    evicting: Option<Instant>,
+}
+
+impl Reservation {
+    /// Idle and not already asked to unload: a possible eviction victim.
+    fn idle_unasked(&self) -> bool {
+        self.idle && self.evicting.is_none()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Consumer {
+    spec: ConsumerSpec,
+    reading: ConsumerReading,
+    reachable: bool,
+    last_error: Option<String>,
+    /// Since when it has held memory.
+    loaded_since: Option<Instant>,
+    last_eviction: Option<Instant>,
+    /// An unload was asked and has not completed.
+    evicting: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Waiter {
+    id: ReservationId,
+    conn: ConnId,
+    tag: u64,
+    bytes: u64,
+    selector: DeviceSelector,
+    /// Indices (into `devices`) of the devices it may use.
+    candidates: Vec<usize>,
+    priority: i32,
+    label: Option<String>,
+    peer: Peer,
+    arrived: Instant,
+    deadline: Option<Instant>,
+    /// Last position told to the client (0: none yet).
+    told_position: u32,
+    /// Start granted reservations idle.
+    evictable: bool,
+    /// Evictions in flight to make room for it.
+    plan: Option<Plan>,
+    /// Victims that failed it; not asked again for it.
+    skip: Vec<Victim>,
+}
+
+/// The arbiter's state.
+#[derive(Debug)]
+pub struct Ledger {
+    config: LedgerConfig,
+    identity: Identity,
+    devices: Vec<Device>,
+    reservations: BTreeMap<ReservationId, Reservation>,
+    /// Each connection's reservations.
+    held_by: HashMap<ConnId, BTreeSet<ReservationId>>,
+    /// Each user's granted bytes (for the per-user limit without a walk).
+    held_by_uid: HashMap<u32, u64>,
+    /// Reservations that are idle and not asked to unload: the possible
+    /// victims, so that an event with nothing evictable walks nothing.
+    idle_unasked: BTreeSet<ReservationId>,
+    /// Waiting requests in grant order.
+    queue: Queue,
+    ghosts: Vec<Ghost>,
+    consumers: Vec<Consumer>,
+    /// Origin of order keys, and the start of uptime.
+    epoch: Instant,
+    /// Since the last full pass, nothing freed room and no waiter left but
+    /// by that pass: only newly arrived waiters can fit.
+    clean: bool,
+    /// Waiters queued since the last pass.
+    fresh: Vec<OrderKey>,
+    /// Waiters not yet told their position.
+    untold: Vec<OrderKey>,
+    /// A waiter that was told its position left, or one arrived ahead of
+    /// others: every position must be recomputed.
+    positions_dirty: bool,
+    next_id: u64,
+    counters: Counters,
+}
+
+impl Ledger {
+    /// A ledger over `devices`, all with readings from `source`, starting at
+    /// `now`.
+    pub fn new(
+        config: LedgerConfig,
+        devices: Vec<DeviceSpec>,
+        source: ReadingSource,
+        now: Instant,
+    ) -> Self {
+        let devices_len = devices.len();
+        Self {
+            config,
+            identity: Identity::default(),
+            devices: devices
+                .into_iter()
+                .map(|spec| Device {
+                    spec,
+                    source: source.clone(),
+                    fault: None,
+                    reserved_bytes: 0,
+                    reservations: BTreeSet::new(),
+                })
+                .collect(),
+            queue: Queue::new(devices_len),
+            reservations: BTreeMap::new(),
+            held_by: HashMap::new(),
+            held_by_uid: HashMap::new(),
+            idle_unasked: BTreeSet::new(),
+            ghosts: Vec::new(),
+            consumers: Vec::new(),
+            epoch: now,
+            clean: false,
+            fresh: Vec::new(),
+            untold: Vec::new(),
+            positions_dirty: false,
+            next_id: 1,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Sets what status reports about the daemon (its version, its backend).
+    pub fn with_identity(mut self, identity: Identity) -> Self {
+        self.identity = identity;
+        self
+    }
+
+    /// Declares an external consumer (at start, from the config).
+    pub fn add_consumer(&mut self, spec: ConsumerSpec) {
+        self.consumers.push(Consumer {
+            spec,
+            reading: ConsumerReading::default(),
+            reachable: false,
+            last_error: None,
+            loaded_since: None,
+            last_eviction: None,
+            evicting: false,
+        });
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &LedgerConfig {
+        &self.config
+    }
+
+    /// Event counters since start.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Number of granted reservations.
+    pub fn reservation_count(&self) -> usize {
+        self.reservations.len()
+    }
+
+    /// Number of devices.
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Number of waiting requests.
+    pub fn waiter_count(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether device `index` is healthy.
+    pub fn is_healthy(&self, index: usize) -> bool {
+        self.devices.get(index).is_some_and(|d| d.fault.is_none())
+    }
+
+    /// Handles one event that happened at `now` and returns what the daemon
+    /// must do about it, in order.
+    pub fn apply(&mut self, input: Input, now: Instant) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        let settle = match input {
+            Input::Request { conn, peer, msg } => self.on_request(conn, peer, msg, now, &mut fx),
+            Input::Disconnect { conn } => self.on_disconnect(conn, now, &mut fx),
+            Input::Reading {
+                device,
+                taken_at,
+                result,
+            } => self.on_reading(device, taken_at, result, &mut fx),
+            Input::Tick => true,
+            Input::ConsumerReading { name, result } => self.on_consumer_reading(&name, result, now),
+            Input::ConsumerUnloaded { name, result } => {
+                self.on_consumer_unloaded(name, result, &mut fx)
+            }
+        };
+        if settle {
+            self.settle(now, &mut fx);
+        }
+        fx
+    }
+
+    /// A client's request; returns whether a scheduling pass must follow.
+    fn on_request(
+        &mut self,
+        conn: ConnId,
+        peer: Peer,
+        msg: ClientMessage,
+        now: Instant,
+        fx: &mut Vec<Effect>,
+    ) -> bool {
+        let mut reply = |msg| fx.push(Effect::Reply { conn, msg });
+        match msg {
+            ClientMessage::Hello { .. } => {
+                reply(error(0, ErrorKind::BadRequest, "hello was already sent"));
+                false
+            }
+            ClientMessage::Ping { tag } => {
+                reply(ServerMessage::Pong { tag });
+                false
+            }
+            ClientMessage::Status { tag } => {
+                let status = self.status(peer, now);
+                reply(ServerMessage::Status {
+                    tag,
+                    status: Box::new(status),
+                });
+                false
+            }
+            ClientMessage::Reserve(req) => self.on_reserve(conn, peer, req, now, fx),
+            ClientMessage::Cancel { tag } => self.on_cancel(conn, tag, fx),
+            ClientMessage::Release { tag, id } => self.on_release(conn, tag, id, now, fx),
+            ClientMessage::SetIdle { tag, id, idle } => {
+                self.on_set_idle(conn, tag, id, idle, now, fx)
+            }
+            ClientMessage::AttachPids { tag, id, pids } => {
+                self.on_attach_pids(conn, tag, id, &pids, fx)
+            }
+        }
+    }
+
+    /// The reservation `id` if `conn` holds it; otherwise the `not_found`
+    /// answer is pushed.
+    fn held(
+        &mut self,
+        conn: ConnId,
+        tag: u64,
+        id: ReservationId,
+        fx: &mut Vec<Effect>,
+    ) -> Option<&mut Reservation> {
+        match self.reservations.get_mut(&id) {
+            Some(r) if r.conn == conn => Some(r),
+            _ => {
+                fx.push(Effect::Reply {
+                    conn,
+                    msg: error(
+                        tag,
+                        ErrorKind::NotFound,
+                        LedgerError::NotHeld(id).to_string(),
+                    ),
+                });
+                None
+            }
+        }
+    }
+
+    /// Where a waiter of `priority` that arrived at `arrived` stands in the
+    /// grant order (see `queue`).
+    fn order_key(&self, priority: i32, arrived: Instant, id: ReservationId) -> OrderKey {
+        let since_epoch = if arrived >= self.epoch {
+            arrived.duration_since(self.epoch).as_nanos() as i128
+        } else {
+            -(self.epoch.duration_since(arrived).as_nanos() as i128)
+        };
+        let aging = self.config.aging.as_nanos().max(1) as i128;
+        OrderKey {
+            rank: since_epoch - i128::from(priority) * aging,
+            id,
+        }
+    }
+
+    /// Handles a request: refuses it if it can never fit, else queues it
+    /// (the pass that follows grants what fits).
+    fn on_reserve(
+        &mut self,
+        conn: ConnId,
+        peer: Peer,
+        req: ReserveRequest,
+        now: Instant,
+        fx: &mut Vec<Effect>,
+    ) -> bool {
+        match self.admit(peer, &req) {
+            Ok(candidates) => {
+                self.enqueue(conn, peer, req, candidates, now);
+                true
+            }
+            Err((kind, message)) => {
+                if kind != ErrorKind::Unavailable {
+                    self.counters.refusals += 1;
+                }
+                fx.push(Effect::Failed {
+                    conn,
+                    tag: req.tag,
+                    kind,
+                    message,
+                });
+                false
+            }
+        }
+    }
+
+    /// The devices a request may wait for, or why it is refused at once.
+    fn admit(&self, peer: Peer, req: &ReserveRequest) -> Result<Vec<usize>, (ErrorKind, String)> {
+        let refused = |message: String| (ErrorKind::Refused, message);
+        if req.bytes == 0 {
+            return Err(refused("a reservation must be of at least 1 byte".into()));
+        }
+        if let Some(message) = self.over_user_limits(peer, req.bytes) {
+            return Err((ErrorKind::LimitExceeded, message));
+        }
+        let candidates = self.candidates(&req.device).map_err(refused)?;
+        if candidates.iter().all(|&d| self.devices[d].fault.is_some()) {
+            let why: Vec<String> = candidates
+                .iter()
+                .map(|&d| {
+                    let dev = &self.devices[d];
+                    format!(
+                        "device {} ({}) is unhealthy: {}",
+                        dev.spec.index,
+                        dev.spec.uuid,
+                        dev.fault.as_deref().unwrap_or("")
+                    )
+                })
+                .collect();
+            return Err((
+                ErrorKind::Unavailable,
+                format!(
+                    "{}; no new grants until its readings recover",
+                    why.join("; ")
+                ),
+            ));
+        }
+        let largest = candidates
+            .iter()
+            .map(|&d| self.capacity(d))
+            .max()
+            .unwrap_or(0);
+        if req.bytes > largest {
+            return Err(refused(format!(
+                "{} can never fit: the largest eligible device offers {} ({} total less the {} cushion)",
+                format_size(req.bytes),
+                format_size(largest),
+                format_size(
+                    candidates
+                        .iter()
+                        .map(|&d| self.devices[d].spec.total_bytes)
+                        .max()
+                        .unwrap_or(0)
+                ),
+                format_size(self.config.cushion_bytes),
+            )));
+        }
+        Ok(candidates)
+    }
+
+    /// Puts an admitted request in the queue.
+    fn enqueue(
+        &mut self,
+        conn: ConnId,
+        peer: Peer,
+        req: ReserveRequest,
+        candidates: Vec<usize>,
+        now: Instant,
+    ) {
+        let id = ReservationId(self.next_id);
+        self.next_id += 1;
+        let key = self.order_key(req.priority, now, id);
+        self.fresh.push(key);
+        self.untold.push(key);
+        self.queue.insert(
+            key,
+            Waiter {
+                id,
+                conn,
+                tag: req.tag,
+                bytes: req.bytes,
+                selector: req.device,
+                candidates,
+                priority: req.priority,
+                label: req.label,
+                peer,
+                arrived: now,
+                deadline: req
+                    .timeout_ms
+                    .map(|ms| now.checked_add(Duration::from_millis(ms)).unwrap_or(now)),
+                told_position: 0,
+                evictable: req.evictable,
+                plan: None,
+                skip: Vec::new(),
+            },
+        );
+    }
+
+    /// Why a request of `bytes` by `peer` would break a per-user limit.
+    fn over_user_limits(&self, peer: Peer, bytes: u64) -> Option<String> {
+        if peer.admin {
+            return None;
+        }
+        let (queued_count, queued_bytes) = self.queue.usage_of(peer.uid);
+        if queued_count >= self.config.max_queued_per_uid {
+            return Some(format!(
+                "user {} already has {queued_count} requests waiting (limit {})",
+                peer.uid, self.config.max_queued_per_uid
+            ));
+        }
+        let limit = self.config.max_bytes_per_uid?;
+        let held = self
+            .held_by_uid
+            .get(&peer.uid)
+            .copied()
+            .unwrap_or(0)
+            .saturating_add(queued_bytes);
+        (held.saturating_add(bytes) > limit).then(|| {
+            format!(
+                "user {} holds or waits for {}; {} more would pass the per-user limit of {}",
+                peer.uid,
+                format_size(held),
+                format_size(bytes),
+                format_size(limit)
+            )
+        })
+    }
+
+    /// Releases a reservation held by `conn`; the pass that follows grants
+    /// what now fits.
+    fn on_release(
+        &mut self,
+        conn: ConnId,
+        tag: u64,
+        id: ReservationId,
+        now: Instant,
+        fx: &mut Vec<Effect>,
+    ) -> bool {
+        if self.held(conn, tag, id, fx).is_none() {
+            return false;
+        }
+        let r = self.take_reservation(id).expect("checked above");
+        self.counters.releases += 1;
+        self.clean = false;
+        fx.push(Effect::Reply {
+            conn,
+            msg: ServerMessage::Released { tag, id },
+        });
+        // The ghost (if any) must exist before the pass that follows; the
+        // release is logged once its answer is on its way, and before the
+        // grants it made room for.
+        let released = self.released(r, now);
+        fx.push(Effect::Released {
+            conn,
+            released,
+            disconnected: false,
+        });
+        fx.push(Effect::RefreshReadings);
+        true
+    }
+
+    /// Removes a reservation and its index entries.
+    fn take_reservation(&mut self, id: ReservationId) -> Option<Reservation> {
+        let r = self.reservations.remove(&id)?;
+        if let Some(set) = self.held_by.get_mut(&r.conn) {
+            set.remove(&id);
+            if set.is_empty() {
+                self.held_by.remove(&r.conn);
+            }
+        }
+        if let Some(held) = self.held_by_uid.get_mut(&r.peer.uid) {
+            *held = held.saturating_sub(r.bytes);
+            if *held == 0 {
+                self.held_by_uid.remove(&r.peer.uid);
+            }
+        }
+        let device = &mut self.devices[r.device];
+        device.reserved_bytes = device.reserved_bytes.saturating_sub(r.bytes);
+        device.reservations.remove(&id);
+        self.idle_unasked.remove(&id);
+        Some(r)
+    }
+
+    /// Adds a reservation and its index entries.
+    fn put_reservation(&mut self, r: Reservation) {
+        self.held_by.entry(r.conn).or_default().insert(r.id);
+        let held = self.held_by_uid.entry(r.peer.uid).or_default();
+        *held = held.saturating_add(r.bytes);
+        let device = &mut self.devices[r.device];
+        device.reserved_bytes = device.reserved_bytes.saturating_add(r.bytes);
+        device.reservations.insert(r.id);
+        if r.idle_unasked() {
+            self.idle_unasked.insert(r.id);
+        }
+        self.reservations.insert(r.id, r);
+    }
+
+    /// Changes a reservation's idle or evicting state, keeping the index of
+    /// possible victims in step.
+    fn update_idle(&mut self, id: ReservationId, change: impl FnOnce(&mut Reservation)) {
+        if let Some(r) = self.reservations.get_mut(&id) {
+            change(r);
+            if r.idle_unasked() {
+                self.idle_unasked.insert(id);
+            } else {
+                self.idle_unasked.remove(&id);
+            }
+        }
+    }
+
+    /// Removes a waiter; a waiter that was told its position leaves a gap.
+    fn take_waiter(&mut self, key: &OrderKey) -> Option<Waiter> {
+        let w = self.queue.remove(key)?;
+        if w.told_position != 0 {
+            self.positions_dirty = true;
+        }
+        Some(w)
+    }
+
+    fn released(&mut self, r: Reservation, now: Instant) -> Released {
+        let evicted = r.evicting.is_some();
+        if evicted {
+            self.counters.evictions_completed += 1;
+        }
+        if matches!(self.devices[r.device].source, ReadingSource::Measured(_)) {
+            self.ghosts.push(Ghost {
+                device: r.device,
+                pids: r.pids.clone(),
+                bytes: r.bytes,
+                released_at: now,
+            });
+        }
+        Released {
+            id: r.id,
+            device: self.devices[r.device].spec.index,
+            bytes: r.bytes,
+            label: r.label,
+            held: now.saturating_duration_since(r.granted_at),
+            evicted,
+        }
+    }
+
+    /// Withdraws `conn`'s waiting requests with `tag` and answers how many
+    /// there were.
+    fn on_cancel(&mut self, conn: ConnId, tag: u64, fx: &mut Vec<Effect>) -> bool {
+        let keys: Vec<OrderKey> = self
+            .queue
+            .keys_of(conn)
+            .into_iter()
+            .filter(|k| self.queue.get(k).is_some_and(|w| w.tag == tag))
+            .collect();
+        for k in &keys {
+            self.take_waiter(k);
+        }
+        let count = keys.len() as u32;
+        self.counters.cancels += u64::from(count);
+        if count > 0 {
+            fx.push(Effect::Log(LogEvent::Cancelled { conn, tag, count }));
+        }
+        fx.push(Effect::Reply {
+            conn,
+            msg: ServerMessage::Cancelled { tag, count },
+        });
+        // A cancelled starved waiter may have kept room for itself.
+        self.clean &= count == 0;
+        count > 0
+    }
+
+    /// Drops everything `conn` held or waited for.
+    fn on_disconnect(&mut self, conn: ConnId, now: Instant, fx: &mut Vec<Effect>) -> bool {
+        let keys = self.queue.keys_of(conn);
+        for k in &keys {
+            self.take_waiter(k);
+        }
+        let cancelled = keys.len();
+        self.counters.cancels += cancelled as u64;
+        let ids: Vec<ReservationId> = self
+            .held_by
+            .get(&conn)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        let mut released = 0;
+        for id in ids {
+            if let Some(r) = self.take_reservation(id) {
+                let released_one = self.released(r, now);
+                fx.push(Effect::Released {
+                    conn,
+                    released: released_one,
+                    disconnected: true,
+                });
+                released += 1;
+            }
+        }
+        self.counters.releases += released;
+        self.counters.disconnect_releases += released;
+        if released > 0 {
+            fx.push(Effect::RefreshReadings);
+        }
+        let changed = cancelled > 0 || released > 0;
+        self.clean &= !changed;
+        changed
+    }
+
+    /// A reading of device `index` taken at `taken_at` (or its failure).
+    /// A success marks the device healthy; released reservations stop
+    /// counting once a reading taken after their release arrives. A failure
+    /// marks it unhealthy: no new grants on it until the next successful
+    /// reading; its reservations stay.
+    fn on_reading(
+        &mut self,
+        index: usize,
+        taken_at: Instant,
+        result: Result<Reading, String>,
+        fx: &mut Vec<Effect>,
+    ) -> bool {
+        let Some(d) = self.devices.get_mut(index) else {
+            return false;
+        };
+        let was_healthy = d.fault.is_none();
+        match result {
+            Ok(reading) => {
+                d.source = ReadingSource::Measured(reading);
+                d.fault = None;
+                if !was_healthy {
+                    fx.push(Effect::Log(LogEvent::DeviceRecovered {
+                        device: d.spec.index,
+                    }));
+                }
+                self.ghosts
+                    .retain(|g| !(g.device == index && g.released_at < taken_at));
+            }
+            Err(fault) => {
+                if was_healthy {
+                    fx.push(Effect::Log(LogEvent::DeviceUnhealthy {
+                        device: d.spec.index,
+                        fault: fault.clone(),
+                    }));
+                }
+                d.fault = Some(fault);
+            }
+        }
+        self.clean = false;
+        true
+    }
+
+    /// Adds processes whose usage counts against reservation `id` held by
+    /// `conn`, and answers with every pid it now speaks for.
+    fn on_attach_pids(
+        &mut self,
+        conn: ConnId,
+        tag: u64,
+        id: ReservationId,
+        pids: &[u32],
+        fx: &mut Vec<Effect>,
+    ) -> bool {
+        let Some(r) = self.held(conn, tag, id, fx) else {
+            return false;
+        };
+        for &pid in pids {
+            if pid != 0 && !r.pids.contains(&pid) {
+                r.pids.push(pid);
+            }
+        }
+        let all = r.pids.clone();
+        fx.push(Effect::Reply {
+            conn,
+            msg: ServerMessage::Attached {
+                tag,
+                id,
+                pids: all.clone(),
+            },
+        });
+        fx.push(Effect::Log(LogEvent::PidsAttached {
+            conn,
+            id,
+            pids: all,
+        }));
+        self.clean = false;
+        true
+    }
+
+    /// Indices of the devices a selector names, or why there are none.
+    fn candidates(&self, selector: &DeviceSelector) -> Result<Vec<usize>, String> {
+        let known = || {
+            self.devices
+                .iter()
+                .map(|d| format!("{} ({})", d.spec.index, d.spec.uuid))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match selector {
+            DeviceSelector::Any => Ok((0..self.devices.len()).collect()),
+            DeviceSelector::Index(i) => self
+                .devices
+                .iter()
+                .position(|d| d.spec.index == *i)
+                .map(|d| vec![d])
+                .ok_or_else(|| format!("there is no device {i}; devices: {}", known())),
+            DeviceSelector::Uuid(u) => self
+                .devices
+                .iter()
+                .position(|d| d.spec.uuid.eq_ignore_ascii_case(u))
+                .map(|d| vec![d])
+                .ok_or_else(|| format!("there is no device {u}; devices: {}", known())),
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+/// An error answer.
+fn error(tag: u64, kind: ErrorKind, message: impl Into<String>) -> ServerMessage {
+    ServerMessage::Error {
+        tag,
+        kind,
+        message: message.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,235 @@
+//! Scheduling passes: grants in queue order with backfill and the
+//! starvation guard, placement, wait limits, and the queue positions told to
+//! waiters.
+
+use std::time::Instant;
+
+use vramd_protocol::{ErrorKind, Grant, format_size};
+
+use crate::queue::OrderKey;
+use crate::{Effect, Ledger, POSITION_PUSH_LIMIT, Placement, Reservation, Waiter, millis};
+
+impl Ledger {
+    /// When the daemon should next apply [`Input::Tick`](crate::Input::Tick): the earliest wait limit
+    /// or eviction deadline, or the moment an idle holder becomes evictable
+    /// while requests wait — it passes its minimum residency, or a waiter
+    /// ages up to its priority. (The grant order does not change with time.)
+    pub fn next_wakeup(&self, now: Instant) -> Option<Instant> {
+        let plans = self.queue.planned().into_iter().filter_map(|k| {
+            self.queue
+                .get(&k)
+                .and_then(|w| w.plan.as_ref())
+                .map(|p| p.deadline)
+        });
+        self.queue
+            .next_deadline()
+            .into_iter()
+            .chain(plans)
+            .chain(self.next_eviction_eligibility(now))
+            .chain(self.next_outranking(now))
+            .min()
+    }
+
+    /// Runs a scheduling pass, expires waiters past their limit, and tells
+    /// the rest their new positions.
+    pub(crate) fn settle(&mut self, now: Instant, effects: &mut Vec<Effect>) {
+        self.schedule(now, effects);
+        if self.expire(now, effects) {
+            // An expired waiter may have held devices for itself (starvation
+            // guard); what it blocked may fit now.
+            self.schedule(now, effects);
+        }
+        self.fail_overdue_evictions(now, effects);
+        self.plan_evictions(now, effects);
+        self.tell_positions(now, effects);
+    }
+
+    /// Grants what fits. After a full pass, and until something frees room or
+    /// a waiter leaves, only newly arrived waiters can fit: they are checked
+    /// alone (no walk over the queue) unless a starved waiter may stand in
+    /// their way.
+    fn schedule(&mut self, now: Instant, effects: &mut Vec<Effect>) {
+        if self.queue.is_empty() {
+            self.fresh.clear();
+            self.clean = true;
+            return;
+        }
+        let mut avail: Vec<u64> = (0..self.devices.len()).map(|d| self.available(d)).collect();
+        let mut granted: Vec<(OrderKey, usize)> = Vec::new();
+        let fast = self.clean && {
+            let guard = self.config.starvation_guard;
+            self.fresh.iter().all(|k| {
+                self.queue.get(k).is_none_or(|w| {
+                    w.candidates.iter().all(|&d| {
+                        self.queue
+                            .oldest_for(d)
+                            .is_none_or(|a| now.saturating_duration_since(a) < guard)
+                    })
+                })
+            })
+        };
+        if fast {
+            let mut fresh = std::mem::take(&mut self.fresh);
+            fresh.sort_unstable();
+            for key in fresh {
+                let Some(w) = self.queue.get(&key) else {
+                    continue;
+                };
+                if let Some(d) = self.place(w, &avail, &[]) {
+                    avail[d] -= w.bytes;
+                    granted.push((key, d));
+                }
+            }
+        } else if (0..self.devices.len())
+            .all(|d| self.queue.smallest_for(d).is_none_or(|b| b > avail[d]))
+        {
+            // Nothing fits anywhere: no walk over the queue.
+            self.fresh.clear();
+        } else {
+            self.fresh.clear();
+            let mut blocked = vec![false; self.devices.len()];
+            for (key, w) in self.queue.iter() {
+                match self.place(w, &avail, &blocked) {
+                    Some(d) => {
+                        avail[d] -= w.bytes;
+                        granted.push((*key, d));
+                    }
+                    None if now.saturating_duration_since(w.arrived)
+                        >= self.config.starvation_guard =>
+                    {
+                        // Starved: its devices keep their room for it.
+                        for &d in &w.candidates {
+                            if self.capacity(d) >= w.bytes {
+                                blocked[d] = true;
+                            }
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+        self.clean = true;
+        for (key, d) in granted {
+            let w = self.take_waiter(&key).expect("granted from the queue");
+            self.grant(w, d, now, effects);
+        }
+    }
+
+    /// The device a waiter goes to now, if it fits on one it may use.
+    fn place(&self, w: &Waiter, avail: &[u64], blocked: &[bool]) -> Option<usize> {
+        let fits = w
+            .candidates
+            .iter()
+            .copied()
+            .filter(|&d| !blocked.get(d).copied().unwrap_or(false) && avail[d] >= w.bytes);
+        match self.config.placement {
+            Placement::Spread => fits.max_by_key(|&d| (avail[d], std::cmp::Reverse(d))),
+            Placement::Pack => fits.min_by_key(|&d| (avail[d], d)),
+        }
+    }
+
+    fn grant(&mut self, w: Waiter, d: usize, now: Instant, effects: &mut Vec<Effect>) {
+        let grant = Grant {
+            id: w.id,
+            device: self.devices[d].spec.index,
+            device_uuid: self.devices[d].spec.uuid.clone(),
+            bytes: w.bytes,
+        };
+        self.put_reservation(Reservation {
+            id: w.id,
+            conn: w.conn,
+            device: d,
+            bytes: w.bytes,
+            label: w.label.clone(),
+            priority: w.priority,
+            peer: w.peer,
+            pids: vec![w.peer.pid],
+            granted_at: now,
+            idle: w.evictable,
+            last_busy: now,
+            evicting: None,
+        });
+        self.counters.grants += 1;
+        effects.push(Effect::Granted {
+            conn: w.conn,
+            tag: w.tag,
+            grant,
+            label: w.label,
+            waited: now.saturating_duration_since(w.arrived),
+        });
+    }
+
+    /// Fails waiters whose wait limit passed; returns whether there were any.
+    fn expire(&mut self, now: Instant, effects: &mut Vec<Effect>) -> bool {
+        let due = self.queue.due(now);
+        for key in &due {
+            let Some(w) = self.take_waiter(key) else {
+                continue;
+            };
+            self.counters.timeouts += 1;
+            effects.push(Effect::Failed {
+                conn: w.conn,
+                tag: w.tag,
+                kind: ErrorKind::Timeout,
+                message: format!(
+                    "waited {} ms for {} and it did not fit (position {} in the queue)",
+                    millis(now.saturating_duration_since(w.arrived)),
+                    format_size(w.bytes),
+                    w.told_position.max(1),
+                ),
+            });
+        }
+        if !due.is_empty() {
+            // An expired starved waiter may have kept room for itself.
+            self.clean = false;
+        }
+        !due.is_empty()
+    }
+
+    /// Tells waiters their positions where they changed. Waiters that arrive
+    /// behind everyone (the usual case) are told without a walk over the queue.
+    fn tell_positions(&mut self, _now: Instant, effects: &mut Vec<Effect>) {
+        let mut untold: Vec<OrderKey> = std::mem::take(&mut self.untold)
+            .into_iter()
+            .filter(|k| self.queue.contains(k))
+            .collect();
+        if !self.positions_dirty {
+            if untold.is_empty() {
+                return;
+            }
+            untold.sort_unstable();
+            if self.queue.tail(untold.len()) == untold {
+                let first = self.queue.len() - untold.len();
+                for (i, key) in untold.iter().enumerate() {
+                    let w = self.queue.get_mut(key).expect("in the queue");
+                    let position = (first + i) as u32 + 1;
+                    w.told_position = position;
+                    effects.push(Effect::Queued {
+                        conn: w.conn,
+                        tag: w.tag,
+                        id: w.id,
+                        position,
+                    });
+                }
+                return;
+            }
+        }
+        self.positions_dirty = false;
+        for (pos, (_, w)) in self.queue.iter_mut().enumerate() {
+            let position = pos as u32 + 1;
+            // Deep in a long queue, moves are not pushed (a move at the head
+            // would otherwise cost a message per waiter): only a waiter's
+            // first position and its moves within the first POSITION_PUSH_LIMIT.
+            let worth_telling = position <= POSITION_PUSH_LIMIT || w.told_position == 0;
+            if w.told_position != position && worth_telling {
+                w.told_position = position;
+                effects.push(Effect::Queued {
+                    conn: w.conn,
+                    tag: w.tag,
+                    id: w.id,
+                    position,
+                });
+            }
+        }
+    }
+}

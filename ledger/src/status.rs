@@ -1,0 +1,155 @@
+//! The status report: devices and their accounting, reservations, the
+//! queue, consumers and counters, with other users' details hidden from
+//! clients that are not admins.
+
+use std::time::Instant;
+
+use vramd_protocol::{ConsumerStatus, DeviceStatus, QueueEntry, ReservationStatus, StatusReport};
+
+use crate::accounting::Accounting;
+use crate::{Ledger, Peer, millis};
+
+/// Most queue entries a status lists (the answer must fit in one frame);
+/// `queue_total` counts them all.
+pub const STATUS_QUEUE_LIMIT: usize = 1000;
+
+/// Hides the details of other users' reservations and requests (labels,
+/// pids) from a client that is not an admin.
+pub fn redact(status: &mut StatusReport, uid: u32) {
+    for r in status.reservations.iter_mut().filter(|r| r.uid != uid) {
+        r.label = None;
+        r.pids.clear();
+    }
+    for q in status.queue.iter_mut().filter(|q| q.uid != uid) {
+        q.label = None;
+    }
+}
+
+impl Ledger {
+    /// The status report as `peer` may see it at `now`.
+    pub fn status(&self, peer: Peer, now: Instant) -> StatusReport {
+        let mut status = StatusReport {
+            daemon_version: self.identity.daemon_version.clone(),
+            backend: self.identity.backend.clone(),
+            uptime_ms: millis(now.saturating_duration_since(self.epoch)),
+            devices: self.device_status(),
+            reservations: self.reservation_status(now),
+            queue: self.queue_status(now, STATUS_QUEUE_LIMIT),
+            queue_total: self.queue.len() as u64,
+            counters: self.counters.clone(),
+            consumers: self.consumer_status(now),
+        };
+        if !peer.admin {
+            redact(&mut status, peer.uid);
+        }
+        status
+    }
+
+    /// Per-device state for status.
+    pub fn device_status(&self) -> Vec<DeviceStatus> {
+        (0..self.devices.len())
+            .map(|d| {
+                let dev = &self.devices[d];
+                let spec = &dev.spec;
+                let reading = self.reading(d);
+                let acc = self.account(d);
+                let per_process_usage = reading.processes.is_some();
+                let note = match (&dev.fault, per_process_usage) {
+                    (Some(f), _) => Some(f.clone()),
+                    (None, false) => Some(
+                        "per-process usage is unavailable: counting used + reserved (cautious)"
+                            .to_string(),
+                    ),
+                    (None, true) => None,
+                };
+                DeviceStatus {
+                    index: spec.index,
+                    uuid: spec.uuid.clone(),
+                    name: spec.name.clone(),
+                    total_bytes: spec.total_bytes,
+                    used_bytes: reading.used_bytes,
+                    reserved_bytes: self.reserved(d),
+                    cushion_bytes: self.config.cushion_bytes.min(spec.total_bytes),
+                    committed_bytes: acc.committed,
+                    available_bytes: if dev.fault.is_some() {
+                        0
+                    } else {
+                        self.capacity(d).saturating_sub(acc.committed)
+                    },
+                    unattributed_bytes: acc.unattributed,
+                    healthy: dev.fault.is_none(),
+                    note,
+                    per_process_usage,
+                }
+            })
+            .collect()
+    }
+
+    /// Granted reservations, by id.
+    pub fn reservation_status(&self, now: Instant) -> Vec<ReservationStatus> {
+        let accounts: Vec<Accounting> = (0..self.devices.len()).map(|d| self.account(d)).collect();
+        self.reservations
+            .values()
+            .map(|r| {
+                let acc = &accounts[r.device];
+                let actual = acc.actual.get(&r.id).copied().unwrap_or(0);
+                let group_bytes = acc.group_bytes.get(&r.id).copied().unwrap_or(r.bytes);
+                (r, actual, actual > group_bytes)
+            })
+            .map(|(r, actual_bytes, over_reserved)| ReservationStatus {
+                id: r.id,
+                device: self.devices[r.device].spec.index,
+                bytes: r.bytes,
+                label: r.label.clone(),
+                pid: r.peer.pid,
+                uid: r.peer.uid,
+                priority: r.priority,
+                age_ms: millis(now.saturating_duration_since(r.granted_at)),
+                actual_bytes,
+                over_reserved,
+                pids: r.pids.clone(),
+                idle: r.idle,
+            })
+            .collect()
+    }
+
+    /// The first `limit` waiting requests, in the order they would be granted.
+    pub fn queue_status(&self, now: Instant, limit: usize) -> Vec<QueueEntry> {
+        self.queue
+            .iter()
+            .take(limit)
+            .enumerate()
+            .map(|(pos, (_, w))| QueueEntry {
+                id: w.id,
+                position: pos as u32 + 1,
+                bytes: w.bytes,
+                device: w.selector.clone(),
+                priority: w.priority,
+                label: w.label.clone(),
+                pid: w.peer.pid,
+                uid: w.peer.uid,
+                waited_ms: millis(now.saturating_duration_since(w.arrived)),
+            })
+            .collect()
+    }
+
+    /// Declared consumers for status.
+    pub fn consumer_status(&self, now: Instant) -> Vec<ConsumerStatus> {
+        self.consumers
+            .iter()
+            .map(|c| ConsumerStatus {
+                name: c.spec.name.clone(),
+                kind: c.spec.kind.clone(),
+                device: c.spec.device.map(|d| self.devices[d].spec.index),
+                priority: c.spec.priority,
+                reachable: c.reachable,
+                resident_bytes: c.reading.resident_bytes,
+                models: c.reading.models.clone(),
+                last_eviction_ms: c
+                    .last_eviction
+                    .map(|t| millis(now.saturating_duration_since(t))),
+                last_error: c.last_error.clone(),
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,410 @@
+//! The ledger's vocabulary: who asks, what devices and readings look like,
+//! the policy knobs, and the [`Input`]s and [`Effect`]s of
+//! [`Ledger::apply`](crate::Ledger::apply).
+
+use std::time::{Duration, Instant};
+
+use vramd_protocol::{ClientMessage, ErrorKind, Grant, ReservationId, ServerMessage};
+
+/// Identifies one client connection inside the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnId(pub u64);
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Who is on the other end of a connection (from the socket's peer credentials).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// Process id.
+    pub pid: u32,
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Root or a member of the admin group: exempt from per-user limits and
+    /// sees everyone's details in status.
+    pub admin: bool,
+}
+
+/// A device as the backend describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// Index (as `nvidia-smi` numbers devices).
+    pub index: u32,
+    /// UUID.
+    pub uuid: String,
+    /// Product name.
+    pub name: String,
+    /// Total memory.
+    pub total_bytes: u64,
+}
+
+/// One reading of a device's memory.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Reading {
+    /// Memory in use on the whole device.
+    pub used_bytes: u64,
+    /// Usage per process, or `None` where the backend cannot tell.
+    pub processes: Option<Vec<ProcessUsage>>,
+}
+
+/// One process's usage of a device.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProcessUsage {
+    /// Process id.
+    pub pid: u32,
+    /// Bytes it uses on the device.
+    pub bytes: u64,
+    /// Its parent, grandparent, … (nearest first), so that the usage of a
+    /// process launched by a client counts against the client's reservation.
+    pub ancestors: Vec<u32>,
+}
+
+impl ProcessUsage {
+    /// A process with no known ancestors.
+    pub fn new(pid: u32, bytes: u64) -> Self {
+        Self {
+            pid,
+            bytes,
+            ancestors: Vec::new(),
+        }
+    }
+}
+
+/// Where readings of a device come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadingSource {
+    /// Derived from the reservations themselves (`--simulate`).
+    Simulated,
+    /// Set by [`Input::Reading`] from a real backend.
+    Measured(Reading),
+}
+
+/// Policy knobs of the ledger. [`LedgerConfig::default`] is the one place
+/// where their defaults are defined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerConfig {
+    /// Memory kept free on every device.
+    pub cushion_bytes: u64,
+    /// Waiting this long raises a request's effective priority by one.
+    pub aging: Duration,
+    /// After waiting this long, a request stops smaller ones from being
+    /// granted ahead of it on its devices.
+    pub starvation_guard: Duration,
+    /// How a request for any device is placed.
+    pub placement: Placement,
+    /// How long an evicted holder or consumer has to free its memory before
+    /// the daemon reports it and tries another victim.
+    pub eviction_deadline: Duration,
+    /// An idle reservation younger than this is never evicted.
+    pub min_residency: Duration,
+    /// Most requests one user (not an admin) may have waiting at once.
+    pub max_queued_per_uid: usize,
+    /// Most bytes one user (not an admin) may hold and wait for together.
+    pub max_bytes_per_uid: Option<u64>,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            cushion_bytes: 0,
+            aging: Duration::from_secs(10),
+            starvation_guard: Duration::from_secs(30),
+            placement: Placement::Spread,
+            eviction_deadline: Duration::from_secs(30),
+            min_residency: Duration::from_secs(10),
+            max_queued_per_uid: 4096,
+            max_bytes_per_uid: None,
+        }
+    }
+}
+
+/// Placement of a request for any device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Placement {
+    /// The device with the most room.
+    #[default]
+    Spread,
+    /// The device with the least room that fits.
+    Pack,
+}
+
+impl std::str::FromStr for Placement {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "spread" => Ok(Placement::Spread),
+            "pack" => Ok(Placement::Pack),
+            _ => Err(format!("invalid placement {s:?}: use spread or pack")),
+        }
+    }
+}
+
+impl std::fmt::Display for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Placement::Spread => "spread",
+            Placement::Pack => "pack",
+        })
+    }
+}
+
+/// What status reports about the daemon itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Identity {
+    /// The daemon's version.
+    pub daemon_version: String,
+    /// Name of the GPU backend (`simulated`, `nvml`).
+    pub backend: String,
+}
+
+/// An external consumer declared in the config (Ollama, ComfyUI, …).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerSpec {
+    /// Its name.
+    pub name: String,
+    /// Its kind, for status.
+    pub kind: String,
+    /// Index (into the devices given to [`Ledger::new`](crate::Ledger::new))
+    /// of the device it lives on; `None`: it may be on any.
+    pub device: Option<usize>,
+    /// It is evicted only for waiters of at least this priority.
+    pub priority: i32,
+    /// It is not evicted until it has been resident this long.
+    pub min_residency: Duration,
+    /// Labels of requests it is never evicted for.
+    pub coexist_with: Vec<String>,
+}
+
+/// What a consumer says it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConsumerReading {
+    /// Memory it holds.
+    pub resident_bytes: u64,
+    /// Models it holds, where it says.
+    pub models: Vec<String>,
+}
+
+/// Every event the ledger reacts to. Each comes with the time it happened,
+/// as the second argument of [`Ledger::apply`](crate::Ledger::apply).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// A decoded message from a client after its handshake.
+    Request {
+        /// Its connection.
+        conn: ConnId,
+        /// Who sent it.
+        peer: Peer,
+        /// The message.
+        msg: ClientMessage,
+    },
+    /// A connection closed: everything it held or waited for goes.
+    Disconnect {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// A reading of one device (index into the devices given to
+    /// [`Ledger::new`](crate::Ledger::new)), or why it failed.
+    Reading {
+        /// The device's position.
+        device: usize,
+        /// When the reading was taken: released memory stops counting only
+        /// on a reading taken after its release.
+        taken_at: Instant,
+        /// The reading, or the fault that makes the device unhealthy.
+        result: Result<Reading, String>,
+    },
+    /// Time passed: wait limits, eviction deadlines, minimum residencies and
+    /// aging may have come due (see [`Ledger::next_wakeup`](crate::Ledger::next_wakeup)).
+    Tick,
+    /// What an external consumer says it holds, or why it could not be asked.
+    ConsumerReading {
+        /// Its name.
+        name: String,
+        /// Its answer.
+        result: Result<ConsumerReading, String>,
+    },
+    /// How a consumer's unload call went (`Ok`: accepted; the memory may
+    /// still be in use until the readings show it free).
+    ConsumerUnloaded {
+        /// Its name.
+        name: String,
+        /// The outcome.
+        result: Result<(), String>,
+    },
+}
+
+/// What [`Ledger::apply`](crate::Ledger::apply) asks the daemon to do, in
+/// order: every message to a client, every eviction ask, and every event
+/// worth a log line. Replies come before the log lines about them, and a
+/// release before the grants it made room for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Send a message to a client: the direct answer to a request (released,
+    /// cancelled, status, pong, idle set, attached, or an error).
+    Reply {
+        /// The connection.
+        conn: ConnId,
+        /// The message.
+        msg: ServerMessage,
+    },
+    /// A request was granted: send [`ServerMessage::Granted`] and log it.
+    Granted {
+        /// Its connection.
+        conn: ConnId,
+        /// Its tag.
+        tag: u64,
+        /// What was granted.
+        grant: Grant,
+        /// Its label, for logs.
+        label: Option<String>,
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// A request waits at this position (sent when it is queued and when its
+    /// position changes): send [`ServerMessage::Queued`].
+    Queued {
+        /// Its connection.
+        conn: ConnId,
+        /// Its tag.
+        tag: u64,
+        /// Its id.
+        id: ReservationId,
+        /// 1-based position.
+        position: u32,
+    },
+    /// Ask a holder to unload and release an idle reservation: send
+    /// [`ServerMessage::Evict`] and log it.
+    Evict {
+        /// The holder's connection.
+        conn: ConnId,
+        /// The reservation.
+        id: ReservationId,
+        /// Time it has.
+        deadline: Duration,
+        /// Who needs the room.
+        reason: String,
+    },
+    /// Ask an external consumer to unload.
+    EvictConsumer {
+        /// Its name in the config.
+        name: String,
+        /// Who needs the room.
+        reason: String,
+    },
+    /// A victim did not free its memory in time (for logs).
+    EvictionFailed {
+        /// The reservation or consumer.
+        victim: String,
+        /// What happened.
+        reason: String,
+    },
+    /// A request failed: refused, or its wait limit passed. Send it as an
+    /// error and log it.
+    Failed {
+        /// Its connection.
+        conn: ConnId,
+        /// Its tag.
+        tag: u64,
+        /// Why.
+        kind: ErrorKind,
+        /// Explanation for the client.
+        message: String,
+    },
+    /// A reservation ended (for logs). On a measured device, the memory it
+    /// held counts until a reading taken after now: see
+    /// [`Effect::RefreshReadings`].
+    Released {
+        /// The connection that held it.
+        conn: ConnId,
+        /// What ended.
+        released: Released,
+        /// Whether its connection closed (rather than an explicit release).
+        disconnected: bool,
+    },
+    /// Take a fresh reading now: memory was released and only a reading
+    /// taken after the release can show it free.
+    RefreshReadings,
+    /// Something worth a log line that sends nothing.
+    Log(LogEvent),
+}
+
+/// Events worth a log line that send nothing to anyone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogEvent {
+    /// A client withdrew waiting requests.
+    Cancelled {
+        /// Its connection.
+        conn: ConnId,
+        /// Their tag.
+        tag: u64,
+        /// How many.
+        count: u32,
+    },
+    /// Processes now count against a reservation.
+    PidsAttached {
+        /// The connection.
+        conn: ConnId,
+        /// The reservation.
+        id: ReservationId,
+        /// Every pid it speaks for now.
+        pids: Vec<u32>,
+    },
+    /// A holder marked its reservation idle or busy.
+    IdleSet {
+        /// The connection.
+        conn: ConnId,
+        /// The reservation.
+        id: ReservationId,
+        /// Idle (evictable) or busy.
+        idle: bool,
+    },
+    /// A device's reading failed: no new grants on it until one succeeds.
+    DeviceUnhealthy {
+        /// Its index (as `nvidia-smi` numbers devices).
+        device: u32,
+        /// Why.
+        fault: String,
+    },
+    /// A device's readings succeed again.
+    DeviceRecovered {
+        /// Its index.
+        device: u32,
+    },
+    /// A consumer's unload call returned; the readings will tell when its
+    /// memory is free.
+    ConsumerUnloadReturned {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// A reservation that ended, for logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released {
+    /// Its id.
+    pub id: ReservationId,
+    /// Index of its device.
+    pub device: u32,
+    /// Bytes it held.
+    pub bytes: u64,
+    /// Its label.
+    pub label: Option<String>,
+    /// How long it was held.
+    pub held: Duration,
+    /// Whether it was released on an eviction request.
+    pub evicted: bool,
+}
+
+/// Why an operation on the ledger failed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LedgerError {
+    /// The connection holds no reservation with that id.
+    #[error("no reservation {0} is held by this connection")]
+    NotHeld(ReservationId),
+}
