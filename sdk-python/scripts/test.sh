@@ -2,7 +2,7 @@
 # Tests of the Python SDK (sdk-python/), as scripts/test and CI run them:
 #   - a virtualenv at .venv in the repository root (created if missing) with
 #     maturin, pytest and pytest-timeout from PyPI;
-#   - the daemon binaries the tests start (cargo build -p vramd --bins);
+#   - the binaries the tests start (cargo build -p vramd -p vramctl --bins);
 #   - cargo fmt --check and cargo clippy -D warnings on sdk-python's own crate
 #     (it is not a member of the root workspace);
 #   - the wheel, built by maturin in release mode (what `pip install` builds,
@@ -27,7 +27,7 @@ echo "== python sdk: installing maturin and pytest"
   "maturin>=1.5,<2" "pytest>=7" "pytest-timeout>=2"
 
 echo "== python sdk: building the daemon"
-cargo build --quiet -p vramd --bins
+cargo build --quiet -p vramd -p vramctl --bins
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 export VRAMD_BIN="${VRAMD_BIN:-$target_dir/debug/vramd}"
 

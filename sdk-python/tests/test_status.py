@@ -72,7 +72,7 @@ def test_status_schema(daemon):
 
 def test_status_matches_vramctl_json(daemon):
     if not VRAMCTL_BIN.exists():
-        pytest.fail(f"no vramctl at {VRAMCTL_BIN}: build it with `cargo build -p vramd --bins`")
+        pytest.fail(f"no vramctl at {VRAMCTL_BIN}: build it with `cargo build -p vramctl`")
     c = daemon.client()
     holder = c.reserve("20GiB", label="holder")
     waiter = daemon.client().submit("10GiB", label="waiter", device=0)

@@ -42,6 +42,8 @@ pub fn bin(name: &str) -> PathBuf {
             "-p",
             "vramd",
             "-p",
+            "vramctl",
+            "-p",
             "fake-nvml",
             // `--lib` too: the fake libnvidia-ml is fake-nvml's library
             // (a cdylib), which `--bins` alone would skip.
