@@ -8,7 +8,7 @@
 //! and releases it.
 //!
 //! When an arbiter asks an idle model to unload (vramd's ledger does so
-//! when a waiter lacks memory, see DESIGN.md "Eviction"), its app unloads
+//! when a waiter lacks memory, see docs/architecture.md, "Eviction"), its app unloads
 //! and releases the memory [`SimOptions::evict_delay`] later: an unload call
 //! returns before the memory is free.
 //!
