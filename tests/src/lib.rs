@@ -63,7 +63,7 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Path of the fake libnvidia-ml (tests/fake-nvml), built with the binaries.
 pub fn fake_nvml_lib() -> PathBuf {
-    let path = bin("libfake_nvml.so");
+    let path = bin(fake_nvml::CDYLIB_FILE_NAME);
     assert!(path.exists(), "{} was not built", path.display());
     path
 }
