@@ -9,7 +9,7 @@ use std::time::Duration;
 use vramd_client::{GIB, Request};
 use vramd_protocol::codec::ReadBuffer;
 use vramd_protocol::{ClientMessage, Decoder, Encoding, ServerMessage, encode};
-use vramd_tests::{Daemon, JsonConn, WAIT, error_kind, wait_until};
+use vramd_tests::{Daemon, JsonConn, WAIT, error_kind};
 
 #[test]
 fn json_lines_session_reserve_status_release() {
@@ -200,21 +200,12 @@ fn a_client_vanishing_mid_frame_loses_its_reservations_and_harms_nobody() {
         });
         s.write_all(&encode(Encoding::Binary, &reserve).unwrap())
             .unwrap();
-        assert!(wait_until(WAIT, || obs
-            .status()
-            .unwrap()
-            .reservations
-            .len()
-            == 1));
+        d.wait_status("one reservation", |s| s.reservations.len() == 1);
         // Half of a frame, then gone.
         let frame = encode(Encoding::Binary, &ClientMessage::Status { tag: 2 }).unwrap();
         s.write_all(&frame[..3]).unwrap();
     }
-    assert!(wait_until(WAIT, || obs
-        .status()
-        .unwrap()
-        .reservations
-        .is_empty()));
+    d.wait_status("every reservation released", |s| s.reservations.is_empty());
     // The room is really free again.
     let r = obs
         .reserve(Request::new(24 * GIB).timeout(Duration::from_secs(5)))
@@ -294,10 +285,5 @@ fn a_client_that_half_closes_gets_all_its_answers() {
         .collect();
     assert_eq!(kinds, ["welcome", "granted", "status", "pong"], "{all}");
     // The connection is gone, so is its reservation.
-    let c = d.client();
-    assert!(wait_until(WAIT, || c
-        .status()
-        .unwrap()
-        .reservations
-        .is_empty()));
+    d.wait_status("every reservation released", |s| s.reservations.is_empty());
 }
