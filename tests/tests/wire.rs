@@ -102,24 +102,26 @@ fn malformed_and_unknown_messages_get_errors_and_the_session_goes_on() {
     );
 }
 
+/// A raw connection (reads bounded by [`WAIT`]) that has sent a binary hello
+/// as `client`; the welcome is left unread.
+fn binary_hello(d: &Daemon, client: &str) -> UnixStream {
+    let mut s = UnixStream::connect(d.socket()).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let hello = ClientMessage::Hello {
+        version: 1,
+        client: client.into(),
+    };
+    s.write_all(&encode(Encoding::Binary, &hello).unwrap())
+        .unwrap();
+    s
+}
+
 #[test]
 fn oversized_frame_is_refused_and_only_that_client_is_closed() {
     let d = Daemon::start(&[]);
     let bystander = d.client();
     let kept = bystander.reserve(Request::new(GIB)).unwrap();
-    let mut s = UnixStream::connect(d.socket()).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(
-        &encode(
-            Encoding::Binary,
-            &ClientMessage::Hello {
-                version: 1,
-                client: "evil".into(),
-            },
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let mut s = binary_hello(&d, "evil");
     // 4 GiB announced: refused before any allocation.
     s.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).unwrap();
     let mut all = Vec::new();
@@ -176,19 +178,7 @@ fn a_client_vanishing_mid_frame_loses_its_reservations_and_harms_nobody() {
     let d = Daemon::start(&[]);
     let obs = d.client();
     {
-        let mut s = UnixStream::connect(d.socket()).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        s.write_all(
-            &encode(
-                Encoding::Binary,
-                &ClientMessage::Hello {
-                    version: 1,
-                    client: String::new(),
-                },
-            )
-            .unwrap(),
-        )
-        .unwrap();
+        let mut s = binary_hello(&d, "");
         let reserve = ClientMessage::Reserve(vramd_protocol::ReserveRequest {
             tag: 1,
             bytes: 20 * GIB,
