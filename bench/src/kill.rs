@@ -16,9 +16,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use vramd_client::util::poll_readable;
 use vramd_client::{Client, DeviceSelector, Progress, Request};
 
-use crate::procs::{ChildGuard, poll_readable, sigkill};
+use crate::procs::{self, ChildGuard, sigkill};
 use crate::stats::{Summary, nanos};
 
 /// The holder role: reserves `bytes` on device 0, prints `granted <id>`,
@@ -34,7 +35,7 @@ pub fn holder_child(socket: &Path, bytes: u64) -> io::Result<()> {
     drop(out);
     // Hold until the harness closes our stdin (or kills us).
     let stdin = io::stdin();
-    if poll_readable(stdin.as_raw_fd(), Duration::from_secs(120)) {
+    if poll_readable(stdin.as_raw_fd(), Some(Duration::from_secs(120))) {
         let mut b = [0u8; 1];
         let _ = stdin.lock().read(&mut b);
     }
@@ -61,7 +62,7 @@ fn read_line(child: &mut ChildGuard, timeout: Duration) -> io::Result<String> {
     let mut b = [0u8; 64];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || !poll_readable(stdout.as_raw_fd(), left) {
+        if left.is_zero() || !poll_readable(stdout.as_raw_fd(), Some(left)) {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "the holder did not report its grant in time",
@@ -83,7 +84,7 @@ fn read_line(child: &mut ChildGuard, timeout: Duration) -> io::Result<String> {
 }
 
 fn trial(exe: &Path, socket: &Path, waiter: &Client, bytes: u64) -> Result<u64, String> {
-    let mut holder = ChildGuard::spawn(
+    let mut holder = procs::spawn(
         Command::new(exe)
             .arg("__holder")
             .arg(socket)

@@ -18,10 +18,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use vramd_client::util::poll_readable;
 use vramd_client::{Client, GIB, Request};
 use vramd_protocol::{ClientMessage, Encoding, ServerMessage, encode};
 
-use crate::procs::{ChildGuard, ProcSample, TempDir, clock_ticks_per_second, poll_readable};
+use crate::procs::{self, ChildGuard, ProcSample, TempDir, clock_ticks_per_second};
 use crate::stats::{Summary, nanos, round2};
 use crate::wire::RawConn;
 
@@ -60,11 +61,11 @@ pub struct Echo {
 impl Echo {
     /// Starts the echo child (this binary's `__echo` role) and connects it.
     pub fn start(exe: &Path) -> io::Result<Echo> {
-        let dir = TempDir::new()?;
+        let dir = procs::private_tempdir("vramd-bench-")?;
         let path = dir.path().join("floor.sock");
         let listener = UnixListener::bind(&path)?;
         let len = floor_frame_len();
-        let child = ChildGuard::spawn(
+        let child = procs::spawn(
             Command::new(exe)
                 .arg("__echo")
                 .arg(&path)
@@ -72,7 +73,7 @@ impl Echo {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null()),
         )?;
-        if !poll_readable(listener.as_raw_fd(), Duration::from_secs(10)) {
+        if !poll_readable(listener.as_raw_fd(), Some(Duration::from_secs(10))) {
             return Err(io::Error::other(
                 "the echo child did not connect within 10 s",
             ));
@@ -332,7 +333,7 @@ fn run_python(
     args: &[&str],
     timeout: Duration,
 ) -> io::Result<(bool, String, String)> {
-    let mut child = ChildGuard::spawn(
+    let mut child = procs::spawn(
         Command::new(python)
             .args(args)
             .stdin(Stdio::null())

@@ -9,179 +9,58 @@
 //! has a deadline.
 
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// A private temporary directory, removed when dropped.
-#[derive(Debug)]
-pub struct TempDir {
-    path: PathBuf,
+pub use vramd_harness::{ChildGuard, TempDir, die_with_parent, private_tempdir};
+
+/// How long the daemon under test may take to accept connections.
+const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Spawns `cmd` guarded, with [`die_with_parent`].
+pub fn spawn(cmd: &mut Command) -> io::Result<ChildGuard> {
+    ChildGuard::spawn(die_with_parent(cmd))
 }
 
-impl TempDir {
-    /// Creates `$TMPDIR/vramd-bench-<pid>-<n>` with mode 0700.
-    pub fn new() -> io::Result<TempDir> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("vramd-bench-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
-            .map(|()| TempDir { path })
-    }
-
-    /// Its path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
-/// Makes `cmd`'s child die with the thread that spawns it (SIGKILL).
-pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
-    // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (prctl, getppid, _exit).
-    unsafe {
-        let parent = libc::getpid();
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The parent may have died before prctl took effect.
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        })
-    }
-}
-
-/// A child process killed and reaped when dropped.
-#[derive(Debug)]
-pub struct ChildGuard {
-    child: Option<Child>,
-}
-
-impl ChildGuard {
-    /// Spawns `cmd` (with [`die_with_parent`]).
-    pub fn spawn(cmd: &mut Command) -> io::Result<ChildGuard> {
-        let child = die_with_parent(cmd).spawn()?;
-        Ok(ChildGuard { child: Some(child) })
-    }
-
-    /// Its process id.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
-    /// The child, for its pipes.
-    pub fn child_mut(&mut self) -> &mut Child {
-        self.child.as_mut().expect("child is running")
-    }
-
-    /// Waits up to `timeout` for it to exit; `None` if it did not.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let child = self.child.as_mut()?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            match child.try_wait() {
-                Ok(Some(s)) => return Some(s),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                _ => return None,
-            }
-        }
-    }
-
-    /// Kills it (SIGKILL) and reaps it.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A `vramd` started on a private socket; killed when dropped.
+/// A `vramd` started on a private socket; killed when dropped. The shared
+/// harness's [`vramd_harness::Daemon`] (also the end-to-end tests'), started
+/// with the benchmark's options.
 #[derive(Debug)]
 pub struct Daemon {
-    // Field order matters: the process dies before its directory goes.
-    child: ChildGuard,
-    socket: PathBuf,
-    dir: TempDir,
+    inner: vramd_harness::Daemon,
 }
 
 impl Daemon {
-    /// Starts `bin` with `args` plus `--socket` and `--log-level log_level`
-    /// (its log goes to a file in its directory), and waits up to 10 s until
-    /// it accepts connections.
+    /// Starts `bin` with `args` plus `--log-level log_level` (`RUST_LOG`
+    /// removed; its log goes to a file in its directory) and
+    /// [`die_with_parent`], and waits up to 10 s until it accepts
+    /// connections.
     pub fn start(bin: &Path, args: &[&str], log_level: &str) -> io::Result<Daemon> {
-        let dir = TempDir::new()?;
-        let socket = dir.path().join("vramd.sock");
-        let log = std::fs::File::create(dir.path().join("vramd.log"))?;
         let mut cmd = Command::new(bin);
         cmd.args(args)
-            .arg("--socket")
-            .arg(&socket)
             .arg("--log-level")
             .arg(log_level)
-            .env_remove("RUST_LOG")
-            .env_remove("VRAMD_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let child = ChildGuard::spawn(&mut cmd).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot start {}: {e}", bin.display()))
-        })?;
-        let mut d = Daemon { child, socket, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if UnixStream::connect(&d.socket).is_ok() {
-                return Ok(d);
-            }
-            if d.child.wait_timeout(Duration::ZERO).is_some() || Instant::now() > deadline {
-                return Err(io::Error::other(format!(
-                    "vramd did not start listening; log:\n{}",
-                    d.log_tail()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+            .env_remove("RUST_LOG");
+        die_with_parent(&mut cmd);
+        vramd_harness::Daemon::start(cmd, DAEMON_START_TIMEOUT)
+            .map(|inner| Daemon { inner })
+            .map_err(io::Error::other)
     }
 
     /// The socket path.
     pub fn socket(&self) -> &Path {
-        &self.socket
+        self.inner.socket()
     }
 
     /// Its process id.
     pub fn pid(&self) -> u32 {
-        self.child.pid()
+        self.inner.pid()
     }
 
     /// The last lines of its log.
     pub fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("vramd.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        self.inner.log_tail(20)
     }
 
     /// What `/proc` says about it now.
@@ -262,19 +141,6 @@ pub fn clock_ticks_per_second() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 { t as u64 } else { 100 }
-}
-
-/// Waits until `fd` is readable or `timeout` passes; true if readable.
-pub fn poll_readable(fd: std::os::fd::RawFd, timeout: Duration) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut p, 1, ms) };
-    n > 0
 }
 
 /// Sends SIGKILL to `pid`.

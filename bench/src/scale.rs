@@ -127,15 +127,19 @@ pub fn run(bin: &Path, log_level: &str, cfg: &ScaleConfig) -> Result<Value, Stri
     std::thread::sleep(Duration::from_millis(200));
     let idle = sample(&daemon)?;
 
-    let empty = throughput::run(
-        &socket,
-        daemon.pid(),
-        cfg.clients,
-        cfg.window,
-        PAIR_BYTES,
-        DeviceSelector::Index(1),
-    )
-    .map_err(|e| format!("throughput (empty queue): {e}"))?;
+    // Pairs on device 1, which the holder and the backlog leave free.
+    let throughput = |what: &str| {
+        throughput::run(
+            &socket,
+            daemon.pid(),
+            cfg.clients,
+            cfg.window,
+            PAIR_BYTES,
+            DeviceSelector::Index(1),
+        )
+        .map_err(|e| format!("throughput ({what}): {e}"))
+    };
+    let empty = throughput("empty queue")?;
 
     let holder = Client::connect(&socket).map_err(|e| e.to_string())?;
     let held = holder
@@ -204,15 +208,7 @@ pub fn run(bin: &Path, log_level: &str, cfg: &ScaleConfig) -> Result<Value, Stri
     std::thread::sleep(Duration::from_millis(300));
     let with_backlog = sample(&daemon)?;
 
-    let backlog = throughput::run(
-        &socket,
-        daemon.pid(),
-        cfg.clients,
-        cfg.window,
-        PAIR_BYTES,
-        DeviceSelector::Index(1),
-    )
-    .map_err(|e| format!("throughput (with backlog): {e}"))?;
+    let backlog = throughput("with backlog")?;
     let status = probe_status(&socket, Duration::from_secs(30));
     let end = sample(&daemon)?;
 

@@ -16,10 +16,11 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use vramd_client::paths;
+use vramd_client::util::lock;
 
 use crate::convert::RequestSpec;
 use crate::errors::{ErrorClass, new_error, to_py_err, usage_error};
-use crate::pending::{Pending, Waiter, lock};
+use crate::pending::{Pending, Waiter};
 use crate::reservation::Reservation;
 
 /// A connection to the vramd daemon.
@@ -33,6 +34,8 @@ use crate::reservation::Reservation;
 pub struct Client {
     inner: std::sync::Mutex<Option<Arc<vramd_client::Client>>>,
     socket: PathBuf,
+    /// The daemon's program version, from the handshake.
+    #[pyo3(get)]
     daemon_version: String,
     pid: u32,
 }
@@ -234,12 +237,6 @@ impl Client {
     #[getter]
     fn socket(&self) -> String {
         self.socket.display().to_string()
-    }
-
-    /// The daemon's program version, from the handshake.
-    #[getter]
-    fn daemon_version(&self) -> &str {
-        &self.daemon_version
     }
 
     /// Context manager: returns the client itself.

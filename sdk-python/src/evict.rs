@@ -33,7 +33,7 @@ use pyo3::PyTraverseError;
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 
-use crate::pending::lock;
+use vramd_client::util::lock;
 
 /// The daemon's request to give a reservation back, as an eviction callback
 /// receives it (see :meth:`Reservation.on_evict`).
@@ -43,8 +43,16 @@ use crate::pending::lock;
 /// says who needs the room.
 #[pyclass(module = "vramd", frozen)]
 pub struct Eviction {
+    /// The id of the reservation the daemon wants back.
+    #[pyo3(get)]
     id: u64,
+    /// Seconds the holder has to unload, counted from when the daemon asked;
+    /// past it the daemon asks someone else and the request keeps waiting.
+    #[pyo3(get)]
     deadline: f64,
+    /// Who needs the room, in words (e.g. the waiting request's size and
+    /// label).
+    #[pyo3(get)]
     reason: String,
 }
 
@@ -69,26 +77,6 @@ impl Eviction {
             deadline,
             reason,
         }
-    }
-
-    /// The id of the reservation the daemon wants back.
-    #[getter]
-    fn id(&self) -> u64 {
-        self.id
-    }
-
-    /// Seconds the holder has to unload, counted from when the daemon asked;
-    /// past it the daemon asks someone else and the request keeps waiting.
-    #[getter]
-    fn deadline(&self) -> f64 {
-        self.deadline
-    }
-
-    /// Who needs the room, in words (e.g. the waiting request's size and
-    /// label).
-    #[getter]
-    fn reason(&self) -> &str {
-        &self.reason
     }
 
     fn __repr__(&self) -> String {

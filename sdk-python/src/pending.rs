@@ -11,11 +11,12 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use vramd_client::Progress;
+use vramd_client::util::lock;
 
 use crate::client::Client;
 use crate::convert::{RequestSpec, seconds};
@@ -25,12 +26,6 @@ use crate::reservation::Reservation;
 /// Longest the GIL stays released in one go while waiting, and so the longest
 /// a Ctrl-C waits to be noticed.
 pub(crate) const SLICE: Duration = Duration::from_millis(50);
-
-/// Locks a mutex, ignoring poisoning: the data behind these locks stays
-/// consistent whatever panicked.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Where a request stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +208,8 @@ fn cancelled(py: Python<'_>) -> PyErr {
 pub struct Pending {
     waiter: Waiter,
     spec: RequestSpec,
+    /// The client the request was sent through.
+    #[pyo3(get)]
     client: Py<Client>,
 }
 
@@ -297,12 +294,6 @@ impl Pending {
     #[getter]
     fn cancelled(&self) -> bool {
         self.waiter.outcome() == Outcome::Cancelled
-    }
-
-    /// The client the request was sent through.
-    #[getter]
-    fn client(&self, py: Python<'_>) -> Py<Client> {
-        self.client.clone_ref(py)
     }
 
     fn __repr__(&self) -> String {

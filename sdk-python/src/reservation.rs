@@ -24,12 +24,12 @@ use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 use vramd_client::ErrorKind;
+use vramd_client::util::lock;
 
 use crate::client::Client;
 use crate::convert::RequestSpec;
 use crate::errors::{ErrorClass, new_error, to_py_err, usage_error};
 use crate::evict::{EvictHook, Eviction};
-use crate::pending::lock;
 
 /// A granted VRAM reservation: the memory is yours until you release it.
 ///
@@ -47,12 +47,28 @@ pub struct Reservation {
     hook: Arc<EvictHook>,
     // Set once `release()` ran in the process that holds it.
     released: AtomicBool,
+    /// The reservation's id, as ``vramctl status`` shows it.
+    #[pyo3(get)]
     id: u64,
+    /// Index of the device it is on, as ``nvidia-smi`` numbers devices.
+    #[pyo3(get)]
     device_index: u32,
+    /// UUID of the device it is on (``GPU-…``, or ``SIM-…`` on a simulated
+    /// device).
+    #[pyo3(get)]
     device_uuid: String,
+    /// Bytes reserved.
+    #[pyo3(get)]
     bytes: u64,
+    /// The label it was requested with, if any.
+    #[pyo3(get)]
     label: Option<String>,
+    /// The priority it was requested with.
+    #[pyo3(get)]
     priority: i32,
+    /// The client it was made through (kept alive as long as the
+    /// reservation).
+    #[pyo3(get)]
     client: Py<Client>,
     pid: u32,
 }
@@ -134,50 +150,6 @@ impl Drop for Reservation {
 
 #[pymethods]
 impl Reservation {
-    /// The reservation's id, as ``vramctl status`` shows it.
-    #[getter]
-    fn id(&self) -> u64 {
-        self.id
-    }
-
-    /// Index of the device it is on, as ``nvidia-smi`` numbers devices.
-    #[getter]
-    fn device_index(&self) -> u32 {
-        self.device_index
-    }
-
-    /// UUID of the device it is on (``GPU-…``, or ``SIM-…`` on a simulated
-    /// device).
-    #[getter]
-    fn device_uuid(&self) -> &str {
-        &self.device_uuid
-    }
-
-    /// Bytes reserved.
-    #[getter]
-    fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
-    /// The label it was requested with, if any.
-    #[getter]
-    fn label(&self) -> Option<&str> {
-        self.label.as_deref()
-    }
-
-    /// The priority it was requested with.
-    #[getter]
-    fn priority(&self) -> i32 {
-        self.priority
-    }
-
-    /// The client it was made through (kept alive as long as the
-    /// reservation).
-    #[getter]
-    fn client(&self, py: Python<'_>) -> Py<Client> {
-        self.client.clone_ref(py)
-    }
-
     /// Whether it is released: ``release()`` ran, its client was closed, or
     /// it was evicted. In a child process after ``fork()`` it stays
     /// ``False``: the parent holds it, whatever the child does.

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence
@@ -34,6 +35,26 @@ def wait_until(predicate: Callable[[], Any], timeout: float = WAIT, interval: fl
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+class ReserveThread(threading.Thread):
+    """``client.reserve(size, timeout=WAIT)`` on a thread of its own, started
+    at once: ``reservation`` is what it returned and ``error`` what it raised
+    instead, both ``None`` while it waits."""
+
+    def __init__(self, client: vramd.Client, size: str) -> None:
+        super().__init__()
+        self._client = client
+        self._size = size
+        self.reservation: Optional[vramd.Reservation] = None
+        self.error: Optional[BaseException] = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.reservation = self._client.reserve(self._size, timeout=WAIT)
+        except BaseException as e:  # reported by the test
+            self.error = e
 
 
 class Daemon:

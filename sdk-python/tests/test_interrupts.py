@@ -10,7 +10,7 @@ import time
 import pytest
 import vramd
 
-from helpers import WAIT, wait_until
+from helpers import WAIT, ReserveThread, wait_until
 
 
 def test_ctrl_c_cancels_the_wait(daemon, default_sigint):
@@ -82,17 +82,7 @@ def test_main_thread_runs_while_a_thread_waits(daemon):
     """A thread blocked in reserve() does not hold the GIL: the main thread
     computes and talks to the daemon meanwhile."""
     holder = daemon.client().reserve("20GiB")
-    c = daemon.client()
-    result = {}
-
-    def wait():
-        try:
-            result["r"] = c.reserve("10GiB", timeout=WAIT)
-        except BaseException as e:  # reported below
-            result["error"] = e
-
-    t = threading.Thread(target=wait)
-    t.start()
+    t = ReserveThread(daemon.client(), "10GiB")
     try:
         assert wait_until(lambda: daemon.queue_len() == 1)
         count = 0
@@ -106,4 +96,4 @@ def test_main_thread_runs_while_a_thread_waits(daemon):
     finally:
         holder.release()
         t.join(WAIT)
-    assert "r" in result, result.get("error")
+    assert t.reservation is not None, t.error

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import pytest
 import vramd
 
-from helpers import GIB, WAIT, finish, python_child, read_line, wait_until
+from helpers import GIB, WAIT, ReserveThread, finish, python_child, read_line, wait_until
 
 HOLD_AND_SLEEP = """
 import sys, time, vramd
@@ -31,28 +30,19 @@ print("released", flush=True)
 
 def test_second_client_waits_for_the_first_threads(daemon):
     holder = daemon.client().reserve("20GiB")
-    waiter = daemon.client()
-    result = {}
-
-    def wait():
-        try:
-            result["r"] = waiter.reserve("10GiB", timeout=WAIT)
-        except BaseException as e:  # reported below
-            result["error"] = e
-
-    t = threading.Thread(target=wait)
-    t.start()
+    t = ReserveThread(daemon.client(), "10GiB")
     try:
         assert wait_until(lambda: daemon.queue_len() == 1)
-        assert t.is_alive() and not result
+        assert t.is_alive() and t.reservation is None and t.error is None
         holder.release()
         t.join(WAIT)
         assert not t.is_alive()
     finally:
         holder.release()
         t.join(WAIT)
-    assert "error" not in result, result.get("error")
-    r = result["r"]
+    assert t.error is None, t.error
+    r = t.reservation
+    assert r is not None
     assert r.bytes == 10 * GIB
     assert daemon.reservation_ids() == [r.id]
 

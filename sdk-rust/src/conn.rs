@@ -37,7 +37,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,7 @@ use vramd_protocol::{
 };
 
 use crate::error::{Error, Result};
+use crate::util::{lock, poll_readable};
 
 /// How long `connect` waits for the daemon's welcome.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,11 +56,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// leader left, when nobody else waits (see the module docs); also how often
 /// it looks while a caller leads.
 pub(crate) const LINGER: Duration = Duration::from_millis(50);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves plain data behind; go on.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Where replies to one request are delivered.
 #[derive(Debug, Default)]
@@ -742,23 +738,6 @@ enum Lead {
     Answered(ServerMessage),
     TimedOut,
     Closed,
-}
-
-/// Waits until `fd` is readable (or hung up), up to `timeout` (`None`: as
-/// long as it takes). Interrupted waits return `false` early.
-fn poll_readable(fd: RawFd, timeout: Option<Duration>) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = match timeout {
-        None => -1,
-        // Round up, so a short wait is not a busy loop.
-        Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut p, 1, ms) > 0 }
 }
 
 impl Drop for Conn {

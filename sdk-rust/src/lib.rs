@@ -27,6 +27,7 @@
 
 mod conn;
 mod error;
+pub mod util;
 
 use std::future::Future;
 use std::path::Path;

@@ -26,11 +26,12 @@ use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use vramd_client::util::lock;
 
 use crate::fake_gpu::FakeGpu;
 
@@ -303,11 +304,6 @@ macro_rules! controls {
 controls!(FakeOllama);
 controls!(FakeComfyUi);
 controls!(FakeHttpApp);
-
-/// Locks a mutex; a panicking test thread does not poison the fakes.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Which API a fake serves.
 enum Kind {

@@ -3,9 +3,10 @@
 //! helpers. Every wait is bounded.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::ops::{Deref, DerefMut};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -65,7 +66,7 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Path of the fake libnvidia-ml (tests/fake-nvml), built with the binaries.
 pub fn fake_nvml_lib() -> PathBuf {
-    let path = bin("libfake_nvml.so");
+    let path = bin(fake_nvml::CDYLIB_FILE_NAME);
     assert!(path.exists(), "{} was not built", path.display());
     path
 }
@@ -84,11 +85,11 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A running `vramd` on a temporary socket; killed when dropped.
+/// A running `vramd` on a temporary socket; killed when dropped. It derefs
+/// to the shared [`vramd_harness::Daemon`] (also the benchmark's) for its
+/// socket, directory, log, pid, signals and exit.
 pub struct Daemon {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
+    inner: vramd_harness::Daemon,
 }
 
 impl Daemon {
@@ -108,13 +109,11 @@ impl Daemon {
     /// Like [`Daemon::start_raw`], with extra environment variables.
     pub fn start_env(args: &[&str], env: &[(&str, &Path)]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
-        let socket = dir.path().join("vramd.sock");
-        let d = Self::spawn_env(dir, socket, args, env);
-        assert!(
-            wait_until(WAIT, || UnixStream::connect(&d.socket).is_ok()),
-            "vramd did not start listening; log:\n{}",
-            d.log()
-        );
+        let socket = dir.path().join(vramd_harness::SOCKET_FILE_NAME);
+        let mut d = Self::spawn_env(dir, socket, args, env);
+        d.inner
+            .wait_listening(WAIT)
+            .unwrap_or_else(|e| panic!("{e}"));
         d
     }
 
@@ -123,55 +122,31 @@ impl Daemon {
         Self::spawn_env(dir, socket, args, &[])
     }
 
+    /// Spawns `vramd` with `args`, `env` and a debug log, on `socket`.
     fn spawn_env(
         dir: tempfile::TempDir,
         socket: PathBuf,
         args: &[&str],
         env: &[(&str, &Path)],
     ) -> Daemon {
-        let log = std::fs::File::create(dir.path().join("vramd.log")).expect("log file");
-        let child = Command::new(bin("vramd"))
-            .envs(env.iter().map(|(k, v)| (*k, *v)))
+        let mut cmd = Command::new(bin("vramd"));
+        cmd.envs(env.iter().map(|(k, v)| (*k, *v)))
             .args(args)
-            .arg("--socket")
-            .arg(&socket)
-            .env("RUST_LOG", "debug")
-            .env_remove("VRAMD_SOCKET")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn vramd");
-        Daemon {
-            child: Some(child),
-            dir,
-            socket,
-        }
-    }
-
-    /// The socket path.
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
-    /// The temporary directory holding the socket and the log.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// The daemon's log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("vramd.log")).unwrap_or_default()
+            .env("RUST_LOG", "debug");
+        let inner =
+            vramd_harness::Daemon::spawn(cmd, dir, socket).unwrap_or_else(|e| panic!("{e}"));
+        Daemon { inner }
     }
 
     /// A new SDK client.
     pub fn client(&self) -> Client {
-        Client::connect(&self.socket).expect("connect to vramd")
+        Client::connect(self.socket()).expect("connect to vramd")
     }
 
     /// `vramctl` pointed at this daemon.
     pub fn vramctl(&self) -> Command {
         let mut c = Command::new(bin("vramctl"));
-        c.env("VRAMD_SOCKET", &self.socket);
+        c.env("VRAMD_SOCKET", self.socket());
         c
     }
 
@@ -213,47 +188,19 @@ impl Daemon {
         assert!(line.starts_with("granted reservation"), "{line:?}");
         child
     }
+}
 
-    /// The daemon's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
+impl Deref for Daemon {
+    type Target = vramd_harness::Daemon;
 
-    /// Waits for the daemon to exit by itself.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let child = self.child.as_mut()?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = child.try_wait().expect("try_wait") {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Sends a signal to the daemon.
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(self.pid() as i32, sig) };
-    }
-
-    /// Whether the daemon is still running.
-    pub fn alive(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().expect("try_wait").is_none())
+    fn deref(&self) -> &vramd_harness::Daemon {
+        &self.inner
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+impl DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut vramd_harness::Daemon {
+        &mut self.inner
     }
 }
 

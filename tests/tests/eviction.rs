@@ -207,7 +207,7 @@ fn rig_with(dir: &tempfile::TempDir, gpu: &Arc<FakeGpu>, config: &str) -> Daemon
             "--min-residency",
             "0s",
         ],
-        &[("FAKE_NVML_STATE", state.as_path())],
+        &[(fake_nvml::STATE_ENV, state.as_path())],
     )
 }
 

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fake_nvml::{DeviceFailure, FakeProcess, State};
 use serde_json::{Value, json};
 use vramd_tests::fake_gpu::FakeGpu;
 use vramd_tests::fake_http::{Behaviour, FakeComfyUi, FakeHttpApp, FakeOllama, HttpRoutes, Route};
@@ -128,19 +129,20 @@ fn gpu_state_file_follows_edits() {
 
     // Arbitrary edits; `used` as the fake NVML computes it.
     gpu.edit(0, |d| {
-        d["extra_used_bytes"] = json!(GIB);
-        d["processes"]
-            .as_array_mut()
-            .unwrap()
-            .push(json!({"pid": 4300, "used_bytes": null}));
-        d["mps_processes"] = json!([{"pid": 4400, "used_bytes": GIB}]);
+        d.extra_used_bytes = GIB;
+        d.processes.push(FakeProcess::unavailable(4300));
+        d.mps_processes = vec![FakeProcess::new(4400, GIB)];
     });
     assert_eq!(gpu.used(0), 4 * GIB);
-    gpu.edit(1, |d| d["fail"] = json!("gpu_lost"));
+    gpu.edit(1, |d| d.fail = Some(DeviceFailure::GpuLost));
     let s = read_state(&path);
     assert_eq!(s["devices"][1]["fail"], "gpu_lost");
     assert_eq!(s["devices"][0]["extra_used_bytes"], GIB);
-    assert_eq!(s, gpu.snapshot());
+    assert_eq!(
+        s["devices"][0]["processes"][1],
+        json!({"pid": 4300, "used_bytes": null})
+    );
+    assert_eq!(State::read(&path).unwrap(), gpu.snapshot());
 
     // No temporary file is left behind.
     let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
@@ -191,10 +193,7 @@ fn gpu_concurrent_edits_lose_no_update() {
                 for i in 0..N {
                     gpu.set_process(0, 10_000 * (t + 1) + i, 1 + u64::from(i));
                     if i % 10 == 0 {
-                        gpu.edit(1, |d| {
-                            let x = d["extra_used_bytes"].as_u64().unwrap_or(0);
-                            d["extra_used_bytes"] = json!(x + 1);
-                        });
+                        gpu.edit(1, |d| d.extra_used_bytes += 1);
                     }
                 }
             })

@@ -2,11 +2,12 @@
 //! tests/fake-nvml driven by a state file that each test edits while the
 //! daemon runs (format: tests/fake-nvml/README.md).
 
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use fake_nvml::{DeviceFailure, FakeDevice, FakeProcess, InitError, State};
 use vramd_client::{DeviceSelector, Error, GIB, Progress, Request, StatusReport};
+use vramd_tests::fake_gpu::FakeGpu;
 use vramd_tests::{Daemon, WAIT, bin, fake_nvml_lib, wait_until};
 
 const UUID0: &str = "GPU-00000000-1111-2222-3333-444444444444";
@@ -14,22 +15,17 @@ const UUID1: &str = "GPU-99999999-1111-2222-3333-444444444444";
 
 /// A fake machine: the state file and a daemon reading it.
 struct Fake {
-    state: PathBuf,
-    value: Value,
+    gpu: Arc<FakeGpu>,
     daemon: Daemon,
 }
 
 impl Fake {
-    /// One 24 GiB device, no processes; plus `extra` devices.
+    /// One 24 GiB device, no processes; plus `extra` 8 GiB devices.
     fn start(extra_devices: usize) -> Fake {
         let dir = tempfile::tempdir().unwrap().keep();
-        let state = dir.join("state.json");
-        let mut devices = vec![device(UUID0, 24 * GIB)];
-        for _ in 0..extra_devices {
-            devices.push(device(UUID1, 8 * GIB));
-        }
-        let value = json!({ "devices": devices });
-        write_state(&state, &value);
+        let mut devices = vec![(UUID0, 24 * GIB)];
+        devices.extend(std::iter::repeat_n((UUID1, 8 * GIB), extra_devices));
+        let gpu = FakeGpu::create(&dir.join("state.json"), &devices);
         let lib = fake_nvml_lib();
         let daemon = Daemon::start_env(
             &[
@@ -38,19 +34,24 @@ impl Fake {
                 "--poll-interval",
                 "50ms",
             ],
-            &[("FAKE_NVML_STATE", state.as_path())],
+            &[(fake_nvml::STATE_ENV, gpu.path())],
         );
-        Fake {
-            state,
-            value,
-            daemon,
-        }
+        Fake { gpu, daemon }
     }
 
     /// Edits device `i` of the state and writes it atomically.
-    fn edit(&mut self, i: usize, f: impl FnOnce(&mut Value)) {
-        f(&mut self.value["devices"][i]);
-        write_state(&self.state, &self.value);
+    fn edit(&self, i: usize, f: impl FnOnce(&mut FakeDevice)) {
+        self.gpu.edit(i, f);
+    }
+
+    /// Lists exactly these (pid, used_bytes) processes on device `i`.
+    fn set_processes(&self, i: usize, list: &[(u32, u64)]) {
+        self.edit(i, |d| {
+            d.processes = list
+                .iter()
+                .map(|&(pid, bytes)| FakeProcess::new(pid, bytes))
+                .collect();
+        });
     }
 
     fn status(&self) -> StatusReport {
@@ -61,24 +62,6 @@ impl Fake {
     fn wait_status(&self, what: &str, f: impl Fn(&StatusReport) -> bool) -> StatusReport {
         self.daemon.wait_status(what, f)
     }
-}
-
-fn device(uuid: &str, total: u64) -> Value {
-    json!({ "uuid": uuid, "name": "Fake GPU", "total_bytes": total, "processes": [] })
-}
-
-fn write_state(path: &Path, value: &Value) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(value).unwrap()).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-fn procs(list: &[(u32, u64)]) -> Value {
-    Value::Array(
-        list.iter()
-            .map(|&(pid, b)| json!({ "pid": pid, "used_bytes": b }))
-            .collect(),
-    )
 }
 
 fn me() -> u32 {
@@ -117,9 +100,9 @@ fn starts_on_the_fake_card_and_describes_it() {
 
 #[test]
 fn an_app_that_never_asks_is_seen() {
-    let mut f = Fake::start(0);
+    let f = Fake::start(0);
     // Someone else's process allocates 10 GiB without a reservation.
-    f.edit(0, |d| d["processes"] = procs(&[(4_000_000, 10 * GIB)]));
+    f.set_processes(0, &[(4_000_000, 10 * GIB)]);
     let s = f.wait_status("the outside usage", |s| s.devices[0].used_bytes == 10 * GIB);
     assert_eq!(s.devices[0].unattributed_bytes, 10 * GIB);
     assert_eq!(s.devices[0].available_bytes, 14 * GIB);
@@ -134,17 +117,17 @@ fn an_app_that_never_asks_is_seen() {
 
 #[test]
 fn a_reservation_counts_once_and_overuse_is_counted_and_flagged() {
-    let mut f = Fake::start(0);
+    let f = Fake::start(0);
     let c = f.daemon.client();
     let _r = c.reserve(Request::new(4 * GIB).label("tts")).unwrap();
     // Its process loads 3 GiB: still 4 committed, not 7.
-    f.edit(0, |d| d["processes"] = procs(&[(me(), 3 * GIB)]));
+    f.set_processes(0, &[(me(), 3 * GIB)]);
     let s = f.wait_status("3 GiB in use", |s| s.devices[0].used_bytes == 3 * GIB);
     assert_eq!(s.devices[0].available_bytes, 20 * GIB);
     assert_eq!(s.reservations[0].actual_bytes, 3 * GIB);
     assert!(!s.reservations[0].over_reserved);
     // It grows to 6 GiB: counted at 6 and flagged.
-    f.edit(0, |d| d["processes"] = procs(&[(me(), 6 * GIB)]));
+    f.set_processes(0, &[(me(), 6 * GIB)]);
     let s = f.wait_status("6 GiB in use", |s| s.devices[0].used_bytes == 6 * GIB);
     assert_eq!(s.devices[0].available_bytes, 18 * GIB);
     assert_eq!(s.reservations[0].actual_bytes, 6 * GIB);
@@ -156,10 +139,10 @@ fn a_reservation_counts_once_and_overuse_is_counted_and_flagged() {
 
 #[test]
 fn memory_still_in_use_after_a_release_blocks_until_it_is_read_free() {
-    let mut f = Fake::start(0);
+    let f = Fake::start(0);
     let mut holder = f.daemon.hold("20GiB");
     let hpid = holder.id();
-    f.edit(0, |d| d["processes"] = procs(&[(hpid, 20 * GIB)]));
+    f.set_processes(0, &[(hpid, 20 * GIB)]);
     f.wait_status("the holder's usage", |s| {
         s.devices[0].used_bytes == 20 * GIB
     });
@@ -179,7 +162,7 @@ fn memory_still_in_use_after_a_release_blocks_until_it_is_read_free() {
         "granted while memory was still in use"
     );
     // The driver frees it: granted within a poll.
-    f.edit(0, |d| d["processes"] = procs(&[]));
+    f.set_processes(0, &[]);
     match p.next(Some(WAIT)).unwrap() {
         Some(Progress::Granted(r)) => assert_eq!(r.bytes(), 10 * GIB),
         other => panic!("{other:?}"),
@@ -188,12 +171,12 @@ fn memory_still_in_use_after_a_release_blocks_until_it_is_read_free() {
 
 #[test]
 fn a_failing_device_is_unhealthy_keeps_its_reservations_and_recovers() {
-    let mut f = Fake::start(1);
+    let f = Fake::start(1);
     let c = f.daemon.client();
     let kept = c
         .reserve(Request::new(2 * GIB).device(DeviceSelector::Index(0)))
         .unwrap();
-    f.edit(0, |d| d["fail"] = json!("gpu_lost"));
+    f.edit(0, |d| d.fail = Some(DeviceFailure::GpuLost));
     let s = f.wait_status("device 0 unhealthy", |s| !s.devices[0].healthy);
     assert!(
         s.devices[0].note.as_deref().unwrap_or("").contains("NVML"),
@@ -218,7 +201,7 @@ fn a_failing_device_is_unhealthy_keeps_its_reservations_and_recovers() {
     // "any" goes to the healthy device.
     assert_eq!(c.reserve(Request::new(GIB)).unwrap().device_index(), 1);
     f.daemon.client().ping().unwrap();
-    f.edit(0, |d| d["fail"] = Value::Null);
+    f.edit(0, |d| d.fail = None);
     f.wait_status("device 0 recovered", |s| s.devices[0].healthy);
     assert_eq!(
         c.reserve(Request::new(GIB).device(DeviceSelector::Index(0)))
@@ -232,12 +215,12 @@ fn a_failing_device_is_unhealthy_keeps_its_reservations_and_recovers() {
 
 #[test]
 fn without_per_process_usage_it_falls_back_to_used_plus_reserved() {
-    let mut f = Fake::start(0);
+    let f = Fake::start(0);
     let c = f.daemon.client();
     let _r = c.reserve(Request::new(4 * GIB)).unwrap();
     f.edit(0, |d| {
-        d["processes_supported"] = json!(false);
-        d["extra_used_bytes"] = json!(4 * GIB);
+        d.processes_supported = false;
+        d.extra_used_bytes = 4 * GIB;
     });
     let s = f.wait_status("the fallback", |s| !s.devices[0].per_process_usage);
     // used 4 + reserved 4, even if that 4 GiB is the reservation's own.
@@ -245,9 +228,9 @@ fn without_per_process_usage_it_falls_back_to_used_plus_reserved() {
     assert!(s.devices[0].note.as_deref().unwrap().contains("cautious"));
     // One process with an unknown usage also means "unavailable".
     f.edit(0, |d| {
-        d["processes_supported"] = json!(true);
-        d["extra_used_bytes"] = json!(0);
-        d["processes"] = json!([{ "pid": me(), "used_bytes": null }]);
+        d.processes_supported = true;
+        d.extra_used_bytes = 0;
+        d.processes = vec![FakeProcess::unavailable(me())];
     });
     let s = f.wait_status("unknown usage", |s| {
         !s.devices[0].per_process_usage && s.devices[0].used_bytes == 0
@@ -257,7 +240,7 @@ fn without_per_process_usage_it_falls_back_to_used_plus_reserved() {
 
 #[test]
 fn vramctl_run_attributes_the_command_and_its_descendants() {
-    let mut f = Fake::start(0);
+    let f = Fake::start(0);
     let mut run = f
         .daemon
         .vramctl()
@@ -280,7 +263,7 @@ fn vramctl_run_attributes_the_command_and_its_descendants() {
             .unwrap_or(0);
         grandchild != 0
     }));
-    f.edit(0, |d| d["processes"] = procs(&[(grandchild, 3 * GIB)]));
+    f.set_processes(0, &[(grandchild, 3 * GIB)]);
     let s = f.wait_status("usage attributed", |s| s.devices[0].used_bytes == 3 * GIB);
     assert_eq!(s.reservations[0].actual_bytes, 3 * GIB);
     assert!(s.reservations[0].over_reserved);
@@ -334,12 +317,12 @@ fn a_missing_library_is_named_with_the_way_out() {
 fn init_failure_of_the_driver_is_explained() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.json");
-    write_state(
-        &state,
-        &json!({ "init_error": "driver_not_loaded", "devices": [] }),
-    );
+    State::default()
+        .with_init_error(InitError::DriverNotLoaded)
+        .write_atomic(&state)
+        .unwrap();
     let out = std::process::Command::new(bin("vramd"))
-        .env("FAKE_NVML_STATE", &state)
+        .env(fake_nvml::STATE_ENV, &state)
         .args(["--nvml-lib", fake_nvml_lib().to_str().unwrap(), "--socket"])
         .arg(dir.path().join("v.sock"))
         .output()

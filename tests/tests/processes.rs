@@ -4,7 +4,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use vramd_client::{GIB, Progress, Request};
-use vramd_tests::{Daemon, WAIT, wait_until};
+use vramd_tests::{Daemon, WAIT};
 
 fn wait_child(child: &mut Child) -> std::process::ExitStatus {
     let deadline = Instant::now() + WAIT;
@@ -60,11 +60,7 @@ fn vramctl_reserve_releases_on_sigint_and_sigterm() {
         unsafe { libc::kill(holder.id() as i32, sig) };
         let status = wait_child(&mut holder);
         assert!(status.success(), "{status:?}");
-        assert!(wait_until(WAIT, || c
-            .status()
-            .unwrap()
-            .reservations
-            .is_empty()));
+        d.wait_status("every reservation released", |s| s.reservations.is_empty());
     }
     // Released explicitly, not by the connection closing.
     assert_eq!(c.status().unwrap().counters.disconnect_releases, 0);
@@ -98,11 +94,7 @@ fn vramctl_run_sets_the_environment_and_passes_the_exit_status() {
     assert_eq!(fields[2], "SIM-1");
     assert_eq!(fields[3], (6 * GIB).to_string());
     let c = d.client();
-    assert!(wait_until(WAIT, || c
-        .status()
-        .unwrap()
-        .reservations
-        .is_empty()));
+    d.wait_status("every reservation released", |s| s.reservations.is_empty());
     assert_eq!(c.status().unwrap().counters.grants, 1);
 }
 
@@ -115,7 +107,7 @@ fn vramctl_run_holds_the_memory_while_the_command_runs() {
         .args(["run", "--vram", "20GiB", "--", "sleep", "30"])
         .spawn()
         .unwrap();
-    assert!(wait_until(WAIT, || c.status().unwrap().reservations.len() == 1));
+    d.wait_status("one reservation", |s| s.reservations.len() == 1);
     let err = c
         .reserve(Request::new(10 * GIB).timeout(Duration::from_millis(100)))
         .unwrap_err();
@@ -125,11 +117,7 @@ fn vramctl_run_holds_the_memory_while_the_command_runs() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = wait_child(&mut child);
     assert_eq!(status.code(), Some(128 + libc::SIGTERM));
-    assert!(wait_until(WAIT, || c
-        .status()
-        .unwrap()
-        .reservations
-        .is_empty()));
+    d.wait_status("every reservation released", |s| s.reservations.is_empty());
 }
 
 #[test]

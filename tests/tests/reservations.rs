@@ -41,12 +41,7 @@ fn dropping_the_guard_or_the_client_releases() {
     let _r3 = a.reserve(Request::new(8 * GIB)).unwrap();
     drop(r1);
     let obs = d.client();
-    assert!(wait_until(WAIT, || obs
-        .status()
-        .unwrap()
-        .reservations
-        .len()
-        == 2));
+    d.wait_status("two reservations", |s| s.reservations.len() == 2);
     // Dropping the client closes its connection: everything it held goes.
     let waiter = d.client();
     let pending = waiter.submit(Request::new(24 * GIB)).unwrap();
@@ -90,18 +85,10 @@ fn cancel_withdraws_a_waiting_request() {
     ));
     assert_eq!(other.status().unwrap().queue.len(), 1);
     p.cancel().unwrap();
-    assert!(wait_until(WAIT, || other
-        .status()
-        .unwrap()
-        .queue
-        .is_empty()));
+    d.wait_status("an empty queue", |s| s.queue.is_empty());
     drop(full);
     // The cancelled request was not granted behind our back.
-    assert!(wait_until(WAIT, || other
-        .status()
-        .unwrap()
-        .reservations
-        .is_empty()));
+    d.wait_status("every reservation released", |s| s.reservations.is_empty());
     assert_eq!(other.status().unwrap().counters.cancels, 1);
 }
 

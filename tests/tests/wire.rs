@@ -9,7 +9,7 @@ use std::time::Duration;
 use vramd_client::{GIB, Request};
 use vramd_protocol::codec::ReadBuffer;
 use vramd_protocol::{ClientMessage, Decoder, Encoding, ServerMessage, encode};
-use vramd_tests::{Daemon, JsonConn, WAIT, error_kind, wait_until};
+use vramd_tests::{Daemon, JsonConn, WAIT, error_kind};
 
 #[test]
 fn json_lines_session_reserve_status_release() {
@@ -102,24 +102,26 @@ fn malformed_and_unknown_messages_get_errors_and_the_session_goes_on() {
     );
 }
 
+/// A raw connection (reads bounded by [`WAIT`]) that has sent a binary hello
+/// as `client`; the welcome is left unread.
+fn binary_hello(d: &Daemon, client: &str) -> UnixStream {
+    let mut s = UnixStream::connect(d.socket()).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let hello = ClientMessage::Hello {
+        version: 1,
+        client: client.into(),
+    };
+    s.write_all(&encode(Encoding::Binary, &hello).unwrap())
+        .unwrap();
+    s
+}
+
 #[test]
 fn oversized_frame_is_refused_and_only_that_client_is_closed() {
     let d = Daemon::start(&[]);
     let bystander = d.client();
     let kept = bystander.reserve(Request::new(GIB)).unwrap();
-    let mut s = UnixStream::connect(d.socket()).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(
-        &encode(
-            Encoding::Binary,
-            &ClientMessage::Hello {
-                version: 1,
-                client: "evil".into(),
-            },
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let mut s = binary_hello(&d, "evil");
     // 4 GiB announced: refused before any allocation.
     s.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).unwrap();
     let mut all = Vec::new();
@@ -176,19 +178,7 @@ fn a_client_vanishing_mid_frame_loses_its_reservations_and_harms_nobody() {
     let d = Daemon::start(&[]);
     let obs = d.client();
     {
-        let mut s = UnixStream::connect(d.socket()).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        s.write_all(
-            &encode(
-                Encoding::Binary,
-                &ClientMessage::Hello {
-                    version: 1,
-                    client: String::new(),
-                },
-            )
-            .unwrap(),
-        )
-        .unwrap();
+        let mut s = binary_hello(&d, "");
         let reserve = ClientMessage::Reserve(vramd_protocol::ReserveRequest {
             tag: 1,
             bytes: 20 * GIB,
@@ -200,21 +190,12 @@ fn a_client_vanishing_mid_frame_loses_its_reservations_and_harms_nobody() {
         });
         s.write_all(&encode(Encoding::Binary, &reserve).unwrap())
             .unwrap();
-        assert!(wait_until(WAIT, || obs
-            .status()
-            .unwrap()
-            .reservations
-            .len()
-            == 1));
+        d.wait_status("one reservation", |s| s.reservations.len() == 1);
         // Half of a frame, then gone.
         let frame = encode(Encoding::Binary, &ClientMessage::Status { tag: 2 }).unwrap();
         s.write_all(&frame[..3]).unwrap();
     }
-    assert!(wait_until(WAIT, || obs
-        .status()
-        .unwrap()
-        .reservations
-        .is_empty()));
+    d.wait_status("every reservation released", |s| s.reservations.is_empty());
     // The room is really free again.
     let r = obs
         .reserve(Request::new(24 * GIB).timeout(Duration::from_secs(5)))
@@ -294,10 +275,5 @@ fn a_client_that_half_closes_gets_all_its_answers() {
         .collect();
     assert_eq!(kinds, ["welcome", "granted", "status", "pong"], "{all}");
     // The connection is gone, so is its reservation.
-    let c = d.client();
-    assert!(wait_until(WAIT, || c
-        .status()
-        .unwrap()
-        .reservations
-        .is_empty()));
+    d.wait_status("every reservation released", |s| s.reservations.is_empty());
 }

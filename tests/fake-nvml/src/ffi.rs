@@ -224,6 +224,28 @@ unsafe fn write_c_string(text: &str, buf: *mut c_char, length: c_uint) -> Outcom
     Ok(())
 }
 
+/// The two process-list queries: the per-device prologue, then
+/// `NVML_ERROR_NOT_SUPPORTED` unless the device has `processes_supported`,
+/// then the list `pick` chooses, written by [`write_processes`].
+///
+/// # Safety
+/// `info_count` is null or valid for reads and writes; `infos` is null or
+/// valid for writes of `*info_count` entries.
+unsafe fn process_query(
+    device: NvmlDevice,
+    info_count: *mut c_uint,
+    infos: *mut NvmlProcessInfo,
+    pick: fn(&FakeDevice) -> &Vec<FakeProcess>,
+) -> NvmlReturn {
+    device_query(device, !info_count.is_null(), |dev| {
+        if !dev.processes_supported {
+            return Err(NVML_ERROR_NOT_SUPPORTED);
+        }
+        // SAFETY: `info_count` non-null; the caller vouches for both.
+        unsafe { write_processes(pick(dev), info_count, infos) }
+    })
+}
+
 /// Answers a process-list query with NVML's size protocol: `*info_count` is
 /// the capacity of `infos` on entry and the number of entries on return; a
 /// capacity of 0 with a null `infos` asks for the count
@@ -488,13 +510,8 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     info_count: *mut c_uint,
     infos: *mut NvmlProcessInfo,
 ) -> NvmlReturn {
-    device_query(device, !info_count.is_null(), |dev| {
-        if !dev.processes_supported {
-            return Err(NVML_ERROR_NOT_SUPPORTED);
-        }
-        // SAFETY: `info_count` non-null; the caller vouches for both.
-        unsafe { write_processes(&dev.processes, info_count, infos) }
-    })
+    // SAFETY: the caller vouches for both pointers.
+    unsafe { process_query(device, info_count, infos, |d| &d.processes) }
 }
 
 /// `nvmlDeviceGetMPSComputeRunningProcesses_v3`: the device's
@@ -509,13 +526,8 @@ pub unsafe extern "C" fn nvmlDeviceGetMPSComputeRunningProcesses_v3(
     info_count: *mut c_uint,
     infos: *mut NvmlProcessInfo,
 ) -> NvmlReturn {
-    device_query(device, !info_count.is_null(), |dev| {
-        if !dev.processes_supported {
-            return Err(NVML_ERROR_NOT_SUPPORTED);
-        }
-        // SAFETY: `info_count` non-null; the caller vouches for both.
-        unsafe { write_processes(&dev.mps_processes, info_count, infos) }
-    })
+    // SAFETY: the caller vouches for both pointers.
+    unsafe { process_query(device, info_count, infos, |d| &d.mps_processes) }
 }
 
 #[cfg(test)]
