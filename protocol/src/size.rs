@@ -87,11 +87,23 @@ pub fn parse_size(input: &str) -> Result<u64, ParseSizeError> {
 }
 
 /// Formats bytes for people: `8.00 GiB`, `512.00 MiB`, `100 B`.
+///
+/// Integer arithmetic, rounding a tie to even as `{:.2}` does for the
+/// exact quotient: the daemon logs a size with every grant and release, and
+/// float formatting was a visible part of its cost.
 pub fn format_size(bytes: u64) -> String {
     const UNITS: [(&str, u64); 4] = [("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)];
     for (name, unit) in UNITS {
         if bytes >= unit {
-            return format!("{:.2} {name}", bytes as f64 / unit as f64);
+            let unit = u128::from(unit);
+            let scaled = u128::from(bytes) * 100;
+            let (q, r) = (scaled / unit, scaled % unit);
+            let hundredths = if 2 * r > unit || (2 * r == unit && q % 2 == 1) {
+                q + 1
+            } else {
+                q
+            };
+            return format!("{}.{:02} {name}", hundredths / 100, hundredths % 100);
         }
     }
     format!("{bytes} B")
@@ -196,5 +208,28 @@ mod tests {
         assert_eq!(format_size(8 * GIB), "8.00 GiB");
         assert_eq!(format_size(100), "100 B");
         assert_eq!(format_size(1536 * KIB), "1.50 MiB");
+        assert_eq!(format_size(1023), "1023 B");
+        assert_eq!(format_size(u64::MAX), "16777216.00 TiB");
+        // Every size up to 256 KiB, ties (1152 B = 1.125 KiB) included.
+        for bytes in KIB..256 * KIB {
+            let float = format!("{:.2} KiB", bytes as f64 / KIB as f64);
+            assert_eq!(format_size(bytes), float, "{bytes}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The integer formatting says what `{:.2}` of the exact quotient
+        /// says (below 2^53, where the quotient is exact in an f64).
+        #[test]
+        fn format_size_matches_float_formatting(bytes in 0u64..(1 << 53), shift in 0u32..40) {
+            let bytes = (bytes >> shift).max(1);
+            let expected = [("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)]
+                .into_iter()
+                .find(|&(_, unit)| bytes >= unit)
+                .map_or(format!("{bytes} B"), |(name, unit)| {
+                    format!("{:.2} {name}", bytes as f64 / unit as f64)
+                });
+            proptest::prop_assert_eq!(format_size(bytes), expected);
+        }
     }
 }

@@ -480,16 +480,16 @@ impl Conn {
                 Err(_) => return Lead::Closed,
             }
             let wait = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            // With no deadline a plain blocking read; with one, `poll` first
-            // — also when the time is up: a caller polling with a zero
-            // timeout still reads what has arrived (it is the only reader
-            // while it leads).
-            let ready = match wait {
-                None => true,
-                Some(left) => poll_readable(self.read_fd, Some(left)),
-            };
-            if ready {
-                if self.read_and_route(&mut side, wait.is_some()).is_err() {
+            // Wait in `poll` for readability, then read without blocking —
+            // also when the time is up: a caller polling with a zero timeout
+            // still reads what has arrived (it is the only reader while it
+            // leads). Not a blocking `recv`: a thread blocked there sleeps on
+            // the socket's one wait queue, which the daemon wakes when it
+            // consumes our request (that frees write space), so every request
+            // would cost us a wake-up for nothing and the daemon a cross-CPU
+            // wake. `poll` asks to be woken for readability only.
+            if poll_readable(self.read_fd, wait) {
+                if self.read_and_route(&mut side, true).is_err() {
                     drop(side);
                     self.close_all();
                     return Lead::Closed;
