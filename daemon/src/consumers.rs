@@ -15,26 +15,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::config::{ConsumerConfig, ConsumerKind, Route};
-use vramd_ledger::ConsumerReading;
-
-/// What a consumer task reports to the core.
-#[derive(Debug)]
-pub enum ConsumerEvent {
-    /// What it holds now (or why it could not be asked).
-    Reading {
-        /// Consumer name.
-        name: String,
-        /// The answer.
-        result: Result<ConsumerReading, String>,
-    },
-    /// How an unload call went.
-    Unloaded {
-        /// Consumer name.
-        name: String,
-        /// `Ok` once the consumer accepted the unload (memory may still be in use).
-        result: Result<(), String>,
-    },
-}
+use vramd_ledger::{ConsumerReading, Input};
 
 /// Handle to a consumer's task.
 #[derive(Debug, Clone)]
@@ -54,7 +35,7 @@ impl ConsumerHandle {
 pub fn start(
     config: ConsumerConfig,
     poll_interval: Duration,
-    report: mpsc::Sender<ConsumerEvent>,
+    report: mpsc::Sender<Input>,
 ) -> ConsumerHandle {
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
@@ -68,7 +49,7 @@ pub fn start(
                     if let Err(e) = &result {
                         debug!(consumer = %name, error = %e, "consumer unreachable");
                     }
-                    if report.send(ConsumerEvent::Reading { name: name.clone(), result }).await.is_err() {
+                    if report.send(Input::ConsumerReading { name: name.clone(), result }).await.is_err() {
                         return;
                     }
                     next_poll = tokio::time::Instant::now() + poll_interval;
@@ -81,7 +62,7 @@ pub fn start(
                         Ok(()) => info!(consumer = %name, "consumer accepted the unload; waiting for the readings to show the memory free"),
                         Err(e) => warn!(consumer = %name, error = %e, "consumer unload failed"),
                     }
-                    if report.send(ConsumerEvent::Unloaded { name: name.clone(), result }).await.is_err() {
+                    if report.send(Input::ConsumerUnloaded { name: name.clone(), result }).await.is_err() {
                         return;
                     }
                     // Ask again soon: the answer tells when it let go.

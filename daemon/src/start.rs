@@ -91,8 +91,14 @@ impl Args {
     /// Parses the process's arguments (exiting with clap's message on
     /// error), with the ledger's defaults shown in `--help` and filled in.
     pub fn parse_with_defaults() -> Self {
+        let matches = Self::command_with_defaults().get_matches();
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+
+    /// The command line, with the defaults of [`LedgerConfig::default`].
+    fn command_with_defaults() -> clap::Command {
         let d = LedgerConfig::default();
-        let command = Self::command()
+        Self::command()
             .mut_arg("cushion", |a| a.default_value(d.cushion_bytes.to_string()))
             .mut_arg("aging", |a| a.default_value(format_duration(d.aging)))
             .mut_arg("starvation_guard", |a| {
@@ -116,9 +122,7 @@ impl Args {
                      [default: config's eviction.min_residency, else {}]",
                     format_duration(d.min_residency)
                 ))
-            });
-        let matches = command.get_matches();
-        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+            })
     }
 
     /// The ledger's policy: the command line, then the config file, then
@@ -288,5 +292,46 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
         _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Args {
+        let matches = Args::command_with_defaults()
+            .try_get_matches_from(std::iter::once("vramd").chain(args.iter().copied()))
+            .expect("valid arguments");
+        Args::from_arg_matches(&matches).expect("valid arguments")
+    }
+
+    #[test]
+    fn no_arguments_give_the_ledgers_defaults() {
+        let config = parse(&[]).ledger_config(&Config::default());
+        assert_eq!(config, LedgerConfig::default());
+    }
+
+    #[test]
+    fn the_command_line_wins_over_the_config_file_which_wins_over_the_default() {
+        let file = Config::parse("[eviction]\ndeadline = \"5s\"\nmin_residency = \"7s\"\n")
+            .expect("valid config");
+        let config = parse(&[
+            "--eviction-deadline",
+            "2s",
+            "--aging",
+            "1m",
+            "--placement",
+            "pack",
+        ])
+        .ledger_config(&file);
+        assert_eq!(config.eviction_deadline, Duration::from_secs(2));
+        assert_eq!(config.min_residency, Duration::from_secs(7));
+        assert_eq!(config.aging, Duration::from_secs(60));
+        assert_eq!(config.placement, Placement::Pack);
+        assert_eq!(
+            config.starvation_guard,
+            LedgerConfig::default().starvation_guard
+        );
     }
 }

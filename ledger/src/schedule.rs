@@ -202,14 +202,7 @@ impl Ledger {
                 let first = self.queue.len() - untold.len();
                 for (i, key) in untold.iter().enumerate() {
                     let w = self.queue.get_mut(key).expect("in the queue");
-                    let position = (first + i) as u32 + 1;
-                    w.told_position = position;
-                    effects.push(Effect::Queued {
-                        conn: w.conn,
-                        tag: w.tag,
-                        id: w.id,
-                        position,
-                    });
+                    tell(w, (first + i) as u32 + 1, effects);
                 }
                 return;
             }
@@ -222,14 +215,19 @@ impl Ledger {
             // first position and its moves within the first POSITION_PUSH_LIMIT.
             let worth_telling = position <= POSITION_PUSH_LIMIT || w.told_position == 0;
             if w.told_position != position && worth_telling {
-                w.told_position = position;
-                effects.push(Effect::Queued {
-                    conn: w.conn,
-                    tag: w.tag,
-                    id: w.id,
-                    position,
-                });
+                tell(w, position, effects);
             }
         }
     }
+}
+
+/// Tells a waiter its position.
+fn tell(w: &mut Waiter, position: u32, effects: &mut Vec<Effect>) {
+    w.told_position = position;
+    effects.push(Effect::Queued {
+        conn: w.conn,
+        tag: w.tag,
+        id: w.id,
+        position,
+    });
 }

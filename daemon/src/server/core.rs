@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use vramd_ledger::{ConnId, Effect, Input, Ledger, LogEvent, Peer, Released};
 use vramd_protocol::{ClientMessage, ServerMessage, format_size};
 
-use crate::consumers::{ConsumerEvent, ConsumerHandle};
+use crate::consumers::ConsumerHandle;
 use crate::gpu::{Poller, Readings};
 
 /// What connection tasks and the poller tell the core.
@@ -91,7 +91,7 @@ impl Core {
     pub async fn run(
         mut self,
         mut events: mpsc::Receiver<Event>,
-        mut consumer_events: mpsc::Receiver<ConsumerEvent>,
+        mut consumer_events: mpsc::Receiver<Input>,
     ) {
         let mut consumers_open = true;
         loop {
@@ -108,14 +108,10 @@ impl Core {
                     Some(ev) => self.event(ev),
                 },
                 _ = sleep => self.apply(Input::Tick),
-                ce = consumer_events.recv(), if consumers_open => match ce {
+                // Consumer tasks report as ledger inputs.
+                input = consumer_events.recv(), if consumers_open => match input {
                     None => consumers_open = false,
-                    Some(ConsumerEvent::Reading { name, result }) => {
-                        self.apply(Input::ConsumerReading { name, result });
-                    }
-                    Some(ConsumerEvent::Unloaded { name, result }) => {
-                        self.apply(Input::ConsumerUnloaded { name, result });
-                    }
+                    Some(input) => self.apply(input),
                 },
             }
         }

@@ -16,10 +16,10 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
-use vramd_ledger::{ConnId, Ledger};
+use vramd_ledger::{ConnId, Input, Ledger};
 
 use crate::config::ConsumerConfig;
-use crate::consumers::{self, ConsumerEvent, ConsumerHandle};
+use crate::consumers::{self, ConsumerHandle};
 use crate::gpu::{GpuReader, Poller, read_all};
 pub use socket::{ServerError, bind_socket};
 use socket::{group_id, remove_socket};
@@ -79,7 +79,7 @@ pub async fn serve(
         }
         None => None,
     };
-    let (consumer_tx, consumer_rx) = mpsc::channel::<ConsumerEvent>(256);
+    let (consumer_tx, consumer_rx) = mpsc::channel::<Input>(256);
     let consumers: HashMap<String, ConsumerHandle> = config
         .consumers
         .iter()
