@@ -107,6 +107,27 @@ enum Cmd {
         #[arg(long, default_value_t = 0.5)]
         load: f64,
     },
+    /// Score candidate scheduling policies against the baselines on the
+    /// home-lab trace and random traces (docs/benchmarks.md, "Priorities
+    /// under load").
+    Sweep {
+        /// Random traces per load.
+        #[arg(long, default_value_t = 10)]
+        seeds: u64,
+        /// Jobs per random trace.
+        #[arg(long, default_value_t = 3000)]
+        jobs: usize,
+        /// Offered loads (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "0.5,0.7,0.9")]
+        loads: Vec<f64>,
+        /// Score this candidate instead of the built-in list (repeat; e.g.
+        /// `aging=30s,guard=2m`).
+        #[arg(long, value_name = "SPEC", value_parser = sim::sweep::parse_candidate)]
+        candidate: Vec<sim::sweep::Candidate>,
+        /// Write the results as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
     /// Print the markdown report of a saved results file.
     Report {
         /// The JSON written by `--json`.
@@ -728,6 +749,29 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Some(Cmd::Sweep {
+            seeds,
+            jobs,
+            loads,
+            candidate,
+            json,
+        }) => {
+            let candidates = if candidate.is_empty() {
+                sim::sweep::candidates()
+            } else {
+                candidate.clone()
+            };
+            let (v, md) = sim::sweep::sweep(&candidates, loads, *seeds, *jobs);
+            println!("{md}");
+            if let Some(path) = json {
+                let text = serde_json::to_string_pretty(&v).unwrap_or_default();
+                if let Err(e) = std::fs::write(path, text) {
+                    eprintln!("vramd-bench: {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
         }
         Some(Cmd::Report { file }) => {
             match std::fs::read_to_string(file)

@@ -17,6 +17,7 @@
 //! load that would OOM).
 
 pub mod policy;
+pub mod sweep;
 pub mod trace;
 
 use std::cmp::Reverse;
