@@ -274,10 +274,7 @@ fn completions_and_man_pages_are_generated() {
         assert!(out.status.success(), "{shell}: {}", stderr(&out));
         let text = stdout(&out);
         assert!(text.contains(marker), "{shell}: {text}");
-        assert!(
-            text.contains("reserve") && text.contains("json"),
-            "{shell}"
-        );
+        assert!(text.contains("reserve") && text.contains("json"), "{shell}");
     }
     let out = Command::new(bin("vramctl")).arg("man").output().unwrap();
     assert!(out.status.success());
