@@ -98,6 +98,9 @@ pub struct Args {
     /// when stderr is the journal (JOURNAL_STREAM), which adds its own.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+    /// Print the man page (vramd.8, roff) and exit.
+    #[arg(long)]
+    pub man: bool,
 }
 
 /// How log lines are written.
@@ -151,6 +154,15 @@ impl Args {
     pub fn parse_with_defaults() -> Self {
         let matches = Self::command_with_defaults().get_matches();
         Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+
+    /// The man page, vramd.8 (roff), with the defaults `--help` shows.
+    pub fn man_page() -> std::io::Result<Vec<u8>> {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(Self::command_with_defaults())
+            .section("8")
+            .render(&mut page)?;
+        Ok(page)
     }
 
     /// The command line, with the defaults of [`LedgerConfig::default`].

@@ -14,6 +14,16 @@ use vramd::start::{Args, LogFormat, parse_log_filter, run};
 
 fn main() -> ExitCode {
     let args = Args::parse_with_defaults();
+    if args.man {
+        use std::io::Write;
+        return match Args::man_page().and_then(|page| std::io::stdout().write_all(&page)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vramd: cannot write the man page: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // RUST_LOG overrides --log-level, and is checked the same way.
     let filter = match std::env::var("RUST_LOG") {
         Ok(env) if !env.trim().is_empty() => {
