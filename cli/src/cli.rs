@@ -7,9 +7,21 @@ use clap::{Args, Parser, Subcommand};
 use vramd_client::{DeviceSelector, Request};
 use vramd_protocol::{parse_duration, parse_size};
 
+/// The exit statuses, as `--help` lists them.
+pub const EXIT_STATUSES_HELP: &str = "\
+Exit statuses:
+  0    success (run: the command's own status; 126/127: it could not be started)
+  1    another error (I/O or protocol error talking to vramd)
+  64   usage error: a wrong argument, e.g. a size without a unit
+  65   request refused by vramd: it can never fit, zero bytes, a per-user limit
+  69   vramd unreachable: not running at the socket path, or the connection was lost
+  75   the wait limit (--timeout) passed before the grant; run's command never ran
+  77   permission denied on the socket: ask to be added to its group
+  130  interrupted (SIGINT/SIGTERM) while waiting; the request was withdrawn";
+
 /// Look at and use the vramd GPU memory arbiter.
 #[derive(Debug, Parser)]
-#[command(name = "vramctl", version, about)]
+#[command(name = "vramctl", version, about, after_help = EXIT_STATUSES_HELP)]
 pub struct Cli {
     /// Socket of the daemon [default: $VRAMD_SOCKET, else
     /// $XDG_RUNTIME_DIR/vramd.sock if it exists, else /run/vramd/vramd.sock].
@@ -31,7 +43,7 @@ pub enum Cmd {
     },
     /// Reserve memory and hold it until Ctrl-C or SIGTERM.
     Reserve {
-        /// How much, e.g. 8GiB, 512MiB, 8GB.
+        /// How much, with a unit: 8GiB (or 8Gi), 512MiB, 8GB, 4096B.
         #[arg(value_parser = parse_size, value_name = "SIZE")]
         size: u64,
         /// Hold it idle: when a waiter needs the room and the daemon asks,
@@ -43,7 +55,7 @@ pub enum Cmd {
     },
     /// Run a command inside a reservation; release when it ends.
     Run {
-        /// How much, e.g. 8GiB.
+        /// How much, with a unit: 8GiB (or 8Gi), 512MiB, 8GB, 4096B.
         #[arg(long, value_parser = parse_size, value_name = "SIZE")]
         vram: u64,
         #[command(flatten)]
@@ -51,6 +63,19 @@ pub enum Cmd {
         /// The command and its arguments (after `--`).
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
+    },
+    /// Print a shell completion script, e.g.
+    /// `vramctl completions bash > /etc/bash_completion.d/vramctl`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (vramctl.1), or write vramctl.1 and one page per
+    /// subcommand (vramctl-reserve.1, ...) into a directory.
+    Man {
+        /// Write the pages into this directory instead of printing vramctl.1.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -69,6 +94,10 @@ pub struct ReserveOpts {
     /// Longest wait, e.g. 30s, 2m; by default wait as long as it takes.
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
+    /// Print events as JSON, one object per line on stdout (queued, granted,
+    /// evicted, released, exited, error) instead of messages.
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl ReserveOpts {

@@ -1,5 +1,6 @@
 //! `reserve` and `run`: wait for a grant, then hold it until a signal, or
-//! run a command inside it.
+//! run a command inside it. What happens is told by a [`Report`]: messages
+//! for people, or with `--json` one JSON event per line on stdout.
 
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
@@ -8,64 +9,179 @@ use std::process::{Command, ExitCode};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use vramd_client::{Client, Error, Progress, Request, Reservation};
+use serde_json::{Value, json};
+use vramd_client::{Client, Error, Progress, Request, Reservation, ReservationId};
 use vramd_protocol::format_size;
 
+use crate::exit::{EXIT_INTERRUPTED, Failure};
 use crate::signals::{EVICTED, SignalWatch};
 
-/// Exit status when a signal came before the grant (128 + SIGINT).
-const EXIT_INTERRUPTED: u8 = 130;
+/// Where `reserve` and `run` tell what happens: messages for people
+/// (progress on stderr, the grant on stdout), or with `json` one JSON
+/// object per line on stdout, each with an `event` field.
+#[derive(Debug, Clone, Copy)]
+pub struct Report {
+    /// One JSON event per line instead of messages.
+    pub json: bool,
+}
+
+impl Report {
+    /// Prints one event line and flushes it (a reader may be waiting on it).
+    fn event(self, value: Value) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{value}");
+        let _ = out.flush();
+    }
+
+    /// The request waits at `position`.
+    fn queued(self, id: ReservationId, position: u32) {
+        if self.json {
+            self.event(json!({"event": "queued", "id": id, "position": position}));
+        } else {
+            eprintln!("vramctl: request {id} waits at position {position}");
+        }
+    }
+
+    /// The request was granted; `holding` for `reserve` (which holds it
+    /// until a signal).
+    fn granted(self, r: &Reservation, holding: bool) {
+        if self.json {
+            self.event(json!({
+                "event": "granted",
+                "id": r.id(),
+                "bytes": r.bytes(),
+                "device": r.device_index(),
+                "device_uuid": r.device_uuid(),
+            }));
+        } else if holding {
+            println!(
+                "granted reservation {} of {} on device {} ({}); holding until Ctrl-C",
+                r.id(),
+                format_size(r.bytes()),
+                r.device_index(),
+                r.device_uuid()
+            );
+            let _ = std::io::stdout().flush();
+        }
+    }
+
+    /// The daemon asked an evictable reservation to unload.
+    fn evicted(self, id: ReservationId, reason: &str) {
+        if self.json {
+            self.event(json!({"event": "evicted", "id": id, "reason": reason}));
+        } else {
+            println!("eviction requested for reservation {id} ({reason}); releasing");
+            let _ = std::io::stdout().flush();
+        }
+    }
+
+    /// The reservation was released (`evicted`: at the daemon's request).
+    fn released(self, id: ReservationId, evicted: bool) {
+        if self.json {
+            self.event(json!({"event": "released", "id": id, "evicted": evicted}));
+        } else if evicted {
+            eprintln!("released (evicted)");
+        } else {
+            eprintln!("released");
+        }
+    }
+
+    /// A signal came before the grant; the request was withdrawn.
+    fn interrupted(self) {
+        if self.json {
+            self.event(json!({"event": "interrupted", "exit_status": EXIT_INTERRUPTED}));
+        }
+        eprintln!("vramctl: interrupted while waiting; request withdrawn");
+    }
+
+    /// `run`'s command ended with `code`, or was killed by `signal`.
+    fn exited(self, code: Option<i32>, signal: Option<i32>) {
+        if self.json {
+            self.event(json!({"event": "exited", "code": code, "signal": signal}));
+        }
+    }
+
+    /// The command could not be started.
+    fn not_started(self, program: &str, e: &std::io::Error, exit_status: u8) {
+        if self.json {
+            self.event(json!({
+                "event": "error",
+                "kind": "not_started",
+                "message": format!("cannot run {program}: {e}"),
+                "exit_status": exit_status,
+            }));
+        }
+        eprintln!("vramctl: cannot run {program}: {e}");
+    }
+
+    /// The command failed with `message`; vramctl exits with `exit_status`.
+    pub fn error(self, failure: Failure, message: &str, exit_status: u8) {
+        if self.json {
+            self.event(json!({
+                "event": "error",
+                "kind": failure.name(),
+                "message": message,
+                "exit_status": exit_status,
+            }));
+        }
+    }
+}
 
 /// `vramctl reserve`: holds `request` (marked idle when `evictable`) until
 /// SIGINT or SIGTERM, or until the daemon asks an evictable one to unload.
-pub fn reserve(socket: &Path, request: Request, evictable: bool) -> Result<ExitCode, Error> {
+pub fn reserve(
+    socket: &Path,
+    request: Request,
+    evictable: bool,
+    report: Report,
+) -> Result<ExitCode, Error> {
     let signals = SignalWatch::start()?;
     let client = Client::connect(socket)?;
     let request = request.evictable(evictable);
-    let Some(r) = wait_for_grant(&client, request, &signals)? else {
+    let Some(r) = wait_for_grant(&client, request, &signals, report)? else {
         return Ok(ExitCode::from(EXIT_INTERRUPTED));
     };
     if evictable {
         let evicted = signals.slot();
         r.on_evict(move |e| {
-            println!(
-                "eviction requested for reservation {} ({}); releasing",
-                e.id, e.reason
-            );
-            let _ = std::io::stdout().flush();
+            report.evicted(e.id, &e.reason);
             // Wakes the wait below as a signal would.
             evicted.store(EVICTED, Ordering::SeqCst);
         });
     }
-    println!(
-        "granted reservation {} of {} on device {} ({}); holding until Ctrl-C",
-        r.id(),
-        format_size(r.bytes()),
-        r.device_index(),
-        r.device_uuid()
-    );
-    let _ = std::io::stdout().flush();
+    report.granted(&r, true);
     signals.wait();
+    let id = r.id();
     if r.is_evicted() || signals.received() == Some(EVICTED) {
         // The SDK releases after the callback returns.
         let _ = wait_evicted(&r);
-        eprintln!("released (evicted)");
+        report.released(id, true);
         return Ok(ExitCode::SUCCESS);
     }
     r.release()?;
-    eprintln!("released");
+    report.released(id, false);
     Ok(ExitCode::SUCCESS)
 }
 
 /// `vramctl run`: waits for `request`, then runs `command` inside it and
 /// exits with the command's status.
-pub fn run(socket: &Path, request: Request, command: &[String]) -> Result<ExitCode, Error> {
+pub fn run(
+    socket: &Path,
+    request: Request,
+    command: &[String],
+    report: Report,
+) -> Result<ExitCode, Error> {
     let signals = SignalWatch::start()?;
     let client = Client::connect(socket)?;
-    let Some(r) = wait_for_grant(&client, request, &signals)? else {
+    let Some(r) = wait_for_grant(&client, request, &signals, report)? else {
         return Ok(ExitCode::from(EXIT_INTERRUPTED));
     };
-    run_command(&r, command, &signals)
+    report.granted(&r, false);
+    let id = r.id();
+    let code = run_command(&r, command, &signals, report)?;
+    drop(r);
+    report.released(id, false);
+    Ok(code)
 }
 
 /// Waits (bounded) until the SDK has released an evicted reservation.
@@ -84,19 +200,18 @@ fn wait_for_grant(
     client: &Client,
     request: Request,
     signals: &SignalWatch,
+    report: Report,
 ) -> Result<Option<Reservation>, Error> {
     let mut pending = client.submit(request)?;
     loop {
         if signals.received().is_some() {
-            eprintln!("vramctl: interrupted while waiting; request withdrawn");
             pending.cancel()?;
+            report.interrupted();
             return Ok(None);
         }
         match pending.next(Some(Duration::from_millis(50)))? {
             Some(Progress::Granted(r)) => return Ok(Some(r)),
-            Some(Progress::Queued { id, position }) => {
-                eprintln!("vramctl: request {id} waits at position {position}");
-            }
+            Some(Progress::Queued { id, position }) => report.queued(id, position),
             None => {}
         }
     }
@@ -108,6 +223,7 @@ fn run_command(
     r: &Reservation,
     command: &[String],
     signals: &SignalWatch,
+    report: Report,
 ) -> Result<ExitCode, Error> {
     let (program, args) = command.split_first().expect("clap requires a command");
     let uuid = r.device_uuid();
@@ -128,14 +244,13 @@ fn run_command(
     {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("vramctl: cannot run {program}: {e}");
-            return Ok(ExitCode::from(
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    127
-                } else {
-                    126
-                },
-            ));
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
+            report.not_started(program, &e, code);
+            return Ok(ExitCode::from(code));
         }
     };
     signals.forward_to(child.id());
@@ -145,6 +260,7 @@ fn run_command(
         eprintln!("vramctl: warning: cannot attribute the command's GPU usage: {e}");
     }
     let status = child.wait()?;
+    report.exited(status.code(), status.signal());
     Ok(match (status.code(), status.signal()) {
         (Some(code), _) => ExitCode::from(code as u8),
         (None, Some(sig)) => ExitCode::from(128u8.wrapping_add(sig as u8)),

@@ -1,55 +1,66 @@
 //! `vramctl`: look at and use vramd from the shell.
 //!
 //! - `vramctl status [--json]`: devices, reservations, queue, counters;
-//! - `vramctl reserve 8GiB`: hold a reservation until Ctrl-C or SIGTERM;
-//! - `vramctl run --vram 8GiB -- CMD ARGS...`: run a command inside a
-//!   reservation, with `CUDA_VISIBLE_DEVICES` pointing at the granted device.
+//! - `vramctl reserve 8GiB [--json]`: hold a reservation until Ctrl-C or SIGTERM;
+//! - `vramctl run --vram 8GiB [--json] -- CMD ARGS...`: run a command inside a
+//!   reservation, with `CUDA_VISIBLE_DEVICES` pointing at the granted device;
+//! - `vramctl completions SHELL`, `vramctl man [--dir DIR]`: shell
+//!   completions and man pages.
 //!
 //! It speaks to the daemon through the blocking `vramd-client` SDK only: no
-//! async runtime, no HTTP client, no NVML.
+//! async runtime, no HTTP client, no NVML. Every failure has its own exit
+//! status ([`exit`], listed in `vramctl --help`).
 
 mod cli;
+mod exit;
 mod hold;
 mod signals;
 mod status;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use vramd_client::{Client, Error};
 use vramd_protocol::paths;
 
 use crate::cli::{Cli, Cmd};
-
-/// Exit status when the wait limit passed (EX_TEMPFAIL).
-const EXIT_TIMEOUT: u8 = 75;
-/// Exit status when the daemon is not reachable or refuses (EX_UNAVAILABLE).
-const EXIT_UNAVAILABLE: u8 = 69;
+use crate::exit::{EXIT_USAGE, Failure};
+use crate::hold::Report;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
+        }
+    };
     let socket = cli.socket.clone().unwrap_or_else(paths::client_socket_path);
-    match run(cli, socket) {
+    let report = Report {
+        json: match &cli.command {
+            Cmd::Reserve { opts, .. } | Cmd::Run { opts, .. } => opts.json,
+            _ => false,
+        },
+    };
+    match run(cli, &socket, report) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vramctl: {e}");
-            ExitCode::from(match e {
-                Error::WaitTimeout(_) => EXIT_TIMEOUT,
-                Error::NotRunning { .. } | Error::Disconnected | Error::Refused(_) => {
-                    EXIT_UNAVAILABLE
-                }
-                _ => 1,
-            })
+            let failure = Failure::of(&e);
+            let message = exit::message(&e, &socket);
+            let status = failure.exit_status();
+            report.error(failure, &message, status);
+            eprintln!("vramctl: {message}");
+            ExitCode::from(status)
         }
     }
 }
 
 /// Carries out one command against the daemon at `socket`.
-fn run(cli: Cli, socket: PathBuf) -> Result<ExitCode, Error> {
+fn run(cli: Cli, socket: &Path, report: Report) -> Result<ExitCode, Error> {
     match cli.command {
         Cmd::Status { json } => {
-            let status = Client::connect(&socket)?.status()?;
+            let status = Client::connect(socket)?.status()?;
             if json {
                 let text = serde_json::to_string_pretty(&status)
                     .map_err(|e| Error::Protocol(e.to_string()))?;
@@ -63,11 +74,48 @@ fn run(cli: Cli, socket: PathBuf) -> Result<ExitCode, Error> {
             size,
             evictable,
             opts,
-        } => hold::reserve(&socket, opts.request(size), evictable),
+        } => hold::reserve(socket, opts.request(size), evictable, report),
         Cmd::Run {
             vram,
             opts,
             command,
-        } => hold::run(&socket, opts.request(vram), &command),
+        } => hold::run(socket, opts.request(vram), &command, report),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "vramctl",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man { dir } => man(dir.as_deref()),
     }
+}
+
+/// `vramctl man`: prints vramctl.1, or writes every page into `dir`.
+fn man(dir: Option<&Path>) -> Result<ExitCode, Error> {
+    let cmd = Cli::command();
+    match dir {
+        None => {
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            clap_mangen::generate_to(cmd, dir)?;
+            let mut written: Vec<PathBuf> = std::fs::read_dir(dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("vramctl") && n.ends_with(".1"))
+                })
+                .collect();
+            written.sort();
+            for page in written {
+                println!("{}", page.display());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -238,7 +238,15 @@ impl Config {
                     .url
                     .clone()
                     .ok_or_else(|| invalid(format!("{ctx}: kind {} needs a url", c.kind)))?;
-                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                if u.get(..8)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+                {
+                    return Err(invalid(format!(
+                        "{ctx}: url {u:?}: https is not supported (vramd has no TLS built in); \
+                         use http:// to the app on this machine"
+                    )));
+                }
+                if !u.starts_with("http://") {
                     return Err(invalid(format!("{ctx}: url {u:?} must start with http://")));
                 }
                 Ok(u.trim_end_matches('/').to_string())
@@ -360,6 +368,18 @@ mod tests {
             (
                 "[[consumer]]\nname = \"a\"\nkind = \"ollama\"\nurl = \"ftp://x\"",
                 "http://",
+            ),
+            (
+                "[[consumer]]\nname = \"a\"\nkind = \"ollama\"\nurl = \"https://x\"",
+                "https is not supported (vramd has no TLS built in)",
+            ),
+            (
+                "[[consumer]]\nname = \"a\"\nkind = \"http\"\nurl = \"HTTPS://x\"\nvram = \"1GiB\"\nunload = { path = \"/u\" }",
+                "https is not supported",
+            ),
+            (
+                "[[consumer]]\nname = \"a\"\nkind = \"command\"\nunload_command = \"true\"\nvram = \"2\"",
+                "did you mean 2GiB?",
             ),
             (
                 "[[consumer]]\nname = \"a\"\nkind = \"ollama\"\nurl = \"http://x\"\n[[consumer]]\nname = \"a\"\nkind = \"ollama\"\nurl = \"http://y\"",

@@ -3,13 +3,21 @@
 //!
 //! The ledger's policy defaults are defined once, in
 //! [`LedgerConfig::default`]; the command line shows them from there.
+//!
+//! Under systemd, the daemon takes the listening socket it is given
+//! (`LISTEN_FDS`/`LISTEN_PID`, socket activation) instead of binding one,
+//! and then never removes the socket file (the socket unit owns it); it
+//! reports `READY=1` once it listens and `STOPPING=1` when a signal asks it
+//! to stop (`NOTIFY_SOCKET`, `Type=notify`).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 use vramd_ledger::{ConsumerSpec, Identity, Ledger, LedgerConfig, Placement};
-use vramd_protocol::{format_duration, format_size, parse_duration, parse_size, paths};
+use vramd_protocol::{
+    format_duration, format_size, format_size_exact, parse_duration, parse_size, paths,
+};
 
 use crate::config::{Config, ConfigError};
 use crate::gpu::Backend;
@@ -82,9 +90,62 @@ pub struct Args {
     /// Most client connections at once.
     #[arg(long, value_name = "N", default_value_t = 16384)]
     pub max_connections: usize,
-    /// Log level (error, warn, info, debug, trace) or a tracing filter; RUST_LOG overrides it.
-    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    /// Log level (error, warn, info, debug, trace, off) or a tracing filter
+    /// such as `vramd=debug,info`; RUST_LOG overrides it.
+    #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_log_filter)]
     pub log_level: String,
+    /// Log lines as text, or as one JSON object each. Text has no timestamps
+    /// when stderr is the journal (JOURNAL_STREAM), which adds its own.
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+    /// Print the man page (vramd.8, roff) and exit.
+    #[arg(long)]
+    pub man: bool,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `LEVEL target: message field=value ...`, with a timestamp unless
+    /// stderr is the journal.
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields).
+    Json,
+}
+
+/// The levels a log filter may name.
+const LOG_LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+
+/// Checks a log filter (`--log-level` or `RUST_LOG`): a level, or
+/// comma-separated directives `target=level` and at most one bare level.
+/// A word that is not a level (`warning`, a typo) is refused rather than
+/// taken for a target name, which would silently log nothing.
+pub fn parse_log_filter(filter: &str) -> Result<String, String> {
+    let levels = LOG_LEVELS.join(", ");
+    if filter.trim().is_empty() {
+        return Err(format!("empty log filter; use one of {levels}"));
+    }
+    for directive in filter.split(',').map(str::trim) {
+        let (target, level) = match directive.rsplit_once('=') {
+            Some((target, level)) => (Some(target), level),
+            None => (None, directive),
+        };
+        if target.is_some_and(|t| t.trim().is_empty()) {
+            return Err(format!(
+                "log filter directive {directive:?} names no target"
+            ));
+        }
+        if !LOG_LEVELS.contains(&level.trim().to_ascii_lowercase().as_str()) {
+            return Err(match target {
+                None => format!("unknown log level {level:?}; use one of {levels}"),
+                Some(t) => format!("unknown log level {level:?} for {t:?}; use one of {levels}"),
+            });
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map_err(|e| format!("invalid log filter {filter:?}: {e}"))?;
+    Ok(filter.to_string())
 }
 
 impl Args {
@@ -95,11 +156,22 @@ impl Args {
         Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
     }
 
+    /// The man page, vramd.8 (roff), with the defaults `--help` shows.
+    pub fn man_page() -> std::io::Result<Vec<u8>> {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(Self::command_with_defaults())
+            .section("8")
+            .render(&mut page)?;
+        Ok(page)
+    }
+
     /// The command line, with the defaults of [`LedgerConfig::default`].
     fn command_with_defaults() -> clap::Command {
         let d = LedgerConfig::default();
         Self::command()
-            .mut_arg("cushion", |a| a.default_value(d.cushion_bytes.to_string()))
+            .mut_arg("cushion", |a| {
+                a.default_value(format_size_exact(d.cushion_bytes))
+            })
             .mut_arg("aging", |a| a.default_value(format_duration(d.aging)))
             .mut_arg("starvation_guard", |a| {
                 a.default_value(format_duration(d.starvation_guard))
@@ -182,8 +254,42 @@ pub enum StartError {
     },
 }
 
+/// The listening socket systemd passed (socket activation), if it passed
+/// one. Also clears `LISTEN_FDS`/`LISTEN_PID`, so that commands the daemon
+/// runs do not see them; call it before any other thread starts.
+pub fn inherited_listener() -> Result<Option<std::os::unix::net::UnixListener>, StartError> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if fds.len() == 0 {
+        return Ok(None);
+    }
+    if fds.len() > 1 {
+        return Err(StartError::Invalid(format!(
+            "{} sockets were passed (LISTEN_FDS); vramd takes exactly one Unix stream socket",
+            fds.len()
+        )));
+    }
+    let io = |source| StartError::Io {
+        context: "the passed socket (LISTEN_FDS) is not a listening Unix stream socket",
+        source,
+    };
+    let Some(listener) = fds.take_unix_listener(0).map_err(io)? else {
+        return Ok(None);
+    };
+    listener.set_nonblocking(true).map_err(io)?;
+    Ok(Some(listener))
+}
+
+/// Tells systemd (`NOTIFY_SOCKET`, when set) about a state change; a
+/// failure is logged, never fatal.
+fn notify(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
+}
+
 /// Starts the daemon as `args` say and serves until SIGTERM or SIGINT.
 pub fn run(args: Args) -> Result<(), StartError> {
+    let inherited = inherited_listener()?;
     let file = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
@@ -209,8 +315,21 @@ pub fn run(args: Args) -> Result<(), StartError> {
             )
         })?,
     };
+    let inherited_path = inherited.as_ref().and_then(|l| {
+        l.local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(PathBuf::from))
+    });
+    if inherited.is_some() {
+        tracing::info!(
+            socket = %inherited_path.as_deref().unwrap_or(&socket_path).display(),
+            "using the listening socket passed by the service manager; \
+             its mode and group are the socket unit's, and it is left in place on exit"
+        );
+    }
     let config = ServerConfig {
-        socket_path,
+        socket_path: inherited_path.unwrap_or(socket_path),
+        remove_socket_on_exit: inherited.is_none(),
         socket_mode: args.socket_mode,
         socket_group: args.socket_group.clone(),
         handshake_timeout: args.handshake_timeout,
@@ -277,10 +396,17 @@ pub fn run(args: Args) -> Result<(), StartError> {
         .build()
         .map_err(io("cannot start the async runtime"))?;
     runtime.block_on(async move {
-        let listener = bind_socket(&config)?;
-        serve(config, listener, ledger, reader, shutdown_signal())
-            .await
-            .map_err(io("server failed"))
+        let listener = match inherited {
+            Some(l) => l,
+            None => bind_socket(&config)?,
+        };
+        notify(sd_notify::NotifyState::Ready);
+        serve(config, listener, ledger, reader, async {
+            shutdown_signal().await;
+            notify(sd_notify::NotifyState::Stopping);
+        })
+        .await
+        .map_err(io("server failed"))
     })
 }
 
@@ -304,6 +430,45 @@ mod tests {
             .try_get_matches_from(std::iter::once("vramd").chain(args.iter().copied()))
             .expect("valid arguments");
         Args::from_arg_matches(&matches).expect("valid arguments")
+    }
+
+    #[test]
+    fn log_levels_are_checked_and_typos_refused() {
+        for good in [
+            "info",
+            "WARN",
+            "off",
+            "vramd=debug",
+            "vramd=debug,info",
+            "vramd::server=trace,warn",
+        ] {
+            assert_eq!(parse_log_filter(good).as_deref(), Ok(good), "{good}");
+        }
+        let e = parse_log_filter("warning").unwrap_err();
+        assert!(e.contains("unknown log level \"warning\""), "{e}");
+        assert!(e.contains("error, warn, info, debug, trace, off"), "{e}");
+        for bad in ["", "inof", "vramd=loud", "=info", "info,verbose"] {
+            assert!(parse_log_filter(bad).is_err(), "{bad}");
+        }
+        let matches = Args::command_with_defaults().try_get_matches_from([
+            "vramd",
+            "--simulate",
+            "1GiB",
+            "--log-level",
+            "warning",
+        ]);
+        assert!(matches.is_err());
+    }
+
+    #[test]
+    fn the_cushion_default_reads_back_with_its_unit() {
+        let args = parse(&["--simulate", "24GiB"]);
+        assert_eq!(args.cushion, Some(LedgerConfig::default().cushion_bytes));
+        let e = Args::command_with_defaults()
+            .try_get_matches_from(["vramd", "--simulate", "24"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean 24GiB?"), "{e}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub use codec::{
 pub use messages::*;
 pub use size::{
     GIB, KIB, MIB, ParseDurationError, ParseSizeError, TIB, format_duration, format_size,
-    parse_duration, parse_size,
+    format_size_exact, parse_duration, parse_size,
 };
 
 /// Version of the wire protocol spoken by this crate. A client sends it in

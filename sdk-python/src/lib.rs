@@ -25,10 +25,11 @@ use pyo3::prelude::*;
 
 use crate::errors::{ErrorClass, new_error};
 
-/// Parses a size such as ``"8GiB"``, ``"512MiB"``, ``"1.5GiB"``, ``"8GB"``
-/// or ``"4096"`` into bytes. Binary units (KiB, MiB, GiB, TiB) are powers of
-/// 1024, SI units (KB, MB, GB, TB) powers of 1000; case does not matter.
-/// Raises ``ValueError`` for anything else.
+/// Parses a size such as ``"8GiB"``, ``"8Gi"``, ``"512MiB"``, ``"1.5GiB"``,
+/// ``"8GB"`` or ``"4096B"`` into bytes. Binary units (KiB/Ki, MiB/Mi,
+/// GiB/Gi, TiB/Ti) are powers of 1024, SI units (KB, MB, GB, TB) powers of
+/// 1000, B is bytes; case does not matter. Raises ``ValueError`` for anything
+/// else, with a hint for a number without a unit ("did you mean 8GiB?").
 #[pyfunction]
 fn parse_size(size: &str) -> PyResult<u64> {
     vramd_client::parse_size(size).map_err(|e| PyValueError::new_err(e.to_string()))

@@ -15,7 +15,9 @@ from helpers import GIB
         ("512MiB", 512 << 20),
         ("8GB", 8_000_000_000),
         ("1.5GiB", 3 * GIB // 2),
-        ("4096", 4096),
+        ("4096B", 4096),
+        ("8Gi", 8 * GIB),
+        ("512Mi", 512 << 20),
         ("2 gib", 2 * GIB),
         ("1KiB", 1024),
         ("1kb", 1000),
@@ -30,6 +32,17 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError, match="invalid size"):
         vramd.parse_size(text)
+
+
+@pytest.mark.parametrize(("text", "hint"), [("8", "8GiB"), ("4096", "4096GiB")])
+def test_a_string_without_a_unit_is_refused_with_a_hint(text, hint):
+    with pytest.raises(ValueError, match=f"did you mean {hint}\\?"):
+        vramd.parse_size(text)
+
+
+def test_an_int_stays_bytes(daemon):
+    with daemon.client().reserve(4096) as r:
+        assert r.bytes == 4096
 
 
 def test_format_size():

@@ -31,6 +31,9 @@ use self::core::{Core, Event};
 pub struct ServerConfig {
     /// Path of the Unix socket.
     pub socket_path: PathBuf,
+    /// Whether [`serve`] removes the socket file when it stops (not when
+    /// the socket was passed in by systemd, whose socket unit owns it).
+    pub remove_socket_on_exit: bool,
     /// Permission bits of the socket file.
     pub socket_mode: u32,
     /// Group that owns the socket file, if set.
@@ -50,7 +53,7 @@ pub struct ServerConfig {
 }
 
 /// Serves clients on `listener` until `shutdown` completes, then removes the
-/// socket file.
+/// socket file (if `config.remove_socket_on_exit`).
 ///
 /// With a `reader` (a measuring backend), every device is read once before
 /// anyone is served (so the first grants already see what is on the cards),
@@ -153,6 +156,8 @@ pub async fn serve(
     info!("shutting down");
     drop(events_tx);
     core.abort();
-    remove_socket(&config.socket_path);
+    if config.remove_socket_on_exit {
+        remove_socket(&config.socket_path);
+    }
     Ok(())
 }

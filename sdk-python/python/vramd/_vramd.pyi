@@ -17,8 +17,9 @@ Device = Union[None, int, str]
 _EvictCallback = TypeVar("_EvictCallback", bound=Callable[["Eviction"], object])
 
 def parse_size(size: str) -> int:
-    """Parses ``"8GiB"``, ``"512MiB"``, ``"1.5GiB"``, ``"8GB"`` or ``"4096"``
-    into bytes; raises ``ValueError`` otherwise."""
+    """Parses ``"8GiB"``, ``"8Gi"``, ``"512MiB"``, ``"1.5GiB"``, ``"8GB"`` or
+    ``"4096B"`` into bytes; raises ``ValueError`` otherwise, with a hint for a
+    number without a unit (``"8"``: "did you mean 8GiB?")."""
 
 def format_size(bytes: int) -> str:
     """Formats bytes for people, e.g. ``"8.00 GiB"``."""
