@@ -466,9 +466,11 @@ impl AppState {
     /// took with it.
     pub async fn poll(&self) {
         let started = Instant::now();
-        let generation = self.daemon.generation();
         let ps = self.upstream.ps().await;
         let mut released = Vec::new();
+        // Read after the call: a connection made meanwhile is current, and
+        // slots are stamped with their connection's generation at the grant.
+        let generation = self.daemon.generation();
         {
             let mut slots = self.lock();
             slots.retain(|model, s| {

@@ -11,8 +11,10 @@
 //!   `keep_alive` (seconds or a Go duration; negative = forever; 0 =
 //!   unload once the request ends), else the default 5 minutes;
 //! - `{"model": M, "keep_alive": 0}` with no prompt/messages unloads M
-//!   without loading it, answering `done_reason: "unload"`; if a generation
-//!   of M is running, the unload is *deferred* until it ends;
+//!   without loading it, answering `done_reason: "unload"` at once; if a
+//!   generation of M is running, the unload is *deferred* until it ends, and
+//!   with [`FakeOllama::set_unload_delay`] M leaves `/api/ps` only after the
+//!   delay (the runner takes time to exit);
 //! - an empty prompt (or no messages) only loads the model (`"load"`);
 //! - an unknown model is `404 {"error":"model \"M\" not found, try pulling
 //!   it first"}`; a missing model name is `400 {"error":"model is required"}`;
@@ -78,6 +80,9 @@ struct State {
     unload_requests: Vec<String>,
     log: Vec<(String, String)>,
     gate_closed: bool,
+    unload_delay: Duration,
+    /// Bumped on every load, so a delayed unload knows it was overtaken.
+    load_epoch: u64,
 }
 
 impl State {
@@ -175,6 +180,12 @@ impl FakeOllama {
     pub fn gate(&self, closed: bool) {
         self.core.lock().gate_closed = closed;
         self.core.changed.notify_all();
+    }
+
+    /// Makes unloads take `delay`: the answer comes at once, the model
+    /// leaves `/api/ps` only later (as a real runner takes time to exit).
+    pub fn set_unload_delay(&self, delay: Duration) {
+        self.core.lock().unload_delay = delay;
     }
 
     /// Makes `model`'s keep-alive expire now (as if its timer ran out).
@@ -474,8 +485,20 @@ fn generate(core: &Arc<Core>, conn: &TcpStream, path: &str, raw: &[u8]) {
         }
         if nothing && ka == Some(0.0) {
             s.unload_requests.push(model.clone());
+            let delay = s.unload_delay;
             match s.loaded.get_mut(&model) {
                 Some(l) if l.active > 0 => l.unload_pending = true,
+                Some(_) if !delay.is_zero() => {
+                    let (c, m, epoch) = (core.clone(), model.clone(), s.load_epoch);
+                    std::thread::spawn(move || {
+                        std::thread::sleep(delay);
+                        let mut s = c.lock();
+                        if s.load_epoch == epoch && s.loaded.get(&m).is_some_and(|l| l.active == 0)
+                        {
+                            s.loaded.remove(&m);
+                        }
+                    });
+                }
                 _ => {
                     s.loaded.remove(&model);
                 }
@@ -489,6 +512,7 @@ fn generate(core: &Arc<Core>, conn: &TcpStream, path: &str, raw: &[u8]) {
                 "response": "", "done": true, "done_reason": "unload" }),
             );
         }
+        s.load_epoch += 1;
         if !s.loaded.contains_key(&model) {
             *s.loads.entry(model.clone()).or_default() += 1;
             s.loaded.insert(

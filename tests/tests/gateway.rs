@@ -34,12 +34,23 @@ impl Gateway {
     /// Starts it for one Ollama app at `upstream`, talking to vramd at
     /// `socket`, with `extra` lines appended to the `[[app]]`.
     fn start(socket: &Path, upstream: &str, extra: &str) -> Gateway {
+        Self::start_with_state(socket, upstream, extra, None)
+    }
+
+    /// Like [`Gateway::start`], keeping sizes in `state` (default: in its
+    /// own directory).
+    fn start_with_state(
+        socket: &Path,
+        upstream: &str,
+        extra: &str,
+        state: Option<&Path>,
+    ) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
+        let state = state.map_or_else(|| dir.path().join("state/sizes.json"), Path::to_path_buf);
         let (admin, app) = (free_port(), free_port());
         let config = format!(
             "socket = {socket:?}\nlisten = \"{admin}\"\nstate_file = {state:?}\npoll_interval = \"100ms\"\n\n\
              [[app]]\nname = \"ollama\"\nkind = \"ollama\"\nupstream = \"{upstream}\"\nlisten = \"{app}\"\npriority = 0\n{extra}\n",
-            state = dir.path().join("state/sizes.json"),
         );
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, config).expect("write config");
@@ -230,6 +241,12 @@ fn http(
 
 fn tiny() -> FakeOllama {
     FakeOllama::start(&[ModelDef::new(TINY, GIB, 2 * GIB)])
+}
+
+/// A fake whose model takes 8 GiB once loaded: on a 12 GiB card it and an
+/// 8 GiB job cannot both fit.
+fn big() -> FakeOllama {
+    FakeOllama::start(&[ModelDef::new(TINY, 6 * GIB, 8 * GIB)])
 }
 
 fn tokens() -> String {
@@ -442,7 +459,7 @@ fn a_request_for_a_model_not_resident_waits_in_vramds_queue_until_the_card_frees
 #[test]
 fn a_waiter_that_needs_the_room_makes_the_gateway_unload_an_idle_model_and_release() {
     let d = Daemon::start_raw(&["--simulate", "12GiB", "--min-residency", "0s"]);
-    let o = tiny();
+    let o = big();
     let g = Gateway::start(d.socket(), &o.url(), "[app.sizes]\n\"tiny\" = \"8GiB\"\n");
     let r = http(
         g.app,
@@ -741,4 +758,111 @@ fn status_and_metrics_answer() {
     }
     let h = http(g.admin, "GET", "/healthz", None, &[]).json();
     assert_eq!(h["ok"], true);
+}
+
+#[test]
+fn during_an_eviction_new_requests_wait_and_the_release_waits_for_the_unload() {
+    let d = Daemon::start_raw(&["--simulate", "12GiB", "--min-residency", "0s"]);
+    let o = big();
+    let g = Gateway::start(d.socket(), &o.url(), "[app.sizes]\n\"tiny\" = \"8GiB\"\n");
+    let body = json!({"model": TINY, "prompt": "x", "stream": false});
+    assert_eq!(
+        http(g.app, "POST", "/api/generate", Some(&body), &[]).status,
+        200
+    );
+    d.wait_status("idle", |s| {
+        s.reservations.len() == 1 && s.reservations[0].idle
+    });
+    let delay = Duration::from_millis(800);
+    o.set_unload_delay(delay);
+    let socket = d.socket().to_path_buf();
+    let job = std::thread::spawn(move || {
+        let c = vramd_client::Client::connect(&socket).unwrap();
+        let started = std::time::Instant::now();
+        let r = c
+            .reserve(Request::new(8 * GIB).label("image-job").timeout(WAIT))
+            .unwrap();
+        (started.elapsed(), r, c)
+    });
+    g.wait_model("evicting", |m| m.is_some_and(|m| m["phase"] == "evicting"));
+    // A request arriving now is not forwarded: it waits for a new reservation.
+    let generates = || o.log().iter().filter(|(_, p)| p == "/api/generate").count();
+    let before = generates();
+    let app = g.app;
+    let late = std::thread::spawn(move || http(app, "POST", "/api/generate", Some(&body), &[]));
+    let (waited, granted, _c) = job.join().unwrap();
+    let loaded_at_grant = o.loaded();
+    assert!(
+        waited >= delay,
+        "released after {waited:?}, before the model left /api/ps"
+    );
+    assert!(loaded_at_grant.is_empty(), "{loaded_at_grant:?}");
+    // the only generate since was the unload itself
+    assert_eq!(generates(), before + 1, "{:?}\n{}", o.log(), g.log());
+    assert_eq!(o.unload_requests().len(), 1);
+    d.wait_status("the late request queued", |s| s.queue.len() == 1);
+    drop(granted);
+    assert_eq!(late.join().unwrap().status, 200);
+    assert_eq!(o.loads(TINY), 2);
+}
+
+#[test]
+fn a_client_that_leaves_mid_stream_ends_its_hold_on_the_model() {
+    let d = Daemon::start_raw(&["--simulate", "12GiB"]);
+    let o = tiny();
+    let g = Gateway::start(d.socket(), &o.url(), "");
+    o.gate(true);
+    let mut r = BufReader::new(send_request(
+        g.app,
+        "POST",
+        "/api/chat",
+        Some(&json!({"model": TINY, "messages": [{"role": "user", "content": "hi"}]})),
+        &[],
+    ));
+    assert_eq!(read_head(&mut r).0, 200);
+    assert!(read_chunk(&mut r).is_some());
+    g.wait_model("busy", |m| m.is_some_and(|m| m["in_flight"] == 1));
+    drop(r);
+    // The fake is still blocked mid-generation; the client is gone.
+    g.wait_model("idle after the client left", |m| {
+        m.is_some_and(|m| m["in_flight"] == 0 && m["idle"] == true)
+    });
+    o.gate(false);
+}
+
+#[test]
+fn observed_sizes_are_kept_across_restarts() {
+    let d = Daemon::start_raw(&["--simulate", "12GiB"]);
+    let o = tiny();
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("sizes.json");
+    let extra = "[app.sizes]\n\"tiny\" = \"3GiB\"\n";
+    let g = Gateway::start_with_state(d.socket(), &o.url(), extra, Some(&state_file));
+    let body = json!({"model": TINY, "prompt": "x", "stream": false});
+    assert_eq!(
+        http(g.app, "POST", "/api/generate", Some(&body), &[]).status,
+        200
+    );
+    assert_eq!(
+        reservations(&d)[0].1,
+        3 * GIB,
+        "the override before any observation"
+    );
+    assert!(wait_until(WAIT, || std::fs::read_to_string(&state_file)
+        .is_ok_and(|s| s.contains("2147483648"))));
+    drop(g);
+    d.wait_status("released with the gateway", |s| s.reservations.is_empty());
+    o.expire_now(TINY);
+    let g = Gateway::start_with_state(d.socket(), &o.url(), extra, Some(&state_file));
+    assert_eq!(
+        http(g.app, "POST", "/api/generate", Some(&body), &[]).status,
+        200
+    );
+    let res = reservations(&d);
+    assert_eq!(res.len(), 1, "{res:?}\n{}", g.log());
+    assert_eq!(
+        res[0].1,
+        2 * GIB,
+        "the observed size wins over the override"
+    );
 }
