@@ -866,3 +866,35 @@ fn observed_sizes_are_kept_across_restarts() {
         "the observed size wins over the override"
     );
 }
+
+/// Needs a Python with the `ollama` and `openai` PyPI packages, named by
+/// `VRAMD_GATEWAY_PYTHON`: `bash gateway/scripts/test-python-clients.sh`
+/// sets one up and runs this.
+#[test]
+#[ignore = "needs the ollama and openai PyPI packages (gateway/scripts/test-python-clients.sh)"]
+fn the_official_ollama_and_openai_python_clients_work_through_the_gateway() {
+    let python = std::env::var("VRAMD_GATEWAY_PYTHON")
+        .expect("VRAMD_GATEWAY_PYTHON: a python with ollama and openai installed");
+    let d = Daemon::start_raw(&["--simulate", "12GiB"]);
+    let o = tiny();
+    let g = Gateway::start(d.socket(), &o.url(), "");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway/tests/clients.py");
+    let out = Command::new(python)
+        .arg(script)
+        .env("GATEWAY_URL", format!("http://{}", g.app))
+        .env("MODEL", TINY)
+        .env("TOKENS", tokens())
+        .env_remove("OLLAMA_HOST")
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}\n{}\ngateway log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        g.log()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    assert_eq!(o.loads(TINY), 1, "one load for all of it");
+    assert_eq!(reservations(&d).len(), 1);
+}
