@@ -59,6 +59,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A bug: something the gateway built is invalid.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// Any other I/O failure (the state file).
     #[error("{what}: {source}")]
     Io {

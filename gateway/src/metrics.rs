@@ -6,6 +6,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 use vramd_client::StatusReport;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -26,6 +27,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<ModelLabels, Counter>,
     waits: Family<ModelLabels, Counter>,
+    wait_seconds: Family<ModelLabels, Counter<f64, AtomicU64>>,
     evictions: Family<ModelLabels, Counter>,
     size: Family<ModelLabels, Gauge>,
     device_total: Family<DeviceLabels, Gauge>,
@@ -48,6 +50,7 @@ impl Metrics {
         let m = Metrics {
             requests: Family::default(),
             waits: Family::default(),
+            wait_seconds: Family::default(),
             evictions: Family::default(),
             size: Family::default(),
             device_total: Family::default(),
@@ -66,6 +69,11 @@ impl Metrics {
             "model_waits",
             "Requests that waited for the model's reservation",
             m.waits.clone(),
+        );
+        registry.register(
+            "model_wait_seconds",
+            "Time requests spent waiting for the model's reservation",
+            m.wait_seconds.clone(),
         );
         registry.register(
             "model_evictions",
@@ -120,6 +128,13 @@ impl Metrics {
     /// A request waited for the model's reservation.
     pub fn wait(&self, app: &str, model: &str) {
         self.waits.get_or_create(&Self::labels(app, model)).inc();
+    }
+
+    /// A request waited `waited` for the model's reservation (granted or not).
+    pub fn waited(&self, app: &str, model: &str, waited: std::time::Duration) {
+        self.wait_seconds
+            .get_or_create(&Self::labels(app, model))
+            .inc_by(waited.as_secs_f64());
     }
 
     /// vramd evicted the model.

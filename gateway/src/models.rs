@@ -29,6 +29,9 @@ use crate::sizes::SizeStore;
 
 /// How often an eviction re-reads `/api/ps` while it waits for the unload.
 const UNLOAD_POLL: Duration = Duration::from_millis(100);
+/// Longest the gateway waits for the daemon's first answer to a request
+/// (a grant or a queue position; it comes in microseconds).
+const FIRST_ANSWER: Duration = Duration::from_secs(2);
 
 /// Where a model's reservation stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -197,6 +200,8 @@ impl AppState {
         priority: i32,
     ) -> Result<Option<ModelUse>, Error> {
         let model = call.model.as_str();
+        let started = Instant::now();
+        let deadline = self.cfg.wait_limit.map(|w| started + w);
         let mut counted_wait = false;
         enum Next {
             Use(u64),
@@ -251,9 +256,23 @@ impl AppState {
                         epoch,
                     };
                     self.sync_idle(model).await;
+                    if counted_wait {
+                        self.metrics
+                            .waited(&self.cfg.name, model, started.elapsed());
+                    }
                     return Ok(Some(u));
                 }
-                Next::Reserve(epoch) => return self.reserve(call, priority, epoch).await,
+                Next::Reserve(epoch) => {
+                    let r = self.reserve(call, priority, epoch, deadline).await;
+                    if counted_wait || r.as_ref().is_ok_and(|(_, queued)| *queued) {
+                        if !counted_wait {
+                            self.metrics.wait(&self.cfg.name, model);
+                        }
+                        self.metrics
+                            .waited(&self.cfg.name, model, started.elapsed());
+                    }
+                    return r.map(|(u, _)| u);
+                }
                 Next::Wait => {
                     if !counted_wait {
                         counted_wait = true;
@@ -261,7 +280,24 @@ impl AppState {
                     }
                 }
             }
-            notified.await;
+            // Waiting behind another request's reservation or an eviction
+            // counts against this request's own wait limit.
+            match deadline {
+                None => notified.await,
+                Some(d) => {
+                    if tokio::time::timeout_at(d.into(), notified).await.is_err() {
+                        self.metrics
+                            .waited(&self.cfg.name, model, started.elapsed());
+                        return Err(Error::WaitTimeout {
+                            model: model.to_string(),
+                            message: format!(
+                                "the model's reservation was not ready within the wait limit ({} ms)",
+                                started.elapsed().as_millis()
+                            ),
+                        });
+                    }
+                }
+            }
         }
     }
 
@@ -270,7 +306,8 @@ impl AppState {
         call: &ModelCall,
         priority: i32,
         epoch: u64,
-    ) -> Result<Option<ModelUse>, Error> {
+        deadline: Option<Instant>,
+    ) -> Result<(Option<ModelUse>, bool), Error> {
         let model = call.model.as_str();
         let mut guard = ReservingGuard {
             app: self,
@@ -280,7 +317,7 @@ impl AppState {
         };
         let Some(bytes) = self.size_for(call).await? else {
             tracing::debug!(app = %self.cfg.name, model, "model not pulled: forwarded without a reservation");
-            return Ok(None);
+            return Ok((None, false));
         };
         if let Some(s) = self.lock().get_mut(model) {
             s.bytes = bytes;
@@ -290,33 +327,78 @@ impl AppState {
             .label(self.label(model))
             .priority(priority)
             .evictable(false);
-        if let Some(t) = self.cfg.wait_limit {
-            req = req.timeout(t);
+        if let Some(d) = deadline {
+            req = req.timeout(d.saturating_duration_since(Instant::now()));
         }
         tracing::info!(app = %self.cfg.name, model, bytes, priority, "reserving");
         let started = Instant::now();
-        let r = match client.reserve(req).await {
+        let pending = match client.blocking().submit(req) {
+            Ok(p) => p,
+            Err(e) => return Err(self.reserve_error(model, bytes, generation, e).await),
+        };
+        // Whether it had to queue: the daemon answers at once with a grant
+        // or a queue position. (Read off the executor; if this request goes
+        // away meanwhile, dropping the pending request there cancels it.)
+        let (pending, first) = tokio::task::spawn_blocking(move || {
+            let mut pending = pending;
+            let first = pending.next(Some(FIRST_ANSWER));
+            (pending, first)
+        })
+        .await
+        .map_err(|e| self.daemon.down(e))?;
+        let queued = match first {
+            Ok(Some(vramd_client::Progress::Queued { .. })) => true,
+            Ok(Some(vramd_client::Progress::Granted(r))) => {
+                drop(pending);
+                return self.granted(
+                    call, epoch, generation, bytes, r, started, &mut guard, false,
+                );
+            }
+            Ok(None) => true,
+            Err(e) => return Err(self.reserve_error(model, bytes, generation, e).await),
+        };
+        let r = match pending.granted().await {
             Ok(r) => r,
-            Err(SdkError::WaitTimeout(m)) => {
-                return Err(Error::WaitTimeout {
-                    model: model.to_string(),
-                    message: m,
-                });
-            }
-            Err(SdkError::Refused(m)) => {
-                return Err(Error::Refused {
-                    model: model.to_string(),
-                    bytes_needed: bytes,
-                    message: m,
-                });
-            }
-            Err(e) => {
+            Err(e) => return Err(self.reserve_error(model, bytes, generation, e).await),
+        };
+        self.granted(
+            call, epoch, generation, bytes, r, started, &mut guard, queued,
+        )
+    }
+
+    async fn reserve_error(&self, model: &str, bytes: u64, generation: u64, e: SdkError) -> Error {
+        match e {
+            SdkError::WaitTimeout(m) => Error::WaitTimeout {
+                model: model.to_string(),
+                message: m,
+            },
+            SdkError::Refused(m) => Error::Refused {
+                model: model.to_string(),
+                bytes_needed: bytes,
+                message: m,
+            },
+            e => {
                 if matches!(e, SdkError::Disconnected | SdkError::Io(_)) {
                     self.daemon.lost(generation).await;
                 }
-                return Err(self.daemon.down(e));
+                self.daemon.down(e)
             }
-        };
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn granted(
+        self: &Arc<Self>,
+        call: &ModelCall,
+        epoch: u64,
+        generation: u64,
+        bytes: u64,
+        r: vramd_client::Reservation,
+        started: Instant,
+        guard: &mut ReservingGuard<'_>,
+        queued: bool,
+    ) -> Result<(Option<ModelUse>, bool), Error> {
+        let model = call.model.as_str();
         tracing::info!(
             app = %self.cfg.name, model, bytes, device = r.device_index(), id = r.id().0,
             waited_ms = started.elapsed().as_millis() as u64, "granted"
@@ -345,11 +427,14 @@ impl AppState {
         }
         guard.armed = false;
         self.changed.notify_waiters();
-        Ok(Some(ModelUse {
-            app: self.clone(),
-            model: model.to_string(),
-            epoch,
-        }))
+        Ok((
+            Some(ModelUse {
+                app: self.clone(),
+                model: model.to_string(),
+                epoch,
+            }),
+            queued,
+        ))
     }
 
     /// The bytes to reserve for a model: its last observed size, else the

@@ -130,7 +130,7 @@ async fn send(
         chunk.map_err(std::io::Error::other)
     });
     out.body(Body::from_stream(stream))
-        .map_err(|e| Error::BadRequest(e.to_string()))
+        .map_err(|e| Error::Internal(format!("building the response: {e}")))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

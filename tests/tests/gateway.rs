@@ -428,7 +428,7 @@ fn a_request_for_a_model_not_resident_waits_in_vramds_queue_until_the_card_frees
     let d = Daemon::start_raw(&["--simulate", "12GiB"]);
     let o = tiny();
     let g = Gateway::start(d.socket(), &o.url(), "[app.sizes]\n\"tiny\" = \"4GiB\"\n");
-    let mut holder = d.hold("10GiB");
+    let holder = ChildGuard::new(d.hold("10GiB"));
     let app = g.app;
     let waiter = std::thread::spawn(move || {
         http(
@@ -447,13 +447,28 @@ fn a_request_for_a_model_not_resident_waits_in_vramds_queue_until_the_card_frees
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(o.loads(TINY), 0, "forwarded before the grant");
     assert!(o.log().iter().all(|(_, p)| p != "/api/generate"));
-    holder.kill().expect("kill holder");
-    let _ = holder.wait();
+    drop(holder);
     let r = waiter.join().unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["response"], tokens());
     assert_eq!(o.loads(TINY), 1);
     assert_eq!(g.model(TINY).unwrap()["reserved_bytes"], 4 * GIB);
+    let m = http(g.admin, "GET", "/metrics", None, &[]).text();
+    assert!(
+        m.contains("vramd_gateway_model_waits_total{app=\"ollama\",model=\"tiny:latest\"} 1"),
+        "{m}"
+    );
+    let waited: f64 = m
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "vramd_gateway_model_wait_seconds_total{app=\"ollama\",model=\"tiny:latest\"} ",
+            )
+        })
+        .expect("wait seconds")
+        .parse()
+        .unwrap();
+    assert!(waited >= 0.3, "{waited}");
 }
 
 #[test]
@@ -608,7 +623,7 @@ fn bad_input_and_faults_get_clear_answers() {
     );
     assert!(reservations(&d).is_empty());
     // Wait limit passed: 503 with Retry-After.
-    let holder = d.hold("10GiB");
+    let holder = ChildGuard::new(d.hold("10GiB"));
     let r = http(
         g.app,
         "POST",
@@ -702,7 +717,7 @@ fn a_client_that_disconnects_while_waiting_withdraws_its_request() {
     let d = Daemon::start_raw(&["--simulate", "12GiB"]);
     let o = tiny();
     let g = Gateway::start(d.socket(), &o.url(), "[app.sizes]\n\"tiny\" = \"4GiB\"\n");
-    let holder = d.hold("10GiB");
+    let holder = ChildGuard::new(d.hold("10GiB"));
     let s = send_request(
         g.app,
         "POST",
@@ -745,6 +760,10 @@ fn status_and_metrics_answer() {
     let m = http(g.admin, "GET", "/metrics", None, &[]);
     assert_eq!(m.status, 200);
     let m = m.text();
+    assert!(
+        !m.contains("vramd_gateway_model_waits_total{"),
+        "granted at once: no wait\n{m}"
+    );
     for want in [
         "vramd_gateway_model_requests_total{app=\"ollama\",model=\"tiny:latest\"} 1",
         "vramd_gateway_model_size_bytes{app=\"ollama\",model=\"tiny:latest\"} 2147483648",
@@ -787,7 +806,6 @@ fn during_an_eviction_new_requests_wait_and_the_release_waits_for_the_unload() {
     g.wait_model("evicting", |m| m.is_some_and(|m| m["phase"] == "evicting"));
     // A request arriving now is not forwarded: it waits for a new reservation.
     let generates = || o.log().iter().filter(|(_, p)| p == "/api/generate").count();
-    let before = generates();
     let app = g.app;
     let late = std::thread::spawn(move || http(app, "POST", "/api/generate", Some(&body), &[]));
     let (waited, granted, _c) = job.join().unwrap();
@@ -797,8 +815,8 @@ fn during_an_eviction_new_requests_wait_and_the_release_waits_for_the_unload() {
         "released after {waited:?}, before the model left /api/ps"
     );
     assert!(loaded_at_grant.is_empty(), "{loaded_at_grant:?}");
-    // the only generate since was the unload itself
-    assert_eq!(generates(), before + 1, "{:?}\n{}", o.log(), g.log());
+    // The first request and the unload: the late one was not forwarded.
+    assert_eq!(generates(), 2, "{:?}\n{}", o.log(), g.log());
     assert_eq!(o.unload_requests().len(), 1);
     d.wait_status("the late request queued", |s| s.queue.len() == 1);
     drop(granted);
@@ -897,4 +915,58 @@ fn the_official_ollama_and_openai_python_clients_work_through_the_gateway() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
     assert_eq!(o.loads(TINY), 1, "one load for all of it");
     assert_eq!(reservations(&d).len(), 1);
+}
+
+#[test]
+fn other_apps_keep_being_served_while_one_waits_or_its_upstream_is_down() {
+    let d = Daemon::start_raw(&["--simulate", "12GiB"]);
+    let o = tiny();
+    let o2 = big();
+    let (second, third, dead) = (free_port(), free_port(), free_port());
+    let extra = format!(
+        "[[app]]\nname = \"second\"\nkind = \"ollama\"\nupstream = \"{}\"\nlisten = \"{second}\"\n\
+         [[app]]\nname = \"down\"\nkind = \"ollama\"\nupstream = \"http://{dead}\"\nlisten = \"{third}\"\n",
+        o2.url()
+    );
+    let g = Gateway::start(d.socket(), &o.url(), &extra);
+    let body = json!({"model": TINY, "prompt": "x", "stream": false});
+    assert_eq!(
+        http(g.app, "POST", "/api/generate", Some(&body), &[]).status,
+        200
+    );
+    let holder = ChildGuard::new(d.hold("8GiB"));
+    let b = body.clone();
+    let waiter = std::thread::spawn(move || http(second, "POST", "/api/generate", Some(&b), &[]));
+    d.wait_status("the second app's request queued", |s| {
+        s.queue
+            .iter()
+            .any(|q| q.label.as_deref() == Some("second/tiny:latest"))
+    });
+    // Meanwhile the first app's held model is served, and the app whose
+    // upstream is down answers 502 at once.
+    let r = http(g.app, "POST", "/api/generate", Some(&body), &[]);
+    assert_eq!(
+        (r.status, r.json()["response"].clone()),
+        (200, json!(tokens()))
+    );
+    assert_eq!(http(third, "GET", "/api/tags", None, &[]).status, 502);
+    let r = http(
+        third,
+        "POST",
+        "/api/chat",
+        Some(&json!({"model": TINY, "messages": []})),
+        &[],
+    );
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(o2.loads(TINY), 0);
+    drop(holder);
+    assert_eq!(waiter.join().unwrap().status, 200);
+    assert_eq!(o2.loads(TINY), 1);
+    let labels: Vec<String> = g.status()["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(labels, ["ollama", "second", "down"]);
 }
