@@ -155,10 +155,12 @@ impl Settings {
                 }
             }
             let upstream = a.upstream.trim_end_matches('/').to_string();
-            if !(upstream.starts_with("http://") || upstream.starts_with("https://")) {
+            if !upstream.starts_with("http://") {
                 return Err(at(
                     "upstream",
-                    format!("{upstream:?} is not an http:// URL"),
+                    format!(
+                        "{upstream:?} is not an http:// URL (https upstreams are not supported)"
+                    ),
                 ));
             }
             let Some(listen) = a.listen else {
@@ -262,6 +264,11 @@ priority = 0
             .unwrap_err()
             .to_string();
         assert!(e.contains("not supported yet"), "{e}");
+        let https = FIRST.replace("http://127.0.0.1:11434", "https://127.0.0.1:11434");
+        let e = Settings::parse(Path::new("g.toml"), &https)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstream") && e.contains("https"), "{e}");
         let sizes = format!("{FIRST}\n[app.sizes]\n\"llama3\" = \"lots\"\n");
         let e = Settings::parse(Path::new("g.toml"), &sizes)
             .unwrap_err()

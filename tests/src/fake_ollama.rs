@@ -116,7 +116,6 @@ impl FakeOllama {
     /// Starts a fake that has pulled `models`.
     pub fn start(models: &[ModelDef]) -> FakeOllama {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the fake Ollama");
-        listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("addr");
         let core = Arc::new(Core {
             state: Mutex::new(State {
@@ -128,14 +127,15 @@ impl FakeOllama {
         });
         let c = core.clone();
         let acceptor = std::thread::spawn(move || {
-            while !c.stop.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
+            // Blocking accept; Drop wakes it with a connection of its own.
+            for conn in listener.incoming() {
+                if c.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                match conn {
+                    Ok(conn) => {
                         let c = c.clone();
                         std::thread::spawn(move || serve(&c, conn));
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(5));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -203,6 +203,7 @@ impl Drop for FakeOllama {
     fn drop(&mut self) {
         self.core.stop.store(true, Ordering::SeqCst);
         self.gate(false);
+        let _ = TcpStream::connect_timeout(&self.addr, IO_TIMEOUT);
         if let Some(a) = self.acceptor.take() {
             let _ = a.join();
         }

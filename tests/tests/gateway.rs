@@ -362,7 +362,47 @@ fn generate_and_chat_pass_through_streamed_and_whole_with_one_reservation_per_mo
     assert_eq!(events.len(), TOKENS + 2, "{text:?}");
     assert_eq!(*events.last().unwrap(), "data: [DONE]");
 
-    // Routes that load nothing pass straight through.
+    // A long stream arrives whole (about 2 MB of NDJSON).
+    let n = 20_000;
+    let r = http(
+        g.app,
+        "POST",
+        "/api/generate",
+        Some(&json!({"model": TINY, "prompt": "hi", "options": {"num_predict": n}})),
+        &[],
+    );
+    let text = r.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), n + 1);
+    assert!(
+        lines
+            .iter()
+            .enumerate()
+            .take(n)
+            .all(|(i, l)| l.contains(&format!("\"tok{i} \"")))
+    );
+    assert!(lines[n].contains("\"done\":true"));
+
+    // Routes that load nothing pass straight through, bodies included.
+    let r = http(
+        g.app,
+        "POST",
+        "/api/show",
+        Some(&json!({"model": "tiny"})),
+        &[],
+    );
+    assert_eq!(r.json()["model_info"]["llama.block_count"], 16);
+    let r = http(
+        g.app,
+        "POST",
+        "/api/show",
+        Some(&json!({"model": "nope"})),
+        &[],
+    );
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (404, json!("model 'nope' not found"))
+    );
     let r = http(g.app, "GET", "/api/tags", None, &[]);
     assert_eq!(r.json()["models"][0]["name"], TINY);
     let r = http(g.app, "GET", "/", None, &[]);
