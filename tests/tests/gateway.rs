@@ -1010,3 +1010,25 @@ fn other_apps_keep_being_served_while_one_waits_or_its_upstream_is_down() {
         .collect();
     assert_eq!(labels, ["ollama", "second", "down"]);
 }
+
+#[test]
+fn evict_pinned_lets_vramd_evict_a_model_pinned_by_keep_alive() {
+    let d = Daemon::start_raw(&["--simulate", "12GiB", "--min-residency", "0s"]);
+    let o = big();
+    let g = Gateway::start(d.socket(), &o.url(), "evict_pinned = true\n");
+    let body = json!({"model": TINY, "prompt": "x", "stream": false, "keep_alive": "-1m"});
+    assert_eq!(
+        http(g.app, "POST", "/api/generate", Some(&body), &[]).status,
+        200
+    );
+    g.wait_model("pinned and idle", |m| {
+        m.is_some_and(|m| m["pinned"] == true && m["idle"] == true)
+    });
+    let c = d.client();
+    let r = c
+        .reserve(Request::new(8 * GIB).label("image-job").timeout(WAIT))
+        .expect("granted after evicting the pinned model");
+    assert_eq!(o.unload_requests(), vec![TINY.to_string()]);
+    assert!(o.loaded().is_empty());
+    drop(r);
+}
