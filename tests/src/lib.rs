@@ -14,6 +14,7 @@ use vramd_client::Client;
 
 pub mod fake_gpu;
 pub mod fake_http;
+pub mod fake_ollama;
 
 /// Longest any single wait in a test may take.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -46,6 +47,8 @@ pub fn bin(name: &str) -> PathBuf {
             "vramctl",
             "-p",
             "fake-nvml",
+            "-p",
+            "vramd-gateway",
             // `--lib` too: the fake libnvidia-ml is fake-nvml's library
             // (a cdylib), which `--bins` alone would skip.
             "--bins",

@@ -1,0 +1,112 @@
+//! vramd-gateway: an HTTP gateway in front of apps that load models on
+//! their own (Ollama), which reserves a model's memory through vramd's
+//! queue *before* forwarding a request that will load it, keeps one
+//! reservation per resident model (busy while requests run, idle and
+//! evictable between them), unloads a model through the app's API when
+//! vramd asks for its memory back, and releases when the app unloads it by
+//! itself. See docs/gateway.md.
+//!
+//! Lifecycle: [`run`] binds every listen address (failing fast), then runs
+//! one server per app, the admin server, one `/api/ps` poller per app and a
+//! vramd watcher that reconnects by itself, until SIGINT or SIGTERM.
+
+pub mod admin;
+pub mod config;
+pub mod daemon;
+mod error;
+pub mod metrics;
+pub mod models;
+pub mod ollama;
+pub mod proxy;
+pub mod sizes;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use config::Settings;
+pub use error::Error;
+
+/// Runs the gateway until SIGINT or SIGTERM, or until a server fails.
+pub async fn run(settings: Settings) -> Result<(), Error> {
+    let daemon = Arc::new(daemon::Daemon::new(settings.socket.clone()));
+    let sizes = Arc::new(sizes::SizeStore::load(&settings.state_file));
+    let metrics = Arc::new(metrics::Metrics::new());
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| Error::Io {
+            what: "building the HTTP client".into(),
+            source: std::io::Error::other(e),
+        })?;
+    let bind = |addr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Listen { addr, source })
+    };
+    let admin_listener = bind(settings.listen).await?;
+    let mut apps = Vec::new();
+    let mut servers = tokio::task::JoinSet::new();
+    for cfg in &settings.apps {
+        let listener = bind(cfg.listen).await?;
+        let app = Arc::new(models::AppState::new(
+            cfg.clone(),
+            http.clone(),
+            daemon.clone(),
+            sizes.clone(),
+            metrics.clone(),
+        ));
+        tracing::info!(app = %cfg.name, listen = %cfg.listen, upstream = %cfg.upstream, "serving");
+        let router = proxy::router(app.clone());
+        servers.spawn(async move { axum::serve(listener, router).await });
+        let poller = app.clone();
+        let every = settings.poll_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                poller.poll().await;
+            }
+        });
+        apps.push(app);
+    }
+    let watcher = daemon.clone();
+    let every = settings.poll_interval;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = watcher.status().await {
+                tracing::debug!(error = %e, "vramd not reachable; retrying");
+            }
+        }
+    });
+    let admin = admin::router(admin::Admin {
+        apps,
+        daemon,
+        metrics,
+    });
+    tracing::info!(listen = %settings.listen, state_file = %settings.state_file.display(), "gateway up");
+    servers.spawn(async move { axum::serve(admin_listener, admin).await });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| Error::Io {
+            what: "installing the SIGTERM handler".into(),
+            source,
+        })?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        Some(r) = servers.join_next() => {
+            let e = match r {
+                Ok(Ok(())) => std::io::Error::other("a server stopped"),
+                Ok(Err(e)) => e,
+                Err(e) => std::io::Error::other(e),
+            };
+            return Err(Error::Io { what: "serving".into(), source: e });
+        }
+    }
+    Ok(())
+}

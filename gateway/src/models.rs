@@ -1,0 +1,635 @@
+//! One reservation per resident model of an app, and its lifecycle.
+//!
+//! A model's slot goes `Reserving` (one request waits in vramd's queue for
+//! the model's size; others for the same model wait for it) → `Held` (the
+//! reservation is granted; requests run, each counted in `in_flight`, and
+//! the reservation is marked busy while any runs, idle otherwise) →
+//! released, when Ollama unloaded the model by itself (the poller no longer
+//! sees it in `/api/ps`), when the daemon evicted it (`Evicting`: no new
+//! request is forwarded, those in flight finish up to the deadline, Ollama
+//! is asked to unload the model, the gateway waits until `/api/ps` no longer
+//! lists it, then releases), or when the connection to vramd broke.
+//!
+//! Each slot has an epoch; a request's [`ModelUse`] guard touches only the
+//! slot it was counted in, never a later one for the same model.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use vramd_client::{Error as SdkError, Request};
+
+use crate::Error;
+use crate::config::App;
+use crate::daemon::Daemon;
+use crate::metrics::Metrics;
+use crate::ollama::{ModelCall, Running, Upstream, estimate_bytes};
+use crate::sizes::SizeStore;
+
+/// How often an eviction re-reads `/api/ps` while it waits for the unload.
+const UNLOAD_POLL: Duration = Duration::from_millis(100);
+/// Longest the gateway waits for the daemon's first answer to a request
+/// (a grant or a queue position; it comes in microseconds).
+const FIRST_ANSWER: Duration = Duration::from_secs(2);
+
+/// Where a model's reservation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// A request waits in vramd's queue for it.
+    Reserving,
+    /// Granted; requests are forwarded.
+    Held,
+    /// The daemon asked for it back; requests wait.
+    Evicting,
+}
+
+#[derive(Debug)]
+struct Slot {
+    epoch: u64,
+    phase: Phase,
+    reservation: Option<Arc<vramd_client::Reservation>>,
+    generation: u64,
+    bytes: u64,
+    device: Option<u32>,
+    in_flight: u32,
+    last_busy: Instant,
+    pinned: bool,
+    loaded: bool,
+    idle_sent: Arc<tokio::sync::Mutex<Option<bool>>>,
+}
+
+/// One model in `/status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelStatus {
+    /// Normalized name.
+    pub model: String,
+    /// Where its reservation stands.
+    pub phase: Phase,
+    /// Bytes reserved (or being waited for).
+    pub reserved_bytes: u64,
+    /// Device granted.
+    pub device: Option<u32>,
+    /// vramd's id of the reservation.
+    pub reservation_id: Option<u64>,
+    /// Requests being forwarded now.
+    pub in_flight: u32,
+    /// Whether vramd may evict it now (idle and not pinned).
+    pub idle: bool,
+    /// Pinned by a negative `keep_alive`.
+    pub pinned: bool,
+    /// Seen in `/api/ps` since the grant.
+    pub loaded: bool,
+}
+
+/// One app: its upstream, its models' reservations, its poller.
+#[derive(Debug)]
+pub struct AppState {
+    /// Its configuration.
+    pub cfg: App,
+    /// The gateway's own calls to it.
+    pub upstream: Upstream,
+    /// The connection to vramd.
+    pub daemon: Arc<Daemon>,
+    /// Observed sizes.
+    pub sizes: Arc<SizeStore>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    slots: Mutex<HashMap<String, Slot>>,
+    changed: Notify,
+    next_epoch: std::sync::atomic::AtomicU64,
+    last_ps: Mutex<Option<Vec<Running>>>,
+    runtime: tokio::runtime::Handle,
+}
+
+/// A request's hold on a model: the reservation is busy while any exists.
+#[derive(Debug)]
+pub struct ModelUse {
+    app: Arc<AppState>,
+    model: String,
+    epoch: u64,
+}
+
+impl Drop for ModelUse {
+    fn drop(&mut self) {
+        let mut slots = self.app.lock();
+        let Some(s) = slots.get_mut(&self.model).filter(|s| s.epoch == self.epoch) else {
+            return;
+        };
+        s.in_flight = s.in_flight.saturating_sub(1);
+        s.last_busy = Instant::now();
+        let now_idle = s.in_flight == 0;
+        drop(slots);
+        self.app.changed.notify_waiters();
+        if now_idle {
+            let app = self.app.clone();
+            let model = self.model.clone();
+            self.app
+                .runtime
+                .spawn(async move { app.sync_idle(&model).await });
+        }
+    }
+}
+
+/// Removes a `Reserving` slot when the reserving request gives up (its
+/// client disconnected, the wait limit passed, vramd is down).
+struct ReservingGuard<'a> {
+    app: &'a AppState,
+    model: &'a str,
+    epoch: u64,
+    armed: bool,
+}
+
+impl Drop for ReservingGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut slots = self.app.lock();
+            if slots.get(self.model).is_some_and(|s| s.epoch == self.epoch) {
+                slots.remove(self.model);
+            }
+            drop(slots);
+            self.app.changed.notify_waiters();
+        }
+    }
+}
+
+impl AppState {
+    /// An app with no model held.
+    pub fn new(
+        cfg: App,
+        http: reqwest::Client,
+        daemon: Arc<Daemon>,
+        sizes: Arc<SizeStore>,
+        metrics: Arc<Metrics>,
+    ) -> AppState {
+        AppState {
+            upstream: Upstream::new(cfg.upstream.clone(), http),
+            cfg,
+            daemon,
+            sizes,
+            metrics,
+            slots: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+            next_epoch: std::sync::atomic::AtomicU64::new(1),
+            last_ps: Mutex::new(None),
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// The HTTP client for the upstream.
+    pub fn http(&self) -> &reqwest::Client {
+        self.upstream.http()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn label(&self, model: &str) -> String {
+        format!("{}/{model}", self.cfg.name)
+    }
+
+    /// Waits until `call.model` holds a reservation that takes requests,
+    /// reserving it through vramd's queue when it has none, and counts this
+    /// request in it. `Ok(None)`: the model is unknown to the app (Ollama
+    /// answers that itself), so nothing is reserved.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        call: &ModelCall,
+        priority: i32,
+    ) -> Result<Option<ModelUse>, Error> {
+        let model = call.model.as_str();
+        let started = Instant::now();
+        let deadline = self.cfg.wait_limit.map(|w| started + w);
+        let mut counted_wait = false;
+        enum Next {
+            Use(u64),
+            Reserve(u64),
+            Wait,
+        }
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let next = {
+                let mut slots = self.lock();
+                match slots.get_mut(model) {
+                    Some(s) if s.phase == Phase::Held => {
+                        s.in_flight += 1;
+                        s.last_busy = Instant::now();
+                        if let Some(k) = call.keep_alive_secs {
+                            s.pinned = k < 0.0;
+                        }
+                        Next::Use(s.epoch)
+                    }
+                    Some(_) => Next::Wait,
+                    None => {
+                        let epoch = self
+                            .next_epoch
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        slots.insert(
+                            model.to_string(),
+                            Slot {
+                                epoch,
+                                phase: Phase::Reserving,
+                                reservation: None,
+                                generation: 0,
+                                bytes: 0,
+                                device: None,
+                                in_flight: 0,
+                                last_busy: Instant::now(),
+                                pinned: false,
+                                loaded: false,
+                                idle_sent: Arc::new(tokio::sync::Mutex::new(None)),
+                            },
+                        );
+                        Next::Reserve(epoch)
+                    }
+                }
+            };
+            match next {
+                Next::Use(epoch) => {
+                    let u = ModelUse {
+                        app: self.clone(),
+                        model: model.to_string(),
+                        epoch,
+                    };
+                    self.sync_idle(model).await;
+                    if counted_wait {
+                        self.metrics
+                            .waited(&self.cfg.name, model, started.elapsed());
+                    }
+                    return Ok(Some(u));
+                }
+                Next::Reserve(epoch) => {
+                    let r = self.reserve(call, priority, epoch, deadline).await;
+                    if counted_wait || r.as_ref().is_ok_and(|(_, queued)| *queued) {
+                        if !counted_wait {
+                            self.metrics.wait(&self.cfg.name, model);
+                        }
+                        self.metrics
+                            .waited(&self.cfg.name, model, started.elapsed());
+                    }
+                    return r.map(|(u, _)| u);
+                }
+                Next::Wait => {
+                    if !counted_wait {
+                        counted_wait = true;
+                        self.metrics.wait(&self.cfg.name, model);
+                    }
+                }
+            }
+            // Waiting behind another request's reservation or an eviction
+            // counts against this request's own wait limit.
+            match deadline {
+                None => notified.await,
+                Some(d) => {
+                    if tokio::time::timeout_at(d.into(), notified).await.is_err() {
+                        self.metrics
+                            .waited(&self.cfg.name, model, started.elapsed());
+                        return Err(Error::WaitTimeout {
+                            model: model.to_string(),
+                            message: format!(
+                                "the model's reservation was not ready within the wait limit ({} ms)",
+                                started.elapsed().as_millis()
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    async fn reserve(
+        self: &Arc<Self>,
+        call: &ModelCall,
+        priority: i32,
+        epoch: u64,
+        deadline: Option<Instant>,
+    ) -> Result<(Option<ModelUse>, bool), Error> {
+        let model = call.model.as_str();
+        let mut guard = ReservingGuard {
+            app: self,
+            model,
+            epoch,
+            armed: true,
+        };
+        let Some(bytes) = self.size_for(call).await? else {
+            tracing::debug!(app = %self.cfg.name, model, "model not pulled: forwarded without a reservation");
+            return Ok((None, false));
+        };
+        if let Some(s) = self.lock().get_mut(model) {
+            s.bytes = bytes;
+        }
+        let (generation, client) = self.daemon.client().await?;
+        let mut req = Request::new(bytes)
+            .label(self.label(model))
+            .priority(priority)
+            .evictable(false);
+        if let Some(d) = deadline {
+            req = req.timeout(d.saturating_duration_since(Instant::now()));
+        }
+        tracing::info!(app = %self.cfg.name, model, bytes, priority, "reserving");
+        let started = Instant::now();
+        let pending = match client.blocking().submit(req) {
+            Ok(p) => p,
+            Err(e) => return Err(self.reserve_error(model, bytes, generation, e).await),
+        };
+        // Whether it had to queue: the daemon answers at once with a grant
+        // or a queue position. (Read off the executor; if this request goes
+        // away meanwhile, dropping the pending request there cancels it.)
+        let (pending, first) = tokio::task::spawn_blocking(move || {
+            let mut pending = pending;
+            let first = pending.next(Some(FIRST_ANSWER));
+            (pending, first)
+        })
+        .await
+        .map_err(|e| self.daemon.down(e))?;
+        let queued = match first {
+            Ok(Some(vramd_client::Progress::Queued { .. })) => true,
+            Ok(Some(vramd_client::Progress::Granted(r))) => {
+                drop(pending);
+                return self.granted(
+                    call, epoch, generation, bytes, r, started, &mut guard, false,
+                );
+            }
+            Ok(None) => true,
+            Err(e) => return Err(self.reserve_error(model, bytes, generation, e).await),
+        };
+        let r = match pending.granted().await {
+            Ok(r) => r,
+            Err(e) => return Err(self.reserve_error(model, bytes, generation, e).await),
+        };
+        self.granted(
+            call, epoch, generation, bytes, r, started, &mut guard, queued,
+        )
+    }
+
+    async fn reserve_error(&self, model: &str, bytes: u64, generation: u64, e: SdkError) -> Error {
+        match e {
+            SdkError::WaitTimeout(m) => Error::WaitTimeout {
+                model: model.to_string(),
+                message: m,
+            },
+            SdkError::Refused(m) => Error::Refused {
+                model: model.to_string(),
+                bytes_needed: bytes,
+                message: m,
+            },
+            e => {
+                if matches!(e, SdkError::Disconnected | SdkError::Io(_)) {
+                    self.daemon.lost(generation).await;
+                }
+                self.daemon.down(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn granted(
+        self: &Arc<Self>,
+        call: &ModelCall,
+        epoch: u64,
+        generation: u64,
+        bytes: u64,
+        r: vramd_client::Reservation,
+        started: Instant,
+        guard: &mut ReservingGuard<'_>,
+        queued: bool,
+    ) -> Result<(Option<ModelUse>, bool), Error> {
+        let model = call.model.as_str();
+        tracing::info!(
+            app = %self.cfg.name, model, bytes, device = r.device_index(), id = r.id().0,
+            waited_ms = started.elapsed().as_millis() as u64, "granted"
+        );
+        let app = self.clone();
+        let evicted_model = model.to_string();
+        let runtime = self.runtime.clone();
+        r.on_evict(move |ev| {
+            runtime.block_on(app.evict(&evicted_model, epoch, ev.deadline, &ev.reason));
+        });
+        let device = r.device_index();
+        {
+            let mut slots = self.lock();
+            let Some(s) = slots.get_mut(model).filter(|s| s.epoch == epoch) else {
+                // Cannot happen while the guard is armed; release to be safe.
+                return Err(self.daemon.down("the reservation's slot vanished"));
+            };
+            s.phase = Phase::Held;
+            s.reservation = Some(Arc::new(r));
+            s.generation = generation;
+            s.device = Some(device);
+            s.in_flight = 1;
+            s.last_busy = Instant::now();
+            s.pinned = call.keep_alive_secs.is_some_and(|k| k < 0.0);
+            s.idle_sent = Arc::new(tokio::sync::Mutex::new(Some(false)));
+        }
+        guard.armed = false;
+        self.changed.notify_waiters();
+        Ok((
+            Some(ModelUse {
+                app: self.clone(),
+                model: model.to_string(),
+                epoch,
+            }),
+            queued,
+        ))
+    }
+
+    /// The bytes to reserve for a model: its last observed size, else the
+    /// config's override, else the estimate; `None` if the app does not have
+    /// the model.
+    async fn size_for(&self, call: &ModelCall) -> Result<Option<u64>, Error> {
+        if let Some(b) = self.sizes.get(&self.label(&call.model)) {
+            return Ok(Some(b));
+        }
+        if let Some(b) = self.cfg.size_overrides.get(&call.model) {
+            return Ok(Some(*b));
+        }
+        let Some(file_bytes) = self.upstream.file_size(&call.model).await? else {
+            return Ok(None);
+        };
+        let info = self.upstream.model_info(&call.model).await?;
+        let ctx = call.num_ctx.unwrap_or(self.cfg.context_length);
+        Ok(Some(estimate_bytes(file_bytes, info.as_ref(), ctx)))
+    }
+
+    /// Tells vramd whether the model's reservation is idle, if that changed.
+    /// Calls are serialized per slot, and each sends the state current when
+    /// it runs, so the daemon ends up with the latest.
+    async fn sync_idle(&self, model: &str) {
+        let Some((res, lock)) = self
+            .lock()
+            .get(model)
+            .and_then(|s| s.reservation.clone().map(|r| (r, s.idle_sent.clone())))
+        else {
+            return;
+        };
+        let mut sent = lock.lock().await;
+        let Some(want) = self.lock().get(model).map(|s| self.wants_idle(s)) else {
+            return;
+        };
+        if *sent == Some(want) {
+            return;
+        }
+        match tokio::task::spawn_blocking(move || res.set_idle(want)).await {
+            Ok(Ok(())) => *sent = Some(want),
+            Ok(Err(e)) => {
+                tracing::warn!(app = %self.cfg.name, model, idle = want, error = %e, "cannot mark the reservation");
+            }
+            Err(e) => tracing::warn!(error = %e, "set_idle task failed"),
+        }
+    }
+
+    fn wants_idle(&self, s: &Slot) -> bool {
+        s.phase == Phase::Held && s.in_flight == 0 && (!s.pinned || self.cfg.evict_pinned)
+    }
+
+    /// The daemon asked for `model`'s reservation back (runs on an SDK
+    /// thread through `block_on`); the SDK releases it when this returns.
+    async fn evict(&self, model: &str, epoch: u64, deadline: Duration, reason: &str) {
+        let until = Instant::now() + deadline;
+        {
+            let mut slots = self.lock();
+            let Some(s) = slots.get_mut(model).filter(|s| s.epoch == epoch) else {
+                return;
+            };
+            s.phase = Phase::Evicting;
+        }
+        self.metrics.eviction(&self.cfg.name, model);
+        tracing::info!(app = %self.cfg.name, model, reason, deadline_ms = deadline.as_millis() as u64, "evicting");
+        // Let requests in flight finish, up to the deadline.
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let busy = self
+                .lock()
+                .get(model)
+                .filter(|s| s.epoch == epoch)
+                .map_or(0, |s| s.in_flight);
+            if busy == 0 || Instant::now() >= until {
+                break;
+            }
+            let _ = tokio::time::timeout_at(until.into(), notified).await;
+        }
+        if let Err(e) = self.upstream.unload(model).await {
+            tracing::warn!(app = %self.cfg.name, model, error = %e, "unload request failed");
+        }
+        // Wait until Ollama no longer lists it.
+        loop {
+            match self.upstream.ps().await {
+                Ok(ps)
+                    if !ps
+                        .iter()
+                        .any(|r| crate::ollama::normalize_model(&r.name) == model) =>
+                {
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "reading /api/ps during an eviction"),
+            }
+            if Instant::now() >= until {
+                tracing::warn!(app = %self.cfg.name, model, "still loaded at the eviction deadline; releasing anyway");
+                break;
+            }
+            tokio::time::sleep(UNLOAD_POLL).await;
+        }
+        {
+            let mut slots = self.lock();
+            if slots.get(model).is_some_and(|s| s.epoch == epoch) {
+                slots.remove(model);
+            }
+        }
+        tracing::info!(app = %self.cfg.name, model, "evicted: releasing");
+        self.changed.notify_waiters();
+    }
+
+    /// One poll: reads `/api/ps`, records sizes, and releases reservations
+    /// of models Ollama unloaded by itself or that a lost vramd connection
+    /// took with it.
+    pub async fn poll(&self) {
+        let started = Instant::now();
+        let ps = self.upstream.ps().await;
+        let mut released = Vec::new();
+        // Read after the call: a connection made meanwhile is current, and
+        // slots are stamped with their connection's generation at the grant.
+        let generation = self.daemon.generation();
+        {
+            let mut slots = self.lock();
+            slots.retain(|model, s| {
+                if s.phase == Phase::Held && s.generation != generation {
+                    released.push((model.clone(), "the connection to vramd was lost"));
+                    return false;
+                }
+                let Ok(ps) = &ps else { return true };
+                let listed = ps
+                    .iter()
+                    .any(|r| crate::ollama::normalize_model(&r.name) == *model);
+                if listed {
+                    s.loaded = true;
+                    return true;
+                }
+                if s.phase == Phase::Held && s.in_flight == 0 && s.last_busy < started {
+                    released.push((model.clone(), "the app unloaded it"));
+                    return false;
+                }
+                true
+            });
+        }
+        for (model, why) in &released {
+            tracing::info!(app = %self.cfg.name, model, why, "released");
+        }
+        if !released.is_empty() {
+            self.changed.notify_waiters();
+        }
+        match ps {
+            Ok(ps) => {
+                for r in &ps {
+                    let model = crate::ollama::normalize_model(&r.name);
+                    if r.size_vram > 0 {
+                        self.metrics.size(&self.cfg.name, &model, r.size_vram);
+                        if let Err(e) = self.sizes.observe(&self.label(&model), r.size_vram) {
+                            tracing::warn!(error = %e, "cannot save the model size");
+                        }
+                    }
+                }
+                *self.last_ps.lock().unwrap_or_else(|p| p.into_inner()) = Some(ps);
+            }
+            Err(e) => {
+                tracing::debug!(app = %self.cfg.name, error = %e, "polling /api/ps");
+                *self.last_ps.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+        }
+    }
+
+    /// The models held, for `/status`.
+    pub fn models(&self) -> Vec<ModelStatus> {
+        let slots = self.lock();
+        let mut v: Vec<ModelStatus> = slots
+            .iter()
+            .map(|(m, s)| ModelStatus {
+                model: m.clone(),
+                phase: s.phase,
+                reserved_bytes: s.bytes,
+                device: s.device,
+                reservation_id: s.reservation.as_ref().map(|r| r.id().0),
+                in_flight: s.in_flight,
+                idle: self.wants_idle(s),
+                pinned: s.pinned,
+                loaded: s.loaded,
+            })
+            .collect();
+        v.sort_by(|a, b| a.model.cmp(&b.model));
+        v
+    }
+
+    /// What `/api/ps` said last (`None`: the upstream did not answer).
+    pub fn last_ps(&self) -> Option<Vec<Running>> {
+        self.last_ps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
