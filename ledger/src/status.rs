@@ -13,15 +13,19 @@ use crate::{Ledger, Peer, millis};
 /// `queue_total` counts them all.
 pub const STATUS_QUEUE_LIMIT: usize = 1000;
 
-/// Hides the details of other users' reservations and requests (labels,
-/// pids) from a client that is not an admin.
+/// Hides the details of other users' reservations and requests from a
+/// client that is not an admin: their labels, the processes they speak for,
+/// and the client's own `pid` (shown as 0). Their uid, size, device and
+/// priority stay: they explain why a request waits.
 pub fn redact(status: &mut StatusReport, uid: u32) {
     for r in status.reservations.iter_mut().filter(|r| r.uid != uid) {
         r.label = None;
+        r.pid = 0;
         r.pids.clear();
     }
     for q in status.queue.iter_mut().filter(|q| q.uid != uid) {
         q.label = None;
+        q.pid = 0;
     }
 }
 

@@ -1387,9 +1387,17 @@ fn apply_status_hides_other_users_details_from_non_admins() {
     assert_eq!(label(&s, 1000), Some((Some("mine".into()), vec![11])));
     assert_eq!(label(&s, 2000), Some((None, vec![])));
     assert_eq!(s.queue[0].label, None);
+    // Other users' pids are hidden too; one's own stays.
+    let pid = |s: &StatusReport, uid| s.reservations.iter().find(|r| r.uid == uid).map(|r| r.pid);
+    assert_eq!(pid(&s, 1000), Some(11));
+    assert_eq!(pid(&s, 2000), Some(0));
+    assert_eq!(s.queue[0].pid, 0);
+    assert_eq!(s.queue[0].uid, 2000, "the uid still says whose it is");
     let s = status_of(&mut l, admin());
     assert_eq!(label(&s, 2000), Some((Some("theirs".into()), vec![22])));
     assert_eq!(s.queue[0].label.as_deref(), Some("queued"));
+    assert_eq!(pid(&s, 2000), Some(22));
+    assert_eq!(s.queue[0].pid, 23);
 }
 
 #[test]

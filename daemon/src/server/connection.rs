@@ -98,16 +98,23 @@ async fn fill(
 
 /// The handshake: encoding from the first byte, then `Hello`, within `timeout`.
 /// Returns the decoder to go on with, or `None` if the client was turned away.
+///
+/// The encoding is stored in `session_encoding` as soon as the first byte
+/// arrives: it is the session's for good, so an error sent later (e.g. the
+/// handshake timeout after a frame that did not decode, when the buffer is
+/// empty again) is in the client's encoding.
 async fn handshake(
     stream: &mut UnixStream,
     buf: &mut ReadBuffer,
     conn: ConnId,
+    session_encoding: &mut Option<Encoding>,
 ) -> io::Result<Option<(Decoder, String)>> {
     if !fill(stream, buf).await? {
         return Ok(None);
     }
     let first = buf.unread()[0];
-    let Some(encoding) = Encoding::detect(first) else {
+    *session_encoding = Encoding::detect(first);
+    let Some(encoding) = *session_encoding else {
         // We cannot know which encoding the client wants; JSON is readable.
         let msg = error_msg(
             0,
@@ -191,17 +198,20 @@ pub(crate) async fn serve(
         admin: cred.uid() == 0 || admin_gid.is_some_and(|g| in_group(pid, cred.gid(), g)),
     };
     let mut buf = ReadBuffer::new();
-    let hs = tokio::time::timeout(handshake_timeout, handshake(&mut stream, &mut buf, conn)).await;
+    let mut session_encoding = None;
+    let hs = tokio::time::timeout(
+        handshake_timeout,
+        handshake(&mut stream, &mut buf, conn, &mut session_encoding),
+    )
+    .await;
     let (mut decoder, client) = match hs {
         Ok(Ok(Some(ok))) => ok,
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(e)) => return Err(e),
         Err(_) => {
-            let encoding = buf
-                .unread()
-                .first()
-                .and_then(|&b| Encoding::detect(b))
-                .unwrap_or(Encoding::Json);
+            // Fixed by the first byte, not guessed again from what is left
+            // in the buffer; JSON only if the client sent nothing at all.
+            let encoding = session_encoding.unwrap_or(Encoding::Json);
             let msg = error_msg(
                 0,
                 ErrorKind::HandshakeTimeout,

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::UnixListener;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use vramd_ledger::{ConnId, Input, Ledger};
@@ -50,7 +51,7 @@ pub struct ServerConfig {
 }
 
 /// Serves clients on `listener` until `shutdown` completes, then removes the
-/// socket file.
+/// socket file (also when it fails). SIGHUP is logged and ignored.
 ///
 /// With a `reader` (a measuring backend), every device is read once before
 /// anyone is served (so the first grants already see what is on the cards),
@@ -63,6 +64,12 @@ pub async fn serve(
     mut reader: Option<Box<dyn GpuReader>>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    // From here on, every way out — shutdown, an error below, a panic
+    // unwinding through this future — removes the socket file.
+    let _socket_file = SocketFile(config.socket_path.clone());
+    // SIGHUP would otherwise end the process without cleaning up; there is
+    // no configuration to reload, so it is logged and ignored.
+    let mut hangup = signal(SignalKind::hangup())?;
     let listener = UnixListener::from_std(listener)?;
     let (events_tx, events_rx) = mpsc::channel::<Event>(4096);
     let devices = ledger.device_count();
@@ -125,6 +132,9 @@ pub async fn serve(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = hangup.recv() => {
+                info!(signal = "SIGHUP", "signal received; nothing to reload, ignored");
+            }
             accepted = listener.accept() => {
                 let (stream, _) = match accepted {
                     Ok(s) => s,
@@ -153,6 +163,14 @@ pub async fn serve(
     info!("shutting down");
     drop(events_tx);
     core.abort();
-    remove_socket(&config.socket_path);
     Ok(())
+}
+
+/// The socket file, removed when dropped.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        remove_socket(&self.0);
+    }
 }
