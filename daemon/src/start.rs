@@ -85,6 +85,14 @@ pub struct Args {
     /// Log level (error, warn, info, debug, trace) or a tracing filter; RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Time a request (binary frame or JSON line) has to arrive in full once
+    /// it started; a client stalled inside one is closed.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub frame_timeout: Duration,
+    /// Most replies (in bytes, as held in memory) a client may leave unread;
+    /// past it its connection is closed and everything it held released.
+    #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_size)]
+    pub max_unsent_bytes: u64,
 }
 
 impl Args {
@@ -214,6 +222,8 @@ pub fn run(args: Args) -> Result<(), StartError> {
         socket_mode: args.socket_mode,
         socket_group: args.socket_group.clone(),
         handshake_timeout: args.handshake_timeout,
+        frame_timeout: args.frame_timeout.max(Duration::from_millis(1)),
+        max_unsent_bytes: usize::try_from(args.max_unsent_bytes).unwrap_or(usize::MAX),
         max_connections: args.max_connections.max(1),
         poll_interval: args.poll_interval.max(Duration::from_millis(10)),
         consumers: file.consumers.clone(),

@@ -12,8 +12,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 use vramd_protocol::codec::ReadBuffer;
-use vramd_protocol::{Decoder, Encoding, ErrorKind, ServerMessage};
+
+use vramd_protocol::{ClientMessage, Decoder, Encoding, ErrorKind, ServerMessage, encode};
 use vramd_tests::{Daemon, JsonConn, WAIT, error_kind, wait_until};
 
 /// The uid (and gid) of the "other user" in these tests.
@@ -75,6 +78,28 @@ impl BinConn {
             buf: ReadBuffer::new(),
             dec: Decoder::new(Encoding::Binary),
         }
+    }
+
+    fn open(socket: &Path) -> BinConn {
+        let mut c = Self::connect(socket);
+        c.send(&ClientMessage::Hello {
+            version: 1,
+            client: "hardening".into(),
+        });
+        let w = c.recv();
+        assert!(matches!(w, ServerMessage::Welcome { .. }), "{w:?}");
+        c
+    }
+
+    fn send(&mut self, msg: &ClientMessage) {
+        self.send_raw(&encode(Encoding::Binary, msg).expect("encode"));
+    }
+
+    /// Whether the daemon closes the connection within [`WAIT`] (reading
+    /// and dropping whatever comes first).
+    fn closed_by_daemon(&mut self) -> bool {
+        let mut rest = Vec::new();
+        self.stream.read_to_end(&mut rest).is_ok()
     }
 
     fn send_raw(&mut self, bytes: &[u8]) {
@@ -215,4 +240,211 @@ fn a_binary_session_gets_its_errors_in_binary() {
     j.send("{\"nonsense\":{}}");
     assert_eq!(error_kind(&j.recv()), Some("bad_request"));
     assert_eq!(error_kind(&j.recv()), Some("handshake_timeout"));
+}
+
+/// The daemon's resident memory, in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+/// Fills the simulated 24 GiB device, so that every later request waits.
+fn fill_device(d: &Daemon) -> JsonConn {
+    let mut holder = JsonConn::open(d.socket());
+    holder.send(r#"{"reserve":{"tag":1,"bytes":25769803776,"label":"full"}}"#);
+    assert!(holder.recv().get("granted").is_some());
+    holder
+}
+
+/// Finding 1: a client that queued 1,000 requests and reads nothing while
+/// another moves the queue with reserve/cancel of a high-priority request
+/// costs the daemon no memory per move: unsent positions coalesce. When
+/// the client finally reads, each request's newest position is there.
+#[test]
+fn a_client_that_does_not_read_costs_no_memory_per_queue_move() {
+    const WAITERS: u64 = 1000;
+    const CYCLES: u64 = 800;
+    let d = Daemon::start(&[]);
+    let _holder = fill_device(&d);
+    let mut sleeper = JsonConn::open(d.socket());
+    let mut burst = String::new();
+    for tag in 1..=WAITERS {
+        burst.push_str(&format!(r#"{{"reserve":{{"tag":{tag},"bytes":1}}}}"#));
+        burst.push('\n');
+    }
+    sleeper.send_raw(burst.as_bytes());
+    d.wait_status("the sleeper's requests to wait", |s| {
+        s.queue_total == WAITERS
+    });
+    let before = rss_bytes(d.pid());
+    let mut mover = JsonConn::open(d.socket());
+    let started = Instant::now();
+    let mut cycles = 0;
+    while cycles < CYCLES && started.elapsed() < Duration::from_secs(60) {
+        mover.send(r#"{"reserve":{"tag":7,"bytes":1,"priority":10}}"#);
+        assert_eq!(mover.recv()["queued"]["position"], 1);
+        mover.send(r#"{"cancel":{"tag":7}}"#);
+        assert_eq!(mover.recv()["cancelled"]["count"], 1);
+        cycles += 1;
+    }
+    let grown = rss_bytes(d.pid()).saturating_sub(before);
+    eprintln!(
+        "{cycles} queue moves x2 in {:?}: daemon RSS grew {} KiB",
+        started.elapsed(),
+        grown / 1024
+    );
+    assert!(
+        grown < 32 << 20,
+        "the daemon grew {} MiB for a client that does not read",
+        grown >> 20
+    );
+    // The sleeper reads at last: for every request, its last word is its
+    // current position.
+    let mut last = HashMap::new();
+    sleeper
+        .stream_mut()
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    while let Some(v) = sleeper.try_recv() {
+        let q = &v["queued"];
+        assert!(q.is_object(), "{v}");
+        last.insert(q["tag"].as_u64().unwrap(), q["position"].as_u64().unwrap());
+    }
+    assert_eq!(last.len() as u64, WAITERS);
+    for (tag, position) in last {
+        assert_eq!(tag, position, "request {tag}'s newest position");
+    }
+}
+
+/// Finding 1, the cap: a client that leaves more than --max-unsent-bytes
+/// of replies unread is closed, everything it held is released (a waiter
+/// gets the memory), and the daemon says why in its log.
+#[test]
+fn a_client_past_the_unread_cap_is_closed_and_releases_what_it_held() {
+    let d = Daemon::start(&["--max-unsent-bytes", "64KiB"]);
+    let hog = fill_device(&d);
+    let mut waiter = JsonConn::open(d.socket());
+    waiter.send(r#"{"reserve":{"tag":2,"bytes":25769803776}}"#);
+    assert!(waiter.recv().get("queued").is_some());
+    // The hog asks for status over and over and reads none of it.
+    let mut writer = hog.into_stream();
+    let spammer = std::thread::spawn(move || {
+        let line = b"{\"status\":{\"tag\":3}}\n".repeat(1000);
+        for _ in 0..100 {
+            if writer.write_all(&line).is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    let g = waiter.recv();
+    assert_eq!(
+        g["granted"]["tag"], 2,
+        "the waiter gets the hog's memory: {g}"
+    );
+    assert!(spammer.join().unwrap(), "the hog's connection was closed");
+    assert!(
+        d.log().contains("does not read its replies"),
+        "{}",
+        d.log_tail(20)
+    );
+}
+
+/// Finding 2: a client stalled inside a frame (or a JSON line) is told so
+/// and closed once --frame-timeout passes; it does not keep its buffer.
+#[test]
+fn a_message_that_never_completes_closes_its_connection() {
+    let d = Daemon::start(&["--frame-timeout", "300ms"]);
+    let mut b = BinConn::open(d.socket());
+    // A frame announcing 1 MiB, of which 1,000 bytes arrive.
+    let mut partial = (1u32 << 20).to_be_bytes().to_vec();
+    partial.extend_from_slice(&[0; 1000]);
+    b.send_raw(&partial);
+    let started = Instant::now();
+    assert_error(&b.recv(), ErrorKind::BadRequest);
+    assert!(b.closed_by_daemon());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let mut j = JsonConn::open(d.socket());
+    j.send_raw(br#"{"ping":{"tag":"#);
+    let e = j.recv();
+    assert_eq!(error_kind(&e), Some("bad_request"), "{e}");
+    assert!(j.closed_by_daemon());
+    // A client that sends a message slowly but completely is served.
+    let mut slow = JsonConn::open(d.socket());
+    for piece in [&br#"{"ping":"#[..], br#"{"tag":5}"#, b"}\n"] {
+        slow.send_raw(piece);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(slow.recv()["pong"]["tag"], 5);
+}
+
+/// Finding 3: 60,000 tiny reservations (and a few with huge labels) do not
+/// make `status` fail: past its caps it lists fewer, and the totals count
+/// everything — in both encodings.
+#[test]
+fn status_never_fails_because_of_its_size() {
+    const TINY: u64 = 60_000;
+    const LABELLED: u64 = 40;
+    let d = Daemon::start(&[]);
+    let c = JsonConn::open(d.socket());
+    let mut writer = c.into_stream();
+    let mut reader = std::io::BufReader::new(writer.try_clone().expect("clone"));
+    let feeder = std::thread::spawn(move || {
+        let mut burst = Vec::new();
+        // The labelled ones first: they are among the first listed, which
+        // alone would pass a frame (40 × 50 KB).
+        let label = "x".repeat(50_000);
+        for tag in 0..LABELLED {
+            burst.extend_from_slice(
+                format!("{{\"reserve\":{{\"tag\":{tag},\"bytes\":1,\"label\":\"{label}\"}}}}\n")
+                    .as_bytes(),
+            );
+        }
+        for tag in 0..TINY {
+            burst.extend_from_slice(
+                format!("{{\"reserve\":{{\"tag\":{tag},\"bytes\":1}}}}\n").as_bytes(),
+            );
+        }
+        writer.write_all(&burst).expect("write the burst");
+        writer
+    });
+    let mut granted = 0;
+    let mut line = String::new();
+    while granted < TINY + LABELLED {
+        line.clear();
+        use std::io::BufRead;
+        assert!(reader.read_line(&mut line).expect("a grant") > 0, "closed");
+        assert!(line.starts_with("{\"granted\""), "{line}");
+        granted += 1;
+    }
+    let mut writer = feeder.join().expect("feeder");
+    // Binary, through the SDK.
+    let s = d.client().status().expect("status in binary");
+    assert_eq!(s.reservations_total, TINY + LABELLED);
+    assert!(
+        !s.reservations.is_empty() && s.reservations.len() < LABELLED as usize,
+        "cut to fit a frame: {}",
+        s.reservations.len()
+    );
+    // JSON, by hand.
+    writer.write_all(b"{\"status\":{\"tag\":9}}\n").unwrap();
+    line.clear();
+    use std::io::BufRead;
+    reader.read_line(&mut line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).expect("JSON status");
+    let st = &v["status"]["status"];
+    assert_eq!(
+        st["reservations_total"],
+        TINY + LABELLED,
+        "{}",
+        &line[..200]
+    );
+    let listed = st["reservations"].as_array().expect("a list").len();
+    assert!(listed > 0 && listed < LABELLED as usize, "{listed}");
 }

@@ -3,6 +3,7 @@
 
 pub mod connection;
 pub mod core;
+pub mod outbox;
 pub mod socket;
 
 use std::collections::HashMap;
@@ -38,6 +39,12 @@ pub struct ServerConfig {
     pub socket_group: Option<String>,
     /// How long a new client has to complete the handshake.
     pub handshake_timeout: Duration,
+    /// How long a message (binary frame or JSON line) may take to arrive in
+    /// full once it started; a client stalled inside one is closed.
+    pub frame_timeout: Duration,
+    /// Most bytes of replies (estimated in memory) a client may leave
+    /// unread; past it the connection is closed and what it held released.
+    pub max_unsent_bytes: usize,
     /// Most connections served at once; more are told so and closed.
     pub max_connections: usize,
     /// How often a measuring backend is read.
@@ -150,9 +157,14 @@ pub async fn serve(
                 let over_limit = open.fetch_add(1, Ordering::SeqCst) >= config.max_connections;
                 let open = open.clone();
                 let events = events_tx.clone();
-                let handshake = config.handshake_timeout;
+                let limits = connection::Limits {
+                    handshake_timeout: config.handshake_timeout,
+                    frame_timeout: config.frame_timeout,
+                    max_unsent_bytes: config.max_unsent_bytes,
+                    admin_gid,
+                };
                 tokio::spawn(async move {
-                    if let Err(e) = connection::serve(stream, conn, events, handshake, over_limit, admin_gid).await {
+                    if let Err(e) = connection::serve(stream, conn, events, limits, over_limit).await {
                         debug!(conn = %conn, error = %e, "connection ended with an error");
                     }
                     open.fetch_sub(1, Ordering::SeqCst);
