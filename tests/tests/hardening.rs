@@ -448,3 +448,160 @@ fn status_never_fails_because_of_its_size() {
     let listed = st["reservations"].as_array().expect("a list").len();
     assert!(listed > 0 && listed < LABELLED as usize, "{listed}");
 }
+
+/// The soft and hard limits on open files of process `pid`.
+fn open_file_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("proc limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let nums: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (nums[0], nums[1])
+}
+
+/// Sets the open-file limits of process `pid` (0: this one).
+fn set_open_file_limits(pid: u32, soft: u64, hard: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: prlimit reads one rlimit struct we own.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &lim,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// Finding 4: connections that never say hello lock no one out. They do
+/// not count towards --max-connections, their pool is bounded on its own
+/// (the one that waited longest is closed, with an error), and the daemon
+/// raised its open-file soft limit to the hard limit at start.
+#[test]
+fn silent_connections_lock_no_one_out() {
+    const SILENT: usize = 400;
+    let (soft, hard) = open_file_limits(std::process::id());
+    // Start the daemon with a low soft limit (it inherits ours).
+    set_open_file_limits(0, 256.min(hard), hard);
+    let d = Daemon::start(&["--max-connections", "100", "--max-handshakes", "64"]);
+    set_open_file_limits(0, soft, hard);
+    let (daemon_soft, daemon_hard) = open_file_limits(d.pid());
+    assert_eq!(
+        daemon_soft, daemon_hard,
+        "the daemon raises its soft open-file limit to the hard limit"
+    );
+    let mut silent: Vec<JsonConn> = (0..SILENT).map(|_| JsonConn::connect(d.socket())).collect();
+    let started = Instant::now();
+    let c = d.client();
+    let s = c.status().expect("a client that says hello is served");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(s.devices.len(), 1);
+    // The oldest silent connection was told why it was closed.
+    let e = silent[0].recv();
+    assert_eq!(error_kind(&e), Some("limit_exceeded"), "{e}");
+    assert!(silent[0].closed_by_daemon());
+}
+
+/// Finding 4: per-user caps on connections (past hello) and on
+/// reservations + waiting requests; over them a client gets a clear
+/// `limit_exceeded` in its own encoding, and admins (root) are exempt.
+#[test]
+fn per_user_caps_refuse_clearly_and_spare_admins() {
+    if !is_root() {
+        eprintln!("skipped: needs root to act as a second user");
+        return;
+    }
+    let d = shared_daemon(&[
+        "--max-connections-per-uid",
+        "3",
+        "--max-reservations-per-uid",
+        "2",
+    ]);
+    let socket = d.socket().to_path_buf();
+    as_user(OTHER_UID, move || {
+        let mut open: Vec<JsonConn> = (0..3).map(|_| JsonConn::open(&socket)).collect();
+        let mut fourth = JsonConn::connect(&socket);
+        fourth.send(r#"{"hello":{"version":1}}"#);
+        let e = fourth.recv();
+        assert_eq!(error_kind(&e), Some("limit_exceeded"), "{e}");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("--max-connections-per-uid"),
+            "{e}"
+        );
+        assert!(fourth.closed_by_daemon());
+        let mut binary = BinConn::connect(&socket);
+        binary.send(&ClientMessage::Hello {
+            version: 1,
+            client: String::new(),
+        });
+        assert_error(&binary.recv(), ErrorKind::LimitExceeded);
+        // Reservations: two held or waiting, then no more.
+        let c = &mut open[0];
+        c.send(r#"{"reserve":{"tag":1,"bytes":1}}"#);
+        assert!(c.recv().get("granted").is_some());
+        c.send(r#"{"reserve":{"tag":2,"bytes":25769803776}}"#);
+        assert!(c.recv().get("queued").is_some());
+        c.send(r#"{"reserve":{"tag":3,"bytes":1}}"#);
+        let e = c.recv();
+        assert_eq!(error_kind(&e), Some("limit_exceeded"), "{e}");
+        // Closing one connection makes room for another.
+        drop(open.pop());
+        assert!(wait_until(WAIT, || {
+            let mut c = JsonConn::connect(&socket);
+            c.send(r#"{"hello":{"version":1}}"#);
+            c.recv().get("welcome").is_some()
+        }));
+    });
+    // Root is an admin: no per-user cap.
+    let mut mine: Vec<JsonConn> = (0..5).map(|_| JsonConn::open(d.socket())).collect();
+    for tag in 0..5 {
+        mine[0].send(&format!(r#"{{"reserve":{{"tag":{tag},"bytes":1}}}}"#));
+        assert!(mine[0].recv().get("granted").is_some());
+    }
+}
+
+/// Finding 4: out of file descriptors (a hard limit the daemon cannot
+/// raise), a client that connects gets a clear error instead of a hang,
+/// and the log does not flood with accept failures.
+#[test]
+fn out_of_file_descriptors_a_client_gets_an_error_not_a_hang() {
+    if !is_root() {
+        eprintln!("skipped: needs root to lower the daemon's hard limit");
+        return;
+    }
+    let d = Daemon::start(&[]);
+    set_open_file_limits(d.pid(), 64, 64);
+    let _silent: Vec<JsonConn> = (0..100).map(|_| JsonConn::connect(d.socket())).collect();
+    let started = Instant::now();
+    let mut c = JsonConn::connect(d.socket());
+    c.send(r#"{"hello":{"version":1}}"#);
+    let e = c.recv();
+    assert_eq!(error_kind(&e), Some("limit_exceeded"), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let failures = d.log().matches("accept failed").count();
+    assert!(
+        failures <= 5,
+        "{failures} accept-failure lines in about 2 s: {}",
+        d.log_tail(10)
+    );
+}

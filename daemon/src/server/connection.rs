@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use vramd_ledger::{ConnId, Peer};
 use vramd_protocol::codec::ReadBuffer;
 use vramd_protocol::{
@@ -27,6 +27,7 @@ use vramd_protocol::{
     encode_into,
 };
 
+use super::admission::Admission;
 use super::core::Event;
 use super::outbox::{Outbox, Taken};
 use super::socket::in_group;
@@ -206,7 +207,7 @@ pub(crate) async fn serve(
     conn: ConnId,
     events: mpsc::Sender<Event>,
     limits: Limits,
-    over_limit: bool,
+    admission: Arc<Admission>,
 ) -> io::Result<()> {
     let Limits {
         handshake_timeout,
@@ -215,53 +216,65 @@ pub(crate) async fn serve(
     } = limits;
     let cred = stream.peer_cred()?;
     let pid = cred.pid().map_or(0, |p| p as u32);
+    let mut buf = ReadBuffer::new();
+    let mut session_encoding = None;
+    let ticket = admission.start_handshake(conn);
+    let hs = tokio::select! {
+        hs = tokio::time::timeout(
+            handshake_timeout,
+            handshake(&mut stream, &mut buf, conn, &mut session_encoding),
+        ) => hs.map_err(|_| {
+            (
+                ErrorKind::HandshakeTimeout,
+                format!("no hello within {} ms", handshake_timeout.as_millis()),
+            )
+        }),
+        _ = ticket.evicted() => Err((
+            ErrorKind::LimitExceeded,
+            "too many connections are in their handshake; this one waited longest and is closed: send hello right after connecting".to_string(),
+        )),
+    };
+    drop(ticket);
+    let (mut decoder, client) = match hs {
+        Ok(Ok(Some(ok))) => ok,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
+        Err((kind, message)) => {
+            // Fixed by the first byte, not guessed again from what is left
+            // in the buffer; JSON only if the client sent nothing at all.
+            let encoding = session_encoding.unwrap_or(Encoding::Json);
+            // Best effort: the client may be gone or not reading.
+            let _ = tokio::time::timeout(
+                Duration::from_millis(100),
+                send(&mut stream, encoding, &error_msg(0, kind, message)),
+            )
+            .await;
+            debug!(conn = %conn, pid, kind = %kind, "handshake ended without hello");
+            return Ok(());
+        }
+    };
+    let encoding = decoder.encoding();
+    // Read from /proc only now: a connection that never says hello costs
+    // no file reads.
     let peer = Peer {
         pid,
         uid: cred.uid(),
         gid: cred.gid(),
         admin: cred.uid() == 0 || admin_gid.is_some_and(|g| in_group(pid, cred.gid(), g)),
     };
-    let mut buf = ReadBuffer::new();
-    let mut session_encoding = None;
-    let hs = tokio::time::timeout(
-        handshake_timeout,
-        handshake(&mut stream, &mut buf, conn, &mut session_encoding),
-    )
-    .await;
-    let (mut decoder, client) = match hs {
-        Ok(Ok(Some(ok))) => ok,
-        Ok(Ok(None)) => return Ok(()),
-        Ok(Err(e)) => return Err(e),
-        Err(_) => {
-            // Fixed by the first byte, not guessed again from what is left
-            // in the buffer; JSON only if the client sent nothing at all.
-            let encoding = session_encoding.unwrap_or(Encoding::Json);
-            let msg = error_msg(
-                0,
-                ErrorKind::HandshakeTimeout,
-                format!("no hello within {} ms", handshake_timeout.as_millis()),
-            );
-            // Best effort: the client may be gone or not reading.
-            let _ = tokio::time::timeout(
-                Duration::from_millis(100),
-                send(&mut stream, encoding, &msg),
+    let _session = match admission.admit(peer.uid, peer.admin) {
+        Ok(ticket) => ticket,
+        Err(why) => {
+            info!(conn = %conn, pid = peer.pid, uid = peer.uid, reason = %why, "connection refused");
+            send(
+                &mut stream,
+                encoding,
+                &error_msg(0, ErrorKind::LimitExceeded, why),
             )
-            .await;
-            debug!(conn = %conn, pid = peer.pid, "handshake timed out");
+            .await?;
             return Ok(());
         }
     };
-    let encoding = decoder.encoding();
-    if over_limit {
-        let msg = error_msg(
-            0,
-            ErrorKind::LimitExceeded,
-            "the daemon serves too many connections; try again later",
-        );
-        send(&mut stream, encoding, &msg).await?;
-        warn!(conn = %conn, pid = peer.pid, "connection refused: too many connections");
-        return Ok(());
-    }
     send(
         &mut stream,
         encoding,
