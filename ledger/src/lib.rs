@@ -842,4 +842,6 @@ fn error(tag: u64, kind: ErrorKind, message: impl Into<String>) -> ServerMessage
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;

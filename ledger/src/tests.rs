@@ -773,7 +773,7 @@ enum Fate {
     Done,
 }
 
-fn check_invariants(l: &Ledger, now: Instant) -> Result<(), TestCaseError> {
+pub(crate) fn check_invariants(l: &Ledger, now: Instant) -> Result<(), TestCaseError> {
     // The sums and indices kept as reservations come and go match a walk.
     for d in 0..l.devices.len() {
         let on_d = l.reservations.values().filter(|r| r.device == d);
