@@ -375,6 +375,13 @@ fn a_message_that_never_completes_closes_its_connection() {
     let e = j.recv();
     assert_eq!(error_kind(&e), Some("bad_request"), "{e}");
     assert!(j.closed_by_daemon());
+    // Before hello, a frame larger than any hello is refused at once.
+    let mut early = BinConn::connect(d.socket());
+    let mut big = (1u32 << 20).to_be_bytes().to_vec();
+    big.extend_from_slice(&[0; 5000]);
+    early.send_raw(&big);
+    assert_error(&early.recv(), ErrorKind::BadRequest);
+    assert!(early.closed_by_daemon());
     // A client that sends a message slowly but completely is served.
     let mut slow = JsonConn::open(d.socket());
     for piece in [&br#"{"ping":"#[..], br#"{"tag":5}"#, b"}\n"] {

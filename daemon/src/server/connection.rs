@@ -163,6 +163,19 @@ async fn handshake(
                 return Ok(None);
             }
             Ok(None) => {
+                // A hello is a few bytes: a connection that sends more
+                // before one is complete holds no more memory for it.
+                if buf.unread().len() > MAX_HELLO_BYTES {
+                    let msg = error_msg(
+                        0,
+                        ErrorKind::BadRequest,
+                        format!(
+                            "the first message must be hello, of at most {MAX_HELLO_BYTES} bytes"
+                        ),
+                    );
+                    send(stream, encoding, &msg).await?;
+                    return Ok(None);
+                }
                 if !fill(stream, buf).await? {
                     return Ok(None);
                 }
@@ -350,6 +363,10 @@ pub(crate) async fn serve(
     }
 }
 
+/// Most bytes a client may send before its hello is complete (framing
+/// included); the hello itself is a few bytes plus the client's name.
+const MAX_HELLO_BYTES: usize = 4096;
+
 /// Most bytes of replies gathered into one write.
 const BATCH_BYTES: usize = 64 * 1024;
 
@@ -442,9 +459,15 @@ async fn session(
         out.clear();
         match outbox.take(BATCH_BYTES, |m| encode_reply(encoding, m, &mut out)) {
             Taken::Some => {
+                let writing = tokio::time::Instant::now();
                 tokio::select! {
                     written = wr.write_all(&out) => written?,
                     _ = outbox.overflowed() => return Ok(SessionEnd::Overflowed),
+                }
+                // We read nothing while the write waited: that time is not
+                // charged to a message still arriving.
+                if let Some(at) = &mut partial_deadline {
+                    *at += writing.elapsed();
                 }
                 continue;
             }
