@@ -111,3 +111,34 @@ fn every_json_example_in_the_protocol_doc_decodes() {
     }
     assert!(checked >= 8, "{checked}");
 }
+
+/// What the doc says of varints and zigzag beyond the examples: a value
+/// too large for its type is an error, not truncated; `bool` is 0 or 1.
+#[test]
+fn the_doc_rules_on_overflow_and_bool_hold() {
+    let decode = |payload: &[u8]| {
+        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(payload);
+        let mut buf = ReadBuffer::new();
+        buf.extend(&frame);
+        Decoder::new(Encoding::Binary).decode::<ClientMessage>(&mut buf)
+    };
+    // hello with version 2^32 - 1 (5-byte varint), then with 2^33 - 1.
+    assert_eq!(
+        decode(&[0, 255, 255, 255, 255, 15, 0]).unwrap(),
+        Some(ClientMessage::Hello {
+            version: u32::MAX,
+            client: String::new()
+        })
+    );
+    assert!(decode(&[0, 255, 255, 255, 255, 31, 0]).is_err());
+    // reserve with priority zigzag 2^32 - 1 = i32::MIN.
+    let r = decode(&[1, 0, 1, 0, 255, 255, 255, 255, 15, 0, 0, 0]).unwrap();
+    match r {
+        Some(ClientMessage::Reserve(req)) => assert_eq!(req.priority, i32::MIN),
+        other => panic!("{other:?}"),
+    }
+    // set_idle with idle = 2: not a bool.
+    assert!(decode(&[7, 0, 1, 2]).is_err());
+    assert!(decode(&[7, 0, 1, 1]).unwrap().is_some());
+}
