@@ -109,8 +109,9 @@ pub fn run(bin: &Path, log_level: &str, cfg: &ScaleConfig) -> Result<Value, Stri
         "--simulate".into(),
         "24GiB".into(),
     ];
-    // Per-user queue limits would refuse a backlog this deep from one
-    // non-admin user; lift them where the daemon has them.
+    // Per-user limits (queue depth, reservations, connections) would refuse
+    // a backlog this deep from one non-admin user; lift them where the
+    // daemon has them.
     let help = std::process::Command::new(bin)
         .arg("--help")
         .output()
@@ -119,6 +120,14 @@ pub fn run(bin: &Path, log_level: &str, cfg: &ScaleConfig) -> Result<Value, Stri
     if help.contains("--max-queued-per-uid") {
         args.push("--max-queued-per-uid".into());
         args.push((cfg.queued + 1000).to_string());
+    }
+    if help.contains("--max-reservations-per-uid") {
+        args.push("--max-reservations-per-uid".into());
+        args.push((cfg.queued + 1000).to_string());
+    }
+    if help.contains("--max-connections-per-uid") {
+        args.push("--max-connections-per-uid".into());
+        args.push((cfg.connections + cfg.clients + 100).to_string());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let daemon = Daemon::start(bin, &args, log_level).map_err(|e| e.to_string())?;

@@ -380,6 +380,7 @@ mod tests {
                 last_error: None,
             }],
             queue_total: 4,
+            reservations_total: 2,
         }
     }
 

@@ -101,6 +101,26 @@ pub struct Args {
     /// Print the man page (vramd.8, roff) and exit.
     #[arg(long)]
     pub man: bool,
+    /// Time a request (binary frame or JSON line) has to arrive in full once
+    /// it started; a client stalled inside one is closed.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub frame_timeout: Duration,
+    /// Most replies (in bytes, as held in memory) a client may leave unread;
+    /// past it its connection is closed and everything it held released.
+    #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_size)]
+    pub max_unsent_bytes: u64,
+    /// Most reservations one user (not an admin) may hold and have waiting
+    /// together.
+    #[arg(long, value_name = "N")]
+    pub max_reservations_per_uid: Option<usize>,
+    /// Most connections one user (not an admin) may have open (past the
+    /// handshake) at once.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub max_connections_per_uid: usize,
+    /// Most connections still in their handshake at once; when a new one
+    /// comes, the one that has waited longest is closed.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    pub max_handshakes: usize,
 }
 
 /// How log lines are written.
@@ -180,6 +200,9 @@ impl Args {
             .mut_arg("max_queued_per_uid", |a| {
                 a.default_value(d.max_queued_per_uid.to_string())
             })
+            .mut_arg("max_reservations_per_uid", |a| {
+                a.default_value(d.max_reservations_per_uid.to_string())
+            })
             // The config file may set these; the command line wins over it.
             .mut_arg("eviction_deadline", |a| {
                 a.help(format!(
@@ -216,6 +239,9 @@ impl Args {
                 .unwrap_or(d.min_residency),
             max_queued_per_uid: self.max_queued_per_uid.unwrap_or(d.max_queued_per_uid),
             max_bytes_per_uid: self.max_bytes_per_uid.or(d.max_bytes_per_uid),
+            max_reservations_per_uid: self
+                .max_reservations_per_uid
+                .unwrap_or(d.max_reservations_per_uid),
         }
     }
 }
@@ -333,6 +359,10 @@ pub fn run(args: Args) -> Result<(), StartError> {
         socket_mode: args.socket_mode,
         socket_group: args.socket_group.clone(),
         handshake_timeout: args.handshake_timeout,
+        frame_timeout: args.frame_timeout.max(Duration::from_millis(1)),
+        max_unsent_bytes: usize::try_from(args.max_unsent_bytes).unwrap_or(usize::MAX),
+        max_connections_per_uid: args.max_connections_per_uid.max(1),
+        max_handshakes: args.max_handshakes.max(1),
         max_connections: args.max_connections.max(1),
         poll_interval: args.poll_interval.max(Duration::from_millis(10)),
         consumers: file.consumers.clone(),

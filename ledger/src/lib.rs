@@ -163,6 +163,9 @@ pub struct Ledger {
     held_by: HashMap<ConnId, BTreeSet<ReservationId>>,
     /// Each user's granted bytes (for the per-user limit without a walk).
     held_by_uid: HashMap<u32, u64>,
+    /// Each user's number of granted reservations (for the per-user limit
+    /// without a walk).
+    held_count_by_uid: HashMap<u32, usize>,
     /// Reservations that are idle and not asked to unload: the possible
     /// victims, so that an event with nothing evictable walks nothing.
     idle_unasked: BTreeSet<ReservationId>,
@@ -213,6 +216,7 @@ impl Ledger {
             reservations: BTreeMap::new(),
             held_by: HashMap::new(),
             held_by_uid: HashMap::new(),
+            held_count_by_uid: HashMap::new(),
             idle_unasked: BTreeSet::new(),
             ghosts: Vec::new(),
             consumers: Vec::new(),
@@ -506,6 +510,13 @@ impl Ledger {
             return None;
         }
         let (queued_count, queued_bytes) = self.queue.usage_of(peer.uid);
+        let held_count = self.held_count_by_uid.get(&peer.uid).copied().unwrap_or(0);
+        if held_count + queued_count >= self.config.max_reservations_per_uid {
+            return Some(format!(
+                "user {} already holds {held_count} reservations and has {queued_count} requests waiting (limit {} together)",
+                peer.uid, self.config.max_reservations_per_uid
+            ));
+        }
         if queued_count >= self.config.max_queued_per_uid {
             return Some(format!(
                 "user {} already has {queued_count} requests waiting (limit {})",
@@ -578,6 +589,12 @@ impl Ledger {
                 self.held_by_uid.remove(&r.peer.uid);
             }
         }
+        if let Some(count) = self.held_count_by_uid.get_mut(&r.peer.uid) {
+            *count -= 1;
+            if *count == 0 {
+                self.held_count_by_uid.remove(&r.peer.uid);
+            }
+        }
         let device = &mut self.devices[r.device];
         device.reserved_bytes = device.reserved_bytes.saturating_sub(r.bytes);
         device.reservations.remove(&id);
@@ -590,6 +607,7 @@ impl Ledger {
         self.held_by.entry(r.conn).or_default().insert(r.id);
         let held = self.held_by_uid.entry(r.peer.uid).or_default();
         *held = held.saturating_add(r.bytes);
+        *self.held_count_by_uid.entry(r.peer.uid).or_default() += 1;
         let device = &mut self.devices[r.device];
         device.reserved_bytes = device.reserved_bytes.saturating_add(r.bytes);
         device.reservations.insert(r.id);
@@ -823,5 +841,7 @@ fn error(tag: u64, kind: ErrorKind, message: impl Into<String>) -> ServerMessage
     }
 }
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

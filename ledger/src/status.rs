@@ -12,16 +12,23 @@ use crate::{Ledger, Peer, millis};
 /// Most queue entries a status lists (the answer must fit in one frame);
 /// `queue_total` counts them all.
 pub const STATUS_QUEUE_LIMIT: usize = 1000;
+/// Most reservations a status lists (the first by id);
+/// `reservations_total` counts them all.
+pub const STATUS_RESERVATION_LIMIT: usize = 1000;
 
-/// Hides the details of other users' reservations and requests (labels,
-/// pids) from a client that is not an admin.
+/// Hides the details of other users' reservations and requests from a
+/// client that is not an admin: their labels, the processes they speak for,
+/// and the client's own `pid` (shown as 0). Their uid, size, device and
+/// priority stay: they explain why a request waits.
 pub fn redact(status: &mut StatusReport, uid: u32) {
     for r in status.reservations.iter_mut().filter(|r| r.uid != uid) {
         r.label = None;
+        r.pid = 0;
         r.pids.clear();
     }
     for q in status.queue.iter_mut().filter(|q| q.uid != uid) {
         q.label = None;
+        q.pid = 0;
     }
 }
 
@@ -33,7 +40,8 @@ impl Ledger {
             backend: self.identity.backend.clone(),
             uptime_ms: millis(now.saturating_duration_since(self.epoch)),
             devices: self.device_status(),
-            reservations: self.reservation_status(now),
+            reservations: self.reservation_status_first(now, STATUS_RESERVATION_LIMIT),
+            reservations_total: self.reservations.len() as u64,
             queue: self.queue_status(now, STATUS_QUEUE_LIMIT),
             queue_total: self.queue.len() as u64,
             counters: self.counters.clone(),
@@ -87,9 +95,15 @@ impl Ledger {
 
     /// Granted reservations, by id.
     pub fn reservation_status(&self, now: Instant) -> Vec<ReservationStatus> {
+        self.reservation_status_first(now, usize::MAX)
+    }
+
+    /// The first `limit` granted reservations, by id.
+    pub fn reservation_status_first(&self, now: Instant, limit: usize) -> Vec<ReservationStatus> {
         let accounts: Vec<Accounting> = (0..self.devices.len()).map(|d| self.account(d)).collect();
         self.reservations
             .values()
+            .take(limit)
             .map(|r| {
                 let acc = &accounts[r.device];
                 let actual = acc.actual.get(&r.id).copied().unwrap_or(0);

@@ -773,7 +773,7 @@ enum Fate {
     Done,
 }
 
-fn check_invariants(l: &Ledger, now: Instant) -> Result<(), TestCaseError> {
+pub(crate) fn check_invariants(l: &Ledger, now: Instant) -> Result<(), TestCaseError> {
     // The sums and indices kept as reservations come and go match a walk.
     for d in 0..l.devices.len() {
         let on_d = l.reservations.values().filter(|r| r.device == d);
@@ -792,6 +792,11 @@ fn check_invariants(l: &Ledger, now: Instant) -> Result<(), TestCaseError> {
         *per_uid.entry(r.peer.uid).or_default() += r.bytes;
     }
     prop_assert_eq!(&l.held_by_uid, &per_uid);
+    let mut count_per_uid: HashMap<u32, usize> = HashMap::new();
+    for r in l.reservations.values() {
+        *count_per_uid.entry(r.peer.uid).or_default() += 1;
+    }
+    prop_assert_eq!(&l.held_count_by_uid, &count_per_uid);
     let idle: BTreeSet<ReservationId> = l
         .reservations
         .values()
@@ -1210,6 +1215,44 @@ fn per_user_limits_bound_what_one_user_holds_and_queues_but_not_admins() {
     assert!(failed(&l.reserve(ConnId(1), admin, req(6, 20 * G), t0)).is_empty());
 }
 
+#[test]
+fn per_user_reservation_count_covers_held_and_waiting_but_not_admins() {
+    let t0 = Instant::now();
+    let mut l = sim(&[24 * G]);
+    l.config.max_reservations_per_uid = 3;
+    // Two held, one waiting: the limit.
+    assert_eq!(
+        granted(&l.reserve(ConnId(1), peer(1), req(1, G), t0)).len(),
+        1
+    );
+    assert_eq!(
+        granted(&l.reserve(ConnId(1), peer(1), req(2, G), t0)).len(),
+        1
+    );
+    l.reserve(ConnId(1), peer(1), req(3, 23 * G), t0);
+    assert_eq!(l.waiter_count(), 1);
+    let e = l.reserve(ConnId(2), peer(2), req(4, 1), t0);
+    assert!(
+        matches!(&e[0], Effect::Failed { kind: ErrorKind::LimitExceeded, message, .. } if message.contains("2 reservations and has 1 requests waiting")),
+        "{e:?}"
+    );
+    // Cancelling the waiter makes room for one more.
+    l.cancel(ConnId(1), 3, t0);
+    assert_eq!(
+        granted(&l.reserve(ConnId(2), peer(2), req(5, 1), t0)).len(),
+        1
+    );
+    assert_eq!(
+        failed(&l.reserve(ConnId(2), peer(2), req(6, 1), t0)),
+        vec![(6, ErrorKind::LimitExceeded)]
+    );
+    let admin = Peer {
+        admin: true,
+        ..peer(1)
+    };
+    assert!(failed(&l.reserve(ConnId(3), admin, req(7, 1), t0)).is_empty());
+}
+
 // ---- apply: replies and log events ------------------------------------------
 
 fn admin() -> Peer {
@@ -1387,9 +1430,17 @@ fn apply_status_hides_other_users_details_from_non_admins() {
     assert_eq!(label(&s, 1000), Some((Some("mine".into()), vec![11])));
     assert_eq!(label(&s, 2000), Some((None, vec![])));
     assert_eq!(s.queue[0].label, None);
+    // Other users' pids are hidden too; one's own stays.
+    let pid = |s: &StatusReport, uid| s.reservations.iter().find(|r| r.uid == uid).map(|r| r.pid);
+    assert_eq!(pid(&s, 1000), Some(11));
+    assert_eq!(pid(&s, 2000), Some(0));
+    assert_eq!(s.queue[0].pid, 0);
+    assert_eq!(s.queue[0].uid, 2000, "the uid still says whose it is");
     let s = status_of(&mut l, admin());
     assert_eq!(label(&s, 2000), Some((Some("theirs".into()), vec![22])));
     assert_eq!(s.queue[0].label.as_deref(), Some("queued"));
+    assert_eq!(pid(&s, 2000), Some(22));
+    assert_eq!(s.queue[0].pid, 23);
 }
 
 #[test]

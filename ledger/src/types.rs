@@ -106,6 +106,10 @@ pub struct LedgerConfig {
     pub max_queued_per_uid: usize,
     /// Most bytes one user (not an admin) may hold and wait for together.
     pub max_bytes_per_uid: Option<u64>,
+    /// Most reservations one user (not an admin) may hold and have waiting
+    /// together (so that nobody can grow the daemon's state, and every
+    /// status, without bound with tiny requests).
+    pub max_reservations_per_uid: usize,
 }
 
 impl Default for LedgerConfig {
@@ -119,6 +123,7 @@ impl Default for LedgerConfig {
             min_residency: Duration::from_secs(10),
             max_queued_per_uid: 4096,
             max_bytes_per_uid: None,
+            max_reservations_per_uid: 4096,
         }
     }
 }

@@ -135,14 +135,30 @@ impl ReadBuffer {
         &self.data[self.start..]
     }
 
-    /// Marks `n` unread bytes as consumed.
+    /// Marks `n` unread bytes as consumed. Once everything is consumed, a
+    /// buffer that grew past [`ReadBuffer::KEPT_CAPACITY`] (for a large
+    /// frame) gives its memory back: an idle connection holds no more than
+    /// that, whatever it sent before.
     pub fn consume(&mut self, n: usize) {
         self.start += n;
         debug_assert!(self.start <= self.data.len());
         if self.start == self.data.len() {
-            self.data.clear();
+            if self.data.capacity() > Self::KEPT_CAPACITY {
+                self.data = Vec::new();
+            } else {
+                self.data.clear();
+            }
             self.start = 0;
         }
+    }
+
+    /// Most capacity an empty buffer keeps for the next reads.
+    pub const KEPT_CAPACITY: usize = 64 * 1024;
+
+    /// Bytes allocated. It grows with the bytes that arrived (never with
+    /// the length a frame announces), at most about twice them.
+    pub fn capacity(&self) -> usize {
+        self.data.capacity()
     }
 
     /// Appends bytes (for callers that read into their own buffer).
@@ -431,6 +447,71 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, CodecError::FrameTooLarge { len, .. } if len == u32::MAX as usize));
         assert!(err.is_fatal());
+    }
+
+    /// A frame that announces 1 MiB costs what arrived of it, and the
+    /// memory goes back once the frame is consumed.
+    #[test]
+    fn frame_memory_grows_with_what_arrived_and_is_given_back() {
+        let mut buf = ReadBuffer::new();
+        let mut dec = Decoder::new(Encoding::Binary);
+        buf.extend(&(MAX_FRAME_BYTES as u32).to_be_bytes());
+        buf.extend(&[5; 100]);
+        assert_eq!(dec.decode::<ClientMessage>(&mut buf).unwrap(), None);
+        assert!(buf.capacity() < 4096, "{}", buf.capacity());
+        let rest = vec![0u8; MAX_FRAME_BYTES - 100];
+        buf.extend(&rest);
+        assert!(buf.capacity() >= MAX_FRAME_BYTES);
+        assert!(dec.decode::<ClientMessage>(&mut buf).is_ok());
+        assert!(buf.unread().is_empty());
+        assert!(
+            buf.capacity() <= ReadBuffer::KEPT_CAPACITY,
+            "{}",
+            buf.capacity()
+        );
+    }
+
+    #[test]
+    fn a_status_is_cut_to_fit_and_keeps_its_totals() {
+        let entry = |i: u64| ReservationStatus {
+            id: ReservationId(i),
+            device: 0,
+            bytes: 1,
+            label: Some("x".repeat(20_000)),
+            pid: 1,
+            uid: 1,
+            priority: 0,
+            age_ms: 0,
+            actual_bytes: 0,
+            over_reserved: false,
+            pids: vec![1],
+            idle: false,
+        };
+        let mut s = StatusReport {
+            daemon_version: "0".into(),
+            backend: "simulated".into(),
+            uptime_ms: 0,
+            devices: vec![],
+            reservations: (0..100).map(entry).collect(),
+            queue: vec![],
+            counters: Counters::default(),
+            consumers: vec![],
+            queue_total: 0,
+            reservations_total: 100,
+        };
+        let msg = |s: &StatusReport| ServerMessage::Status {
+            tag: u64::MAX,
+            status: Box::new(s.clone()),
+        };
+        assert!(encode(Encoding::Binary, &msg(&s)).is_err());
+        assert!(s.fit(MAX_FRAME_BYTES - 16));
+        assert!(!s.reservations.is_empty() && s.reservations.len() < 100);
+        assert_eq!(s.reservations_total, 100);
+        assert!(encode(Encoding::Binary, &msg(&s)).is_ok());
+        assert!(
+            !s.fit(MAX_FRAME_BYTES - 16),
+            "a report that fits is left alone"
+        );
     }
 
     #[test]

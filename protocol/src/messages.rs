@@ -352,6 +352,35 @@ pub struct StatusReport {
     pub consumers: Vec<ConsumerStatus>,
     /// How many requests wait in all; `queue` lists at most the first 1,000.
     pub queue_total: u64,
+    /// How many reservations are granted in all; `reservations` lists at
+    /// most the first 1,000 by id (fewer if the report would not fit in a
+    /// frame: see [`StatusReport::fit`]). Appended in protocol version 1;
+    /// JSON from an older daemon without it reads as 0.
+    #[serde(default)]
+    pub reservations_total: u64,
+}
+
+impl StatusReport {
+    /// Shortens `reservations` and `queue` (halving the longer one, then
+    /// both) until the report's binary encoding is at most `max_bytes`, so
+    /// that a status answer never fails because of its size; the `*_total`
+    /// fields still count everything. Returns whether anything was cut.
+    pub fn fit(&mut self, max_bytes: usize) -> bool {
+        let mut cut = false;
+        while postcard::experimental::serialized_size(self).is_ok_and(|n| n > max_bytes) {
+            let (r, q) = (self.reservations.len(), self.queue.len());
+            if r == 0 && q == 0 {
+                break;
+            }
+            if r >= q {
+                self.reservations.truncate(r / 2);
+            } else {
+                self.queue.truncate(q / 2);
+            }
+            cut = true;
+        }
+        cut
+    }
 }
 
 /// One external consumer (Ollama, ComfyUI, an HTTP app, a command) in

@@ -250,6 +250,28 @@ impl JsonConn {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
     }
 
+    /// Reads one JSON line if one arrives within the socket's read timeout;
+    /// `None` on timeout or end of stream.
+    pub fn try_recv(&mut self) -> Option<serde_json::Value> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(n) if n > 0 => Some(
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}")),
+            ),
+            _ => None,
+        }
+    }
+
+    /// The socket (e.g. to change its read timeout).
+    pub fn stream_mut(&mut self) -> &mut UnixStream {
+        &mut self.stream
+    }
+
+    /// The socket alone, for writing without reading.
+    pub fn into_stream(self) -> UnixStream {
+        self.stream
+    }
+
     /// True if the daemon closed the connection (reads EOF within [`WAIT`]).
     pub fn closed_by_daemon(&mut self) -> bool {
         let mut rest = Vec::new();

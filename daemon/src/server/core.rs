@@ -6,10 +6,13 @@
 //! it, and carries out the [`Effect`]s — sends messages to connections, asks
 //! consumers to unload, asks the poller for a fresh reading, writes log
 //! lines. It never awaits anything but its inbox and its next timer, and
-//! never blocks on a client (outbound channels are unbounded and drained by
-//! each connection's own task).
+//! never blocks on a client: replies go to each connection's [`Outbox`],
+//! drained by the connection's own task. An outbox that passes its cap
+//! (a client that does not read) makes the core close that connection:
+//! everything it held or waited for is released as for any disconnect.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
@@ -17,8 +20,13 @@ use tracing::{debug, info, warn};
 use vramd_ledger::{ConnId, Effect, Input, Ledger, LogEvent, Peer, Released};
 use vramd_protocol::{ClientMessage, ServerMessage, format_size};
 
+use super::outbox::Outbox;
 use crate::consumers::ConsumerHandle;
 use crate::gpu::{Poller, Readings};
+
+/// Most bytes of a status report: a frame less the message's variant and
+/// tag.
+const STATUS_MAX_BYTES: usize = vramd_protocol::MAX_FRAME_BYTES - 16;
 
 /// What connection tasks and the poller tell the core.
 #[derive(Debug)]
@@ -27,7 +35,7 @@ pub(crate) enum Event {
     Open {
         conn: ConnId,
         peer: Peer,
-        tx: mpsc::UnboundedSender<ServerMessage>,
+        outbox: Arc<Outbox>,
     },
     /// A client sent a request.
     Request { conn: ConnId, msg: ClientMessage },
@@ -40,7 +48,14 @@ pub(crate) enum Event {
 /// A connection as the core sees it.
 struct ConnHandle {
     peer: Peer,
-    tx: mpsc::UnboundedSender<ServerMessage>,
+    outbox: Arc<Outbox>,
+}
+
+impl Drop for ConnHandle {
+    /// The core forgot the connection: its task writes what is left and ends.
+    fn drop(&mut self) {
+        self.outbox.finish();
+    }
 }
 
 /// The ledger and everything its effects reach.
@@ -49,6 +64,9 @@ pub(crate) struct Core {
     conns: HashMap<ConnId, ConnHandle>,
     consumers: HashMap<String, ConsumerHandle>,
     poller: Option<Poller>,
+    /// Connections whose outbox overflowed during the current input; closed
+    /// once its effects are carried out.
+    overflowed: Vec<ConnId>,
 }
 
 impl Core {
@@ -64,14 +82,29 @@ impl Core {
             conns: HashMap::new(),
             consumers,
             poller,
+            overflowed: Vec::new(),
         }
     }
 
-    /// Applies one input and carries out its effects.
+    /// Applies one input and carries out its effects; then closes the
+    /// connections that stopped reading (which may free room for others).
     fn apply(&mut self, input: Input) {
         let effects = self.ledger.apply(input, Instant::now());
         for effect in effects {
             self.carry_out(effect);
+        }
+        while let Some(conn) = self.overflowed.pop() {
+            let Some(pid) = self.conns.get(&conn).map(|h| h.peer.pid) else {
+                continue;
+            };
+            warn!(conn = %conn, pid, "closing a connection that does not read its replies (over --max-unsent-bytes); releasing what it held");
+            let effects = self
+                .ledger
+                .apply(Input::Disconnect { conn }, Instant::now());
+            for effect in effects {
+                self.carry_out(effect);
+            }
+            self.conns.remove(&conn);
         }
     }
 
@@ -119,8 +152,8 @@ impl Core {
 
     fn event(&mut self, event: Event) {
         match event {
-            Event::Open { conn, peer, tx } => {
-                self.conns.insert(conn, ConnHandle { peer, tx });
+            Event::Open { conn, peer, outbox } => {
+                self.conns.insert(conn, ConnHandle { peer, outbox });
             }
             Event::Request { conn, msg } => {
                 let Some(peer) = self.conns.get(&conn).map(|h| h.peer) else {
@@ -145,18 +178,30 @@ impl Core {
         self.conns.get(&conn).map_or(0, |h| h.peer.pid)
     }
 
-    fn send(&self, conn: ConnId, msg: ServerMessage) {
+    fn send(&mut self, conn: ConnId, msg: ServerMessage) {
         if let Some(h) = self.conns.get(&conn) {
-            let _ = h.tx.send(msg);
+            if !h.outbox.push(msg) {
+                self.overflowed.push(conn);
+            }
         }
     }
 
     /// Carries out one effect. Messages are queued to their connection
     /// before the log line about them is written: formatting and writing
     /// the line is not part of the client's wait.
-    fn carry_out(&self, effect: Effect) {
+    fn carry_out(&mut self, effect: Effect) {
         match effect {
-            Effect::Reply { conn, msg } => self.send(conn, msg),
+            Effect::Reply { conn, mut msg } => {
+                if let ServerMessage::Status { status, .. } = &mut msg {
+                    // Never too large to send: lists are cut to fit a frame
+                    // (in both encodings); the totals still count all.
+                    if status.fit(STATUS_MAX_BYTES) {
+                        debug!(conn = %conn, reservations = status.reservations.len(),
+                            queue = status.queue.len(), "status lists cut to fit one frame");
+                    }
+                }
+                self.send(conn, msg)
+            }
             Effect::Granted {
                 conn,
                 tag,

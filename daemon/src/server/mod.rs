@@ -1,19 +1,20 @@
 //! The socket server: [`socket`] setup, one task per [`connection`], and
 //! the [`core`] loop that owns the ledger. [`serve`] wires them together.
 
+pub mod admission;
 pub mod connection;
 pub mod core;
+pub mod outbox;
 pub mod socket;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::UnixListener;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use vramd_ledger::{ConnId, Input, Ledger};
@@ -22,8 +23,9 @@ use crate::config::ConsumerConfig;
 use crate::consumers::{self, ConsumerHandle};
 use crate::gpu::{GpuReader, Poller, read_all};
 pub use socket::{ServerError, bind_socket};
-use socket::{group_id, remove_socket};
+use socket::{group_id, raise_open_file_limit, remove_socket};
 
+use self::admission::Admission;
 use self::core::{Core, Event};
 
 /// Settings of the socket server.
@@ -40,8 +42,21 @@ pub struct ServerConfig {
     pub socket_group: Option<String>,
     /// How long a new client has to complete the handshake.
     pub handshake_timeout: Duration,
-    /// Most connections served at once; more are told so and closed.
+    /// How long a message (binary frame or JSON line) may take to arrive in
+    /// full once it started; a client stalled inside one is closed.
+    pub frame_timeout: Duration,
+    /// Most bytes of replies (estimated in memory) a client may leave
+    /// unread; past it the connection is closed and what it held released.
+    pub max_unsent_bytes: usize,
+    /// Most connections served at once (past the handshake); more are
+    /// told so and closed.
     pub max_connections: usize,
+    /// Most connections one user (not an admin) may have past the
+    /// handshake.
+    pub max_connections_per_uid: usize,
+    /// Most connections in their handshake at once; a new one closes the
+    /// one that has waited longest.
+    pub max_handshakes: usize,
     /// How often a measuring backend is read.
     pub poll_interval: Duration,
     /// External consumers (their specs are also in the ledger).
@@ -53,7 +68,8 @@ pub struct ServerConfig {
 }
 
 /// Serves clients on `listener` until `shutdown` completes, then removes the
-/// socket file (if `config.remove_socket_on_exit`).
+/// socket file (also when it fails) if `config.remove_socket_on_exit` (a
+/// socket passed by systemd stays). SIGHUP is logged and ignored.
 ///
 /// With a `reader` (a measuring backend), every device is read once before
 /// anyone is served (so the first grants already see what is on the cards),
@@ -66,6 +82,26 @@ pub async fn serve(
     mut reader: Option<Box<dyn GpuReader>>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    // From here on, every way out — shutdown, an error below, a panic
+    // unwinding through this future — removes the socket file, unless it
+    // was passed by systemd (which owns it).
+    let _socket_file = config
+        .remove_socket_on_exit
+        .then(|| SocketFile(config.socket_path.clone()));
+    // SIGHUP would otherwise end the process without cleaning up; there is
+    // no configuration to reload, so it is logged and ignored.
+    let mut hangup = signal(SignalKind::hangup())?;
+    // Every connection is a file descriptor: take all the system allows.
+    match raise_open_file_limit() {
+        Ok((before, after)) if after > before => {
+            info!(
+                before,
+                after, "raised the open-file limit to its hard limit"
+            );
+        }
+        Ok((_, after)) => debug!(limit = after, "open-file limit"),
+        Err(e) => warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let listener = UnixListener::from_std(listener)?;
     let (events_tx, events_rx) = mpsc::channel::<Event>(4096);
     let devices = ledger.device_count();
@@ -112,7 +148,11 @@ pub async fn serve(
         core.readings(first);
     }
     let core = tokio::spawn(core.run(events_rx, consumer_rx));
-    let open = Arc::new(AtomicUsize::new(0));
+    let admission = Admission::new(
+        config.max_connections,
+        config.max_connections_per_uid,
+        config.max_handshakes,
+    );
     let admin_gid = match &config.admin_group {
         Some(name) => Some(group_id(name).ok_or_else(|| {
             io::Error::new(
@@ -123,32 +163,50 @@ pub async fn serve(
         None => None,
     };
     let mut next_conn = 1u64;
+    let mut accept_errors = AcceptErrors::default();
+    let mut spare = open_spare();
     info!(socket = %config.socket_path.display(), mode = format!("{:o}", config.socket_mode), "listening");
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = hangup.recv() => {
+                info!(signal = "SIGHUP", "signal received; nothing to reload, ignored");
+            }
             accepted = listener.accept() => {
                 let (stream, _) = match accepted {
-                    Ok(s) => s,
+                    Ok(s) => {
+                        accept_errors.succeeded();
+                        s
+                    }
                     Err(e) => {
-                        // EMFILE and friends: log, back off briefly, keep serving.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // EMFILE and friends: the client that waits gets a
+                        // clear error if a spare descriptor allows; the log
+                        // says so at most once a second; the loop backs off.
+                        let refused = if is_out_of_files(&e) {
+                            refuse_with_spare(&listener, &mut spare).await
+                        } else {
+                            false
+                        };
+                        let pause = accept_errors.failed(&e, refused);
+                        tokio::time::sleep(pause).await;
                         continue;
                     }
                 };
                 let conn = ConnId(next_conn);
                 next_conn += 1;
-                let over_limit = open.fetch_add(1, Ordering::SeqCst) >= config.max_connections;
-                let open = open.clone();
+                let admission = admission.clone();
                 let events = events_tx.clone();
-                let handshake = config.handshake_timeout;
+                let limits = connection::Limits {
+                    handshake_timeout: config.handshake_timeout,
+                    frame_timeout: config.frame_timeout,
+                    max_unsent_bytes: config.max_unsent_bytes,
+                    admin_gid,
+                };
                 tokio::spawn(async move {
-                    if let Err(e) = connection::serve(stream, conn, events, handshake, over_limit, admin_gid).await {
+                    if let Err(e) = connection::serve(stream, conn, events, limits, admission).await {
                         debug!(conn = %conn, error = %e, "connection ended with an error");
                     }
-                    open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         }
@@ -156,8 +214,106 @@ pub async fn serve(
     info!("shutting down");
     drop(events_tx);
     core.abort();
-    if config.remove_socket_on_exit {
-        remove_socket(&config.socket_path);
-    }
     Ok(())
+}
+
+/// The socket file, removed when dropped.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        remove_socket(&self.0);
+    }
+}
+
+/// Whether an accept error means the process or system is out of file
+/// descriptors.
+fn is_out_of_files(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+/// A descriptor held in reserve, so that when the process runs out of them
+/// a waiting client can still be accepted and told why it is turned away.
+fn open_spare() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
+
+/// Out of descriptors: gives up the spare one, accepts the waiting client,
+/// tells it (in its encoding if it already spoke, else JSON) and closes it,
+/// then takes the spare again. Returns whether a client was told.
+async fn refuse_with_spare(listener: &UnixListener, spare: &mut Option<std::fs::File>) -> bool {
+    if spare.take().is_none() {
+        *spare = open_spare();
+        return false;
+    }
+    let told = match tokio::time::timeout(Duration::from_millis(10), listener.accept()).await {
+        Ok(Ok((stream, _))) => {
+            let mut first = [0u8; 1];
+            let encoding = match stream.try_read(&mut first) {
+                Ok(1) => vramd_protocol::Encoding::detect(first[0])
+                    .unwrap_or(vramd_protocol::Encoding::Json),
+                _ => vramd_protocol::Encoding::Json,
+            };
+            let msg = vramd_protocol::ServerMessage::Error {
+                tag: 0,
+                kind: vramd_protocol::ErrorKind::LimitExceeded,
+                message:
+                    "the daemon is out of file descriptors (too many connections); try again later"
+                        .into(),
+            };
+            if let Ok(bytes) = vramd_protocol::encode(encoding, &msg) {
+                // Small enough for an empty socket buffer; never waits.
+                let _ = stream.try_write(&bytes);
+            }
+            true
+        }
+        _ => false,
+    };
+    *spare = open_spare();
+    told
+}
+
+/// Accept errors: a growing pause between tries, and log lines at most
+/// once a second (with how many were not logged).
+#[derive(Debug, Default)]
+struct AcceptErrors {
+    pause: Duration,
+    last_log: Option<Instant>,
+    unlogged: u64,
+    refused: u64,
+}
+
+impl AcceptErrors {
+    const FIRST_PAUSE: Duration = Duration::from_millis(5);
+    const MAX_PAUSE: Duration = Duration::from_secs(1);
+    const LOG_EVERY: Duration = Duration::from_secs(1);
+
+    /// Records a failed accept; returns how long to pause.
+    fn failed(&mut self, e: &io::Error, refused: bool) -> Duration {
+        self.unlogged += 1;
+        self.refused += u64::from(refused);
+        let now = Instant::now();
+        if self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= Self::LOG_EVERY)
+        {
+            warn!(error = %e, failures = self.unlogged, clients_refused = self.refused,
+                "accept failed; backing off");
+            self.last_log = Some(now);
+            self.unlogged = 0;
+            self.refused = 0;
+        }
+        // A refused client made room in the backlog: try again soon.
+        self.pause = if refused {
+            Self::FIRST_PAUSE
+        } else {
+            (self.pause * 2).clamp(Self::FIRST_PAUSE, Self::MAX_PAUSE)
+        };
+        self.pause
+    }
+
+    /// Records a successful accept: the next failure starts over.
+    fn succeeded(&mut self) {
+        self.pause = Duration::ZERO;
+    }
 }

@@ -113,6 +113,30 @@ pub(crate) fn in_group(pid: u32, gid: u32, group: u32) -> bool {
         })
         .unwrap_or(false)
 }
+/// Raises the soft limit on open files to the hard limit (every client
+/// connection is a descriptor). Returns the soft limit before and after.
+pub(crate) fn raise_open_file_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_cur == lim.rlim_max {
+        return Ok((before, before));
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit reads one rlimit struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((before, lim.rlim_max))
+}
+
+/// Removes the socket file; a missing one is fine.
 pub(crate) fn remove_socket(path: &Path) {
     if let Err(e) = std::fs::remove_file(path) {
         if e.kind() != io::ErrorKind::NotFound {
