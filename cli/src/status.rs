@@ -116,7 +116,7 @@ fn write_devices(out: &mut String, s: &StatusReport) -> std::fmt::Result {
 /// reserved.
 fn write_reservations(out: &mut String, s: &StatusReport) -> std::fmt::Result {
     use Col::*;
-    if s.reservations.is_empty() {
+    if s.reservations.is_empty() && s.reservations_total == 0 {
         return writeln!(out, "no reservations");
     }
     let mut t = table(&[
@@ -139,7 +139,7 @@ fn write_reservations(out: &mut String, s: &StatusReport) -> std::fmt::Result {
             r.device.to_string(),
             format_size(r.bytes),
             format!("{}{flag}", format_size(r.actual_bytes)),
-            r.pid.to_string(),
+            pid(r.pid),
             r.uid.to_string(),
             r.priority.to_string(),
             format!("{}s", r.age_ms / 1000),
@@ -147,6 +147,12 @@ fn write_reservations(out: &mut String, s: &StatusReport) -> std::fmt::Result {
         ]);
     }
     write_table(out, &t)?;
+    let more = s
+        .reservations_total
+        .saturating_sub(s.reservations.len() as u64);
+    if more > 0 {
+        writeln!(out, "… and {more} more held")?;
+    }
     if s.reservations.iter().any(|r| r.over_reserved) {
         writeln!(
             out,
@@ -154,6 +160,16 @@ fn write_reservations(out: &mut String, s: &StatusReport) -> std::fmt::Result {
         )?;
     }
     Ok(())
+}
+
+/// A pid, or `-` where the daemon hides it (another user's, for a client
+/// that is not an admin).
+fn pid(pid: u32) -> String {
+    if pid == 0 {
+        "-".to_string()
+    } else {
+        pid.to_string()
+    }
 }
 
 /// The head of the wait queue, and how many more wait behind it.
@@ -178,7 +194,7 @@ fn write_queue(out: &mut String, s: &StatusReport) -> std::fmt::Result {
             q.id.to_string(),
             truncate(&q.device.to_string(), 6),
             format_size(q.bytes),
-            q.pid.to_string(),
+            pid(q.pid),
             q.priority.to_string(),
             format!("{}s", q.waited_ms / 1000),
             q.label.as_deref().unwrap_or("-").to_string(),
@@ -415,9 +431,35 @@ mod tests {
     }
 
     #[test]
+    fn cut_lists_say_how_many_more_and_hidden_pids_show_as_dashes() {
+        let mut s = sample();
+        s.reservations_total = 60_002;
+        s.reservations[1].pid = 0;
+        s.queue[0].pid = 0;
+        let text = render(&s);
+        assert!(text.contains("… and 60000 more held\n"), "{text}");
+        let line = |needle: &str| {
+            text.lines()
+                .find(|l| l.contains(needle))
+                .unwrap()
+                .to_string()
+        };
+        assert!(line("(idle)").contains("       -      0 "), "{text}");
+        assert!(line("llm").contains("       -   10 "), "{text}");
+        // Every reservation cut from the list: the table header still says so.
+        s.reservations.clear();
+        assert!(
+            render(&s).contains("… and 60002 more held"),
+            "{}",
+            render(&s)
+        );
+    }
+
+    #[test]
     fn empty_sections_say_so() {
         let mut s = sample();
         s.reservations.clear();
+        s.reservations_total = 0;
         s.queue.clear();
         s.queue_total = 0;
         s.consumers.clear();
