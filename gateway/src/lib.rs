@@ -61,24 +61,16 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         let router = proxy::router(app.clone());
         servers.spawn(async move { axum::serve(listener, router).await });
         let poller = app.clone();
-        let every = settings.poll_interval;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                poller.poll().await;
-            }
+        every(settings.poll_interval, move || {
+            let poller = poller.clone();
+            async move { poller.poll().await }
         });
         apps.push(app);
     }
     let watcher = daemon.clone();
-    let every = settings.poll_interval;
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
+    every(settings.poll_interval, move || {
+        let watcher = watcher.clone();
+        async move {
             if let Err(e) = watcher.status().await {
                 tracing::debug!(error = %e, "vramd not reachable; retrying");
             }
@@ -109,4 +101,21 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Runs `job` every `period` on a task of its own; a late tick is delayed,
+/// never bunched.
+fn every<F, Fut>(period: std::time::Duration, job: F)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            job().await;
+        }
+    });
 }

@@ -239,6 +239,12 @@ fn http(
     }
 }
 
+/// A whole (not streamed) generate request for `model` through `addr`.
+fn generate(addr: SocketAddr, model: &str) -> Resp {
+    let body = json!({"model": model, "prompt": "x", "stream": false});
+    http(addr, "POST", "/api/generate", Some(&body), &[])
+}
+
 fn tiny() -> FakeOllama {
     FakeOllama::start(&[ModelDef::new(TINY, GIB, 2 * GIB)])
 }
@@ -516,13 +522,7 @@ fn a_waiter_that_needs_the_room_makes_the_gateway_unload_an_idle_model_and_relea
     let d = Daemon::start_raw(&["--simulate", "12GiB", "--min-residency", "0s"]);
     let o = big();
     let g = Gateway::start(d.socket(), &o.url(), "[app.sizes]\n\"tiny\" = \"8GiB\"\n");
-    let r = http(
-        g.app,
-        "POST",
-        "/api/generate",
-        Some(&json!({"model": TINY, "prompt": "x", "stream": false})),
-        &[],
-    );
+    let r = generate(g.app, TINY);
     assert_eq!(r.status, 200);
     d.wait_status("the model's reservation idle", |s| {
         s.reservations.len() == 1 && s.reservations[0].idle
@@ -548,15 +548,7 @@ fn a_waiter_that_needs_the_room_makes_the_gateway_unload_an_idle_model_and_relea
     );
     // The next request for it waits for the image job, then reloads it.
     let app = g.app;
-    let waiter = std::thread::spawn(move || {
-        http(
-            app,
-            "POST",
-            "/api/generate",
-            Some(&json!({"model": TINY, "prompt": "x", "stream": false})),
-            &[],
-        )
-    });
+    let waiter = std::thread::spawn(move || generate(app, TINY));
     d.wait_status("the reload queued", |s| s.queue.len() == 1);
     drop(granted);
     assert_eq!(waiter.join().unwrap().status, 200);
@@ -568,13 +560,7 @@ fn a_model_unloaded_by_ollama_itself_is_released_and_a_pinned_one_is_not_evictab
     let d = Daemon::start_raw(&["--simulate", "12GiB"]);
     let o = tiny();
     let g = Gateway::start(d.socket(), &o.url(), "");
-    let r = http(
-        g.app,
-        "POST",
-        "/api/generate",
-        Some(&json!({"model": TINY, "prompt": "x", "stream": false})),
-        &[],
-    );
+    let r = generate(g.app, TINY);
     assert_eq!(r.status, 200);
     d.wait_status("held", |s| s.reservations.len() == 1);
     o.expire_now(TINY);
@@ -780,13 +766,7 @@ fn status_and_metrics_answer() {
     let d = Daemon::start_raw(&["--simulate", "12GiB"]);
     let o = tiny();
     let g = Gateway::start(d.socket(), &o.url(), "");
-    let r = http(
-        g.app,
-        "POST",
-        "/api/generate",
-        Some(&json!({"model": TINY, "prompt": "x", "stream": false})),
-        &[],
-    );
+    let r = generate(g.app, TINY);
     assert_eq!(r.status, 200);
     g.wait_model("seen loaded", |m| m.is_some_and(|m| m["loaded"] == true));
     let s = g.status();
