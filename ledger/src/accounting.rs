@@ -29,6 +29,29 @@ pub(crate) struct Accounting {
     pub actual: HashMap<ReservationId, u64>,
     /// Reserved bytes of each reservation's group.
     pub group_bytes: HashMap<ReservationId, u64>,
+    /// Every process of the reading and what it counts against, in the
+    /// reading's order (empty where per-process usage is unknown).
+    pub processes: Vec<ProcessAttribution>,
+}
+
+/// One process of a reading and the holder its usage counts against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ProcessAttribution {
+    pub pid: u32,
+    pub uid: u32,
+    pub bytes: u64,
+    pub holder: Holder,
+}
+
+/// What a process's usage counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Holder {
+    /// No reservation speaks for it or an ancestor.
+    Unattributed,
+    /// A granted reservation.
+    Reservation(ReservationId),
+    /// A reservation released but not yet seen free.
+    Released,
 }
 
 impl Ledger {
@@ -118,6 +141,7 @@ impl Ledger {
                     .iter()
                     .filter_map(|h| h.0.map(|id| (id, h.2)))
                     .collect(),
+                processes: Vec::new(),
             };
         };
         // Group holders whose pids overlap (union-find over small sets).
@@ -151,6 +175,7 @@ impl Ledger {
         // A process counts for the holder of its pid or of its nearest
         // ancestor that a holder speaks for.
         let mut group_actual: HashMap<usize, u64> = HashMap::new();
+        let mut attributions = Vec::with_capacity(processes.len());
         for p in processes {
             let holder = std::iter::once(&p.pid)
                 .chain(p.ancestors.iter())
@@ -159,6 +184,16 @@ impl Ledger {
                 let root = find(&mut parent, i);
                 *group_actual.entry(root).or_default() += p.bytes;
             }
+            attributions.push(ProcessAttribution {
+                pid: p.pid,
+                uid: p.uid,
+                bytes: p.bytes,
+                holder: match holder.map(|i| holders[i].0) {
+                    None => Holder::Unattributed,
+                    Some(Some(id)) => Holder::Reservation(id),
+                    Some(None) => Holder::Released,
+                },
+            });
         }
         let attributed: u64 = group_actual.values().sum();
         let unattributed = reading.used_bytes.saturating_sub(attributed);
@@ -180,6 +215,7 @@ impl Ledger {
             unattributed,
             actual,
             group_bytes: per_reservation_group_bytes,
+            processes: attributions,
         }
     }
 }

@@ -62,7 +62,7 @@ mod schedule;
 mod status;
 pub mod types;
 
-pub use status::{STATUS_QUEUE_LIMIT, redact};
+pub use status::{STATUS_PROCESS_LIMIT, STATUS_QUEUE_LIMIT, redact};
 pub use types::{
     ConnId, ConsumerReading, ConsumerSpec, DeviceSpec, Effect, Identity, Input, LedgerConfig,
     LedgerError, LogEvent, Peer, Placement, ProcessUsage, Reading, ReadingSource, Released,

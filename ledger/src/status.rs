@@ -4,10 +4,14 @@
 
 use std::time::Instant;
 
-use vramd_protocol::{ConsumerStatus, DeviceStatus, QueueEntry, ReservationStatus, StatusReport};
+use std::cmp::Reverse;
 
-use crate::accounting::Accounting;
-use crate::{Ledger, Peer, millis};
+use vramd_protocol::{
+    ConsumerStatus, DeviceStatus, GpuProcess, QueueEntry, ReservationStatus, StatusReport,
+};
+
+use crate::accounting::{Accounting, Holder};
+use crate::{Ledger, Peer, ReadingSource, millis};
 
 /// Most queue entries a status lists (the answer must fit in one frame);
 /// `queue_total` counts them all.
@@ -15,12 +19,18 @@ pub const STATUS_QUEUE_LIMIT: usize = 1000;
 /// Most reservations a status lists (the first by id);
 /// `reservations_total` counts them all.
 pub const STATUS_RESERVATION_LIMIT: usize = 1000;
+/// Most GPU processes a status lists (per device, the largest first).
+pub const STATUS_PROCESS_LIMIT: usize = 1000;
 
 /// Hides the details of other users' reservations and requests from a
 /// client that is not an admin: their labels, the processes they speak for,
-/// and the client's own `pid` (shown as 0). Their uid, size, device and
-/// priority stay: they explain why a request waits.
+/// the client's own `pid` and the pids of their GPU processes (shown as 0).
+/// Their uid, size, device and priority stay: they explain why a request
+/// waits.
 pub fn redact(status: &mut StatusReport, uid: u32) {
+    for p in status.processes.iter_mut().filter(|p| p.uid != uid) {
+        p.pid = 0;
+    }
     for r in status.reservations.iter_mut().filter(|r| r.uid != uid) {
         r.label = None;
         r.pid = 0;
@@ -46,6 +56,7 @@ impl Ledger {
             queue_total: self.queue.len() as u64,
             counters: self.counters.clone(),
             consumers: self.consumer_status(now),
+            processes: self.process_status(STATUS_PROCESS_LIMIT),
         };
         if !peer.admin {
             redact(&mut status, peer.uid);
@@ -91,6 +102,45 @@ impl Ledger {
                 }
             })
             .collect()
+    }
+
+    /// Every process using GPU memory and what it counts against, by device
+    /// then largest first, at most `limit`. On a simulated device each
+    /// reservation is one process: its client's pid, holding what it
+    /// reserved.
+    pub fn process_status(&self, limit: usize) -> Vec<GpuProcess> {
+        let mut out = Vec::new();
+        for d in 0..self.devices.len() {
+            let device = self.devices[d].spec.index;
+            match &self.devices[d].source {
+                ReadingSource::Simulated => {
+                    out.extend(self.on_device(d).map(|r| GpuProcess {
+                        device,
+                        pid: r.peer.pid,
+                        uid: r.peer.uid,
+                        bytes: r.bytes,
+                        reservation: Some(r.id),
+                        released: false,
+                    }));
+                }
+                ReadingSource::Measured(_) => {
+                    out.extend(self.account(d).processes.into_iter().map(|p| GpuProcess {
+                        device,
+                        pid: p.pid,
+                        uid: p.uid,
+                        bytes: p.bytes,
+                        reservation: match p.holder {
+                            Holder::Reservation(id) => Some(id),
+                            Holder::Unattributed | Holder::Released => None,
+                        },
+                        released: p.holder == Holder::Released,
+                    }));
+                }
+            }
+        }
+        out.sort_by_key(|p| (p.device, Reverse(p.bytes), p.pid));
+        out.truncate(limit);
+        out
     }
 
     /// Granted reservations, by id.

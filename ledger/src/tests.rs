@@ -6,7 +6,7 @@
 use super::*;
 use proptest::prelude::*;
 use std::collections::BTreeSet;
-use vramd_protocol::{DeviceSelector, StatusReport};
+use vramd_protocol::{DeviceSelector, GpuProcess, StatusReport};
 
 /// Each kind of event as a call, made through `apply`. The effects returned
 /// are those about requests and evictions (grants, queue moves, failures,
@@ -648,6 +648,7 @@ fn descendants_and_attached_pids_count_against_the_reservation() {
         pid: 50,
         bytes: 5 * G,
         ancestors: vec![1],
+        uid: 0,
     };
     let r = Reading {
         used_bytes: 5 * G,
@@ -1501,5 +1502,97 @@ fn apply_disconnect_logs_each_release_and_asks_for_one_fresh_reading() {
     assert!(
         l.apply(Input::Disconnect { conn: ConnId(5) }, t0)
             .is_empty()
+    );
+}
+
+#[test]
+fn status_lists_each_gpu_process_and_what_it_counts_against() {
+    let t0 = Instant::now();
+    let mut l = measured_ledger(&[24 * G]);
+    let id = grant_id(&l.reserve(ConnId(1), peer(1), req(1, 8 * G), t0));
+    let gone = grant_id(&l.reserve(ConnId(2), peer(2), req(1, 2 * G), t0));
+    // The client's child (pid 50) uses 5 GiB, an outsider of uid 7 4 GiB,
+    // the second holder 2 GiB.
+    let child = ProcessUsage {
+        pid: 50,
+        bytes: 5 * G,
+        ancestors: vec![1],
+        uid: 1000,
+    };
+    let outsider = ProcessUsage {
+        uid: 7,
+        ..ProcessUsage::new(77, 4 * G)
+    };
+    let holder2 = ProcessUsage {
+        uid: 1000,
+        ..ProcessUsage::new(2, 2 * G)
+    };
+    let r = Reading {
+        used_bytes: 11 * G,
+        processes: Some(vec![child, outsider, holder2.clone()]),
+    };
+    l.set_reading(0, r.clone(), ms(t0, 1), ms(t0, 1));
+    // Released, not yet seen free: its process says so.
+    l.release(ConnId(2), gone, ms(t0, 2)).unwrap();
+    let admin = Peer {
+        admin: true,
+        ..peer(9)
+    };
+    let p = |pid, uid, bytes, reservation, released| GpuProcess {
+        device: 0,
+        pid,
+        uid,
+        bytes,
+        reservation,
+        released,
+    };
+    assert_eq!(
+        l.status(admin, ms(t0, 3)).processes,
+        vec![
+            p(50, 1000, 5 * G, Some(id), false),
+            p(77, 7, 4 * G, None, false),
+            p(2, 1000, 2 * G, None, true),
+        ]
+    );
+    // A user sees the pids of their own processes only.
+    let other = Peer { uid: 5, ..peer(9) };
+    let pids: Vec<u32> = l
+        .status(other, ms(t0, 3))
+        .processes
+        .iter()
+        .map(|p| p.pid)
+        .collect();
+    assert_eq!(pids, vec![0, 0, 0]);
+    let own: Vec<u32> = l
+        .status(peer(9), ms(t0, 3))
+        .processes
+        .iter()
+        .map(|p| p.pid)
+        .collect();
+    assert_eq!(own, vec![50, 0, 2]);
+    // Without per-process usage there is nothing to list.
+    l.set_reading(0, measured(11 * G, None), ms(t0, 4), ms(t0, 4));
+    assert!(l.status(admin, ms(t0, 4)).processes.is_empty());
+}
+
+#[test]
+fn on_a_simulated_device_each_reservation_is_its_clients_process() {
+    let t0 = Instant::now();
+    let mut l = sim(&[24 * G]);
+    let a = grant_id(&l.reserve(ConnId(1), peer(11), req(1, 2 * G), t0));
+    let b = grant_id(&l.reserve(ConnId(1), peer(11), req(2, 6 * G), t0));
+    let got: Vec<(u32, u32, u64, Option<ReservationId>, bool)> = l
+        .status(peer(11), t0)
+        .processes
+        .iter()
+        .map(|p| (p.pid, p.uid, p.bytes, p.reservation, p.released))
+        .collect();
+    // Largest first.
+    assert_eq!(
+        got,
+        vec![
+            (11, 1000, 6 * G, Some(b), false),
+            (11, 1000, 2 * G, Some(a), false)
+        ]
     );
 }

@@ -62,15 +62,20 @@ pub struct ProcessUsage {
     /// Its parent, grandparent, … (nearest first), so that the usage of a
     /// process launched by a client counts against the client's reservation.
     pub ancestors: Vec<u32>,
+    /// Real user id of the process (filled in by the daemon from /proc); 0
+    /// if unknown. Used only to show it in status, and to hide its pid from
+    /// other users.
+    pub uid: u32,
 }
 
 impl ProcessUsage {
-    /// A process with no known ancestors.
+    /// A process with no known ancestors and an unknown (0) uid.
     pub fn new(pid: u32, bytes: u64) -> Self {
         Self {
             pid,
             bytes,
             ancestors: Vec::new(),
+            uid: 0,
         }
     }
 }

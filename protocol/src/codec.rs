@@ -305,6 +305,23 @@ mod tests {
         buf.extend(bytes);
     }
 
+    /// The *GpuProcess* bytes docs/protocol.md spells out.
+    #[test]
+    fn a_gpu_process_encodes_as_the_protocol_doc_says() {
+        let p = GpuProcess {
+            device: 0,
+            pid: 1234,
+            uid: 1000,
+            bytes: 4096,
+            reservation: Some(ReservationId(7)),
+            released: false,
+        };
+        let bytes = postcard::to_allocvec(&p).unwrap();
+        assert_eq!(bytes, [0, 210, 9, 232, 7, 128, 32, 1, 7, 0]);
+        let doc = include_str!("../../docs/protocol.md").replace('\n', " ");
+        assert!(doc.contains("`0 210 9 232 7 128 32 1 7 0`"));
+    }
+
     /// The daemon queues answers per connection, and a queue slot is as large
     /// as the largest variant: a large inline variant (as `StatusReport` was,
     /// 232 bytes in all) costs every idle connection kilobytes.
@@ -498,6 +515,7 @@ mod tests {
             consumers: vec![],
             queue_total: 0,
             reservations_total: 100,
+            processes: vec![],
         };
         let msg = |s: &StatusReport| ServerMessage::Status {
             tag: u64::MAX,

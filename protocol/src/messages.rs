@@ -358,21 +358,32 @@ pub struct StatusReport {
     /// JSON from an older daemon without it reads as 0.
     #[serde(default)]
     pub reservations_total: u64,
+    /// Every process using GPU memory, per device, and what it counts
+    /// against. Appended in protocol version 1 after `reservations_total`;
+    /// JSON from an older daemon without it reads as an empty list.
+    #[serde(default)]
+    pub processes: Vec<GpuProcess>,
 }
 
 impl StatusReport {
-    /// Shortens `reservations` and `queue` (halving the longer one, then
-    /// both) until the report's binary encoding is at most `max_bytes`, so
+    /// Shortens `reservations`, `queue` and `processes` (halving the
+    /// longest one, then the others) until the report's binary encoding is at most `max_bytes`, so
     /// that a status answer never fails because of its size; the `*_total`
     /// fields still count everything. Returns whether anything was cut.
     pub fn fit(&mut self, max_bytes: usize) -> bool {
         let mut cut = false;
         while postcard::experimental::serialized_size(self).is_ok_and(|n| n > max_bytes) {
-            let (r, q) = (self.reservations.len(), self.queue.len());
-            if r == 0 && q == 0 {
+            let (r, q, p) = (
+                self.reservations.len(),
+                self.queue.len(),
+                self.processes.len(),
+            );
+            if r == 0 && q == 0 && p == 0 {
                 break;
             }
-            if r >= q {
+            if p > r && p > q {
+                self.processes.truncate(p / 2);
+            } else if r >= q {
                 self.reservations.truncate(r / 2);
             } else {
                 self.queue.truncate(q / 2);
@@ -439,6 +450,30 @@ pub struct DeviceStatus {
     /// Whether per-process usage is known; without it the daemon counts
     /// `used + Σ reserved` (cautious).
     pub per_process_usage: bool,
+}
+
+/// One process using memory on a device, in [`StatusReport`]: what holds
+/// the card. On a simulated device each reservation is one process (its
+/// client's pid) holding what it reserved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuProcess {
+    /// Device index.
+    pub device: u32,
+    /// Process id (0 for another user's process when the client is not an
+    /// admin).
+    pub pid: u32,
+    /// Real user id of the process, as the daemon read it from /proc; 0 if
+    /// unknown.
+    pub uid: u32,
+    /// Memory it uses on the device, as last read.
+    pub bytes: u64,
+    /// The reservation its usage counts against (that of its pid or of its
+    /// nearest ancestor a reservation speaks for); `None` if unattributed or
+    /// `released`.
+    pub reservation: Option<ReservationId>,
+    /// It counts against memory released but not yet seen free (a
+    /// reservation released since the last reading).
+    pub released: bool,
 }
 
 /// One granted reservation in [`StatusReport`].

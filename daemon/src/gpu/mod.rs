@@ -128,13 +128,17 @@ pub fn read_all(reader: &mut dyn GpuReader, devices: usize) -> Readings {
     Readings { taken_at, results }
 }
 
-/// Reads a device and fills in each process's ancestors from /proc.
+/// Reads a device and fills in each process's ancestors and user id from
+/// /proc (uid 0 where the process cannot be read).
 fn read_with_ancestry(reader: &mut dyn GpuReader, index: usize) -> Result<Reading, String> {
     let mut reading = reader.read(index)?;
     if let Some(procs) = reading.processes.as_mut() {
         for p in procs.iter_mut() {
             if p.ancestors.is_empty() {
                 p.ancestors = ancestors(p.pid);
+            }
+            if p.uid == 0 {
+                p.uid = owner_uid(p.pid).unwrap_or(0);
             }
         }
     }
