@@ -41,6 +41,13 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show every process using GPU memory: pid, user, command, device,
+    /// bytes, and the reservation it counts against (or unattributed).
+    Ps {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Reserve memory and hold it until Ctrl-C or SIGTERM.
     Reserve {
         /// How much, with a unit: 8GiB (or 8Gi), 512MiB, 8GB, 4096B.

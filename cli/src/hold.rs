@@ -7,14 +7,19 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use vramd_client::{Client, Error, Progress, Request, Reservation, ReservationId};
 use vramd_protocol::format_size;
 
+use crate::blocked::Blocked;
 use crate::exit::{EXIT_INTERRUPTED, Failure};
+use crate::ps::Local;
 use crate::signals::{EVICTED, SignalWatch};
+
+/// How often a waiting `reserve` or `run` looks at what blocks it.
+const BLOCKED_POLL: Duration = Duration::from_secs(1);
 
 /// Where `reserve` and `run` tell what happens: messages for people
 /// (progress on stderr, the grant on stdout), or with `json` one JSON
@@ -39,6 +44,15 @@ impl Report {
             self.event(json!({"event": "queued", "id": id, "position": position}));
         } else {
             eprintln!("vramctl: request {id} waits at position {position}");
+        }
+    }
+
+    /// What blocks the waiting request (told when it changes).
+    fn blocked(self, b: &Blocked) {
+        if self.json {
+            self.event(b.to_json());
+        } else {
+            eprintln!("vramctl: request {} {}", b.id, b.message());
         }
     }
 
@@ -195,7 +209,10 @@ fn wait_evicted(r: &Reservation) -> bool {
     false
 }
 
-/// Waits for the grant, printing queue positions; `None` if a signal came first.
+/// Waits for the grant, printing queue positions and, while it waits, what
+/// blocks it (looked up in the status at most once per
+/// [`BLOCKED_POLL`], told again only when it changes); `None` if a signal
+/// came first.
 fn wait_for_grant(
     client: &Client,
     request: Request,
@@ -203,6 +220,9 @@ fn wait_for_grant(
     report: Report,
 ) -> Result<Option<Reservation>, Error> {
     let mut pending = client.submit(request)?;
+    let mut waiting: Option<ReservationId> = None;
+    let mut last_check: Option<Instant> = None;
+    let mut last_blocked: Option<Blocked> = None;
     loop {
         if signals.received().is_some() {
             pending.cancel()?;
@@ -211,8 +231,29 @@ fn wait_for_grant(
         }
         match pending.next(Some(Duration::from_millis(50)))? {
             Some(Progress::Granted(r)) => return Ok(Some(r)),
-            Some(Progress::Queued { id, position }) => report.queued(id, position),
+            Some(Progress::Queued { id, position }) => {
+                report.queued(id, position);
+                waiting = Some(id);
+            }
             None => {}
+        }
+        let Some(id) = waiting else { continue };
+        if last_check.is_some_and(|t| t.elapsed() < BLOCKED_POLL) {
+            continue;
+        }
+        last_check = Some(Instant::now());
+        // A failed look is no reason to give up the wait: try again later.
+        let Ok(status) = client.status() else {
+            continue;
+        };
+        let blocked = Blocked::of(&status, id, &Local);
+        if let Some(b) = &blocked
+            && last_blocked.as_ref() != Some(b)
+        {
+            report.blocked(b);
+        }
+        if blocked.is_some() {
+            last_blocked = blocked;
         }
     }
 }

@@ -1,6 +1,8 @@
 //! `vramctl`: look at and use vramd from the shell.
 //!
 //! - `vramctl status [--json]`: devices, reservations, queue, counters;
+//! - `vramctl ps [--json]`: every process using GPU memory and what it
+//!   counts against;
 //! - `vramctl reserve 8GiB [--json]`: hold a reservation until Ctrl-C or SIGTERM;
 //! - `vramctl run --vram 8GiB [--json] -- CMD ARGS...`: run a command inside a
 //!   reservation, with `CUDA_VISIBLE_DEVICES` pointing at the granted device;
@@ -11,9 +13,11 @@
 //! async runtime, no HTTP client, no NVML. Every failure has its own exit
 //! status ([`exit`], listed in `vramctl --help`).
 
+mod blocked;
 mod cli;
 mod exit;
 mod hold;
+mod ps;
 mod signals;
 mod status;
 
@@ -67,6 +71,16 @@ fn run(cli: Cli, socket: &Path, report: Report) -> Result<ExitCode, Error> {
                 println!("{text}");
             } else {
                 print!("{}", status::render(&status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Ps { json } => {
+            let status = Client::connect(socket)?.status()?;
+            let rows = ps::rows(&status, &ps::Local);
+            if json {
+                println!("{}", ps::to_json(&rows));
+            } else {
+                print!("{}", ps::render(&status, &rows));
             }
             Ok(ExitCode::SUCCESS)
         }

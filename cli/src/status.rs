@@ -14,7 +14,7 @@ use vramd_protocol::format_size;
 
 /// How a column is laid out.
 #[derive(Clone, Copy)]
-enum Col {
+pub(crate) enum Col {
     /// Left-aligned, at least this wide.
     L(&'static str, u16),
     /// Right-aligned, at least this wide.
@@ -245,7 +245,7 @@ fn write_consumers(out: &mut String, s: &StatusReport) -> std::fmt::Result {
 }
 
 /// A borderless table with these columns and a header row.
-fn table(cols: &[Col]) -> Table {
+pub(crate) fn table(cols: &[Col]) -> Table {
     let mut t = Table::new();
     t.load_preset(NOTHING)
         // Columns one space apart, none before the first.
@@ -270,7 +270,7 @@ fn table(cols: &[Col]) -> Table {
 }
 
 /// Writes `t` line by line, without the spaces that pad the last column.
-fn write_table(out: &mut String, t: &Table) -> std::fmt::Result {
+pub(crate) fn write_table(out: &mut String, t: &Table) -> std::fmt::Result {
     for line in t.lines() {
         writeln!(out, "{}", line.trim_end())?;
     }

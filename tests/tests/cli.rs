@@ -213,7 +213,8 @@ fn reserve_json_prints_one_event_per_line() {
     assert_eq!(granted["device_uuid"], "SIM-0");
     let id = granted["id"].as_u64().unwrap();
 
-    // A waiter reports its place in the queue, then its wait limit.
+    // A waiter reports its place in the queue, what blocks it, then its
+    // wait limit.
     let out = d
         .vramctl()
         .args(["reserve", "10GiB", "--json", "--timeout", "300ms"])
@@ -221,12 +222,16 @@ fn reserve_json_prints_one_event_per_line() {
         .unwrap();
     assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
     let ev = events(&out);
-    assert_eq!(ev.len(), 2, "{ev:?}");
+    assert_eq!(ev.len(), 3, "{ev:?}");
     assert_eq!(ev[0]["event"], "queued");
     assert_eq!(ev[0]["position"], 1);
-    assert_eq!(ev[1]["event"], "error");
-    assert_eq!(ev[1]["kind"], "wait_timeout");
-    assert_eq!(ev[1]["exit_status"], 75);
+    assert_eq!(ev[1]["event"], "blocked");
+    assert_eq!(ev[1]["needs_bytes"], 10u64 << 30);
+    assert_eq!(ev[1]["held_by"][0]["reservation"], id);
+    assert_eq!(ev[1]["held_by"][0]["pid"], holder.id());
+    assert_eq!(ev[2]["event"], "error");
+    assert_eq!(ev[2]["kind"], "wait_timeout");
+    assert_eq!(ev[2]["exit_status"], 75);
 
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(holder.id() as i32, libc::SIGTERM) };
