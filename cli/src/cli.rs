@@ -101,8 +101,8 @@ pub struct ReserveOpts {
     /// Longest wait, e.g. 30s, 2m; by default wait as long as it takes.
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
-    /// Print events as JSON, one object per line on stdout (queued, granted,
-    /// evicted, released, exited, error) instead of messages.
+    /// Print events as JSON, one object per line on stdout (queued, blocked,
+    /// granted, evicted, released, exited, error) instead of messages.
     #[arg(long)]
     pub json: bool,
 }
