@@ -48,6 +48,17 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// A live view of devices, processes, reservations, the queue and
+    /// recent events, refreshed in place on a terminal (plain text once per
+    /// refresh elsewhere) until Ctrl-C.
+    Top {
+        /// Time between refreshes, e.g. 1s, 500ms.
+        #[arg(long, default_value = "1s", value_parser = parse_interval)]
+        interval: Duration,
+        /// Print one frame and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Reserve memory and hold it until Ctrl-C or SIGTERM.
     Reserve {
         /// How much, with a unit: 8GiB (or 8Gi), 512MiB, 8GB, 4096B.
@@ -84,6 +95,15 @@ pub enum Cmd {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+}
+
+/// A refresh interval: a duration of at least 50 ms.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(50) {
+        return Err(format!("{s} is too short: at least 50ms"));
+    }
+    Ok(d)
 }
 
 /// The options `reserve` and `run` share.

@@ -3,6 +3,8 @@
 //! - `vramctl status [--json]`: devices, reservations, queue, counters;
 //! - `vramctl ps [--json]`: every process using GPU memory and what it
 //!   counts against;
+//! - `vramctl top [--interval 1s] [--once]`: a live view, refreshed in place
+//!   on a terminal;
 //! - `vramctl reserve 8GiB [--json]`: hold a reservation until Ctrl-C or SIGTERM;
 //! - `vramctl run --vram 8GiB [--json] -- CMD ARGS...`: run a command inside a
 //!   reservation, with `CUDA_VISIBLE_DEVICES` pointing at the granted device;
@@ -20,6 +22,7 @@ mod hold;
 mod ps;
 mod signals;
 mod status;
+mod top;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -84,6 +87,7 @@ fn run(cli: Cli, socket: &Path, report: Report) -> Result<ExitCode, Error> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Top { interval, once } => top::run(socket, interval, once),
         Cmd::Reserve {
             size,
             evictable,

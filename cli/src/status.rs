@@ -66,7 +66,7 @@ fn write_status(out: &mut String, s: &StatusReport) -> std::fmt::Result {
 
 /// Devices, each followed by its note (why it is unhealthy, or a remark on
 /// its readings) on a line of its own.
-fn write_devices(out: &mut String, s: &StatusReport) -> std::fmt::Result {
+pub(crate) fn write_devices(out: &mut String, s: &StatusReport) -> std::fmt::Result {
     use Col::*;
     let mut t = table(&[
         L("DEV", 4),
@@ -114,7 +114,7 @@ fn write_devices(out: &mut String, s: &StatusReport) -> std::fmt::Result {
 
 /// Granted reservations; `!` marks one whose processes use more than it
 /// reserved.
-fn write_reservations(out: &mut String, s: &StatusReport) -> std::fmt::Result {
+pub(crate) fn write_reservations(out: &mut String, s: &StatusReport) -> std::fmt::Result {
     use Col::*;
     if s.reservations.is_empty() && s.reservations_total == 0 {
         return writeln!(out, "no reservations");
@@ -173,7 +173,7 @@ fn pid(pid: u32) -> String {
 }
 
 /// The head of the wait queue, and how many more wait behind it.
-fn write_queue(out: &mut String, s: &StatusReport) -> std::fmt::Result {
+pub(crate) fn write_queue(out: &mut String, s: &StatusReport) -> std::fmt::Result {
     use Col::*;
     if s.queue.is_empty() {
         return writeln!(out, "queue empty");

@@ -365,3 +365,109 @@ fn with_json_what_blocks_a_run_is_a_blocked_event() {
     let _ = holder.kill();
     let _ = holder.wait();
 }
+
+#[test]
+fn top_once_piped_prints_one_plain_frame() {
+    let d = Daemon::start(&[]);
+    let mut holder = d.hold("4GiB");
+    let out = d.vramctl().args(["top", "--once"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !text.contains('\x1b'),
+        "no terminal codes in a pipe:\n{text}"
+    );
+    assert_eq!(text.matches("vramd ").count(), 1, "one frame:\n{text}");
+    assert!(text.starts_with("vramd "), "{text}");
+    assert!(text.contains("backend simulated"), "{text}");
+    // The device, the holder's process and its reservation, the queue.
+    assert!(text.contains("SIM-0"), "{text}");
+    let proc_row = row(&text, holder.id());
+    assert!(
+        proc_row.contains("vramctl") && proc_row.contains("4.00 GiB"),
+        "{proc_row}"
+    );
+    assert!(text.contains("holder"), "{text}");
+    assert!(text.contains("queue empty"), "{text}");
+    assert!(
+        text.ends_with("recent events:\n  none seen yet\n"),
+        "{text}"
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
+
+#[test]
+fn top_piped_prints_a_frame_per_refresh_with_the_events_it_saw() {
+    let d = Daemon::start(&[]);
+    let mut top = d
+        .vramctl()
+        .args(["top", "--interval", "100ms"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines_of(top.stdout.take().unwrap());
+    next_line(&out, "a first frame", |l| l.starts_with("vramd "));
+    next_line(&out, "a second frame", |l| l.starts_with("vramd "));
+    let mut holder = d.hold("4GiB");
+    let id = d.client().status().unwrap().reservations[0].id;
+    let event = next_line(&out, "the grant as an event", |l| {
+        l.contains(&format!("granted {id}: 4.00 GiB on GPU 0 (holder)"))
+    });
+    assert!(event.starts_with("  up "), "{event}");
+    let _ = holder.kill();
+    let _ = holder.wait();
+    next_line(&out, "the release as an event", |l| {
+        l.contains(&format!("released {id}: 4.00 GiB on GPU 0 (holder)"))
+    });
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(top.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = top.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "top did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn top_on_a_terminal_draws_in_place_and_restores_it() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: `script` (util-linux) is not installed: no pseudo-terminal to test in");
+        return;
+    }
+    let d = Daemon::start(&[]);
+    let vramctl = vramd_tests::bin("vramctl");
+    // `script` gives top a pseudo-terminal; SIGINT after a second ends it.
+    let inner = format!(
+        "timeout -s INT --preserve-status 1 {} top --interval 100ms",
+        vramctl.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .env("VRAMD_SOCKET", d.socket())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let enter = "\x1b[?1049h\x1b[?25l";
+    let leave = "\x1b[?25h\x1b[?1049l";
+    assert!(text.starts_with(enter), "alternate screen first: {text:?}");
+    let frames = text.matches("\x1b[Hvramd ").count();
+    assert!(
+        frames >= 3,
+        "a frame per refresh, drawn from home: {text:?}"
+    );
+    assert!(
+        text.contains("\x1b[K") && text.contains("\x1b[J"),
+        "{text:?}"
+    );
+    assert!(
+        text.trim_end().ends_with(leave),
+        "the terminal is restored last: {text:?}"
+    );
+}
