@@ -489,6 +489,41 @@ mod tests {
     }
 
     #[test]
+    fn a_long_process_list_is_cut_to_fit_and_the_rest_kept() {
+        let mut s = StatusReport {
+            daemon_version: "0".into(),
+            backend: "nvml".into(),
+            uptime_ms: 0,
+            devices: vec![],
+            reservations: vec![],
+            queue: vec![],
+            counters: Counters::default(),
+            consumers: vec![],
+            queue_total: 0,
+            reservations_total: 0,
+            processes: (0..200_000)
+                .map(|pid| GpuProcess {
+                    device: 0,
+                    pid,
+                    uid: 1000,
+                    bytes: u64::MAX,
+                    reservation: Some(ReservationId(u64::MAX)),
+                    released: false,
+                })
+                .collect(),
+        };
+        let msg = |s: &StatusReport| ServerMessage::Status {
+            tag: u64::MAX,
+            status: Box::new(s.clone()),
+        };
+        assert!(encode(Encoding::Binary, &msg(&s)).is_err());
+        assert!(s.fit(MAX_FRAME_BYTES - 16));
+        assert!(!s.processes.is_empty() && s.processes.len() < 200_000);
+        assert_eq!(s.processes[0].pid, 0, "the head is kept");
+        assert!(encode(Encoding::Binary, &msg(&s)).is_ok());
+    }
+
+    #[test]
     fn a_status_is_cut_to_fit_and_keeps_its_totals() {
         let entry = |i: u64| ReservationStatus {
             id: ReservationId(i),

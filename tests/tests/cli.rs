@@ -309,6 +309,8 @@ fn completions_and_man_pages_are_generated() {
         "vramctl-reserve.1",
         "vramctl-run.1",
         "vramctl-status.1",
+        "vramctl-ps.1",
+        "vramctl-top.1",
     ] {
         let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
         assert!(text.starts_with(".ie"), "{page}: {text}");
