@@ -31,6 +31,11 @@ struct Fake {
 
 impl Fake {
     fn start() -> Fake {
+        Self::start_with(&[])
+    }
+
+    /// Like [`Fake::start`], with extra daemon arguments.
+    fn start_with(extra: &[&str]) -> Fake {
         let dir = tempfile::tempdir().unwrap().keep();
         let gpu = FakeGpu::create(&dir.join("state.json"), &[(UUID0, 24 * GIB)]);
         let lib = fake_nvml_lib();
@@ -42,7 +47,10 @@ impl Fake {
                 "50ms",
                 "--cushion",
                 "0B",
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>(),
             &[(fake_nvml::STATE_ENV, gpu.path())],
         );
         Fake { gpu, daemon }
@@ -222,6 +230,49 @@ fn ps_shows_processes_of_two_users_and_what_each_counts_against() {
     assert_eq!(o["released"], false);
     let _ = holder.kill();
     let _ = holder.wait();
+}
+
+#[test]
+fn ps_hides_other_users_pids_from_a_user_who_is_not_an_admin() {
+    if my_uid() != 0 {
+        eprintln!("SKIPPED: needs root to run vramctl as another user");
+        return;
+    }
+    let f = Fake::start_with(&["--socket-mode", "0666"]);
+    // The socket's directory is ours alone: let the other user reach it.
+    let dir = f.daemon.socket().parent().unwrap().to_path_buf();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let root_proc = sleeper();
+    let (other_pid, _, _other) = other_users_process().unwrap();
+    f.gpu.set_process(0, root_proc.pid(), 3 * GIB);
+    f.gpu.set_process(0, other_pid, 2 * GIB);
+    f.wait_status("two GPU processes", |s| s.processes.len() == 2);
+    let out = f
+        .daemon
+        .vramctl()
+        .args(["ps", "--json"])
+        .uid(OTHER_UID)
+        .gid(OTHER_UID)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let procs = v["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 2, "{v}");
+    // Largest first: root's process, its pid and command hidden.
+    assert_eq!(procs[0]["pid"], 0, "{v}");
+    assert_eq!(procs[0]["uid"], 0);
+    assert_eq!(procs[0]["user"], "root");
+    assert_eq!(procs[0]["command"], Value::Null);
+    assert_eq!(procs[0]["bytes"], 3 * GIB);
+    // Its own process, in full.
+    assert_eq!(procs[1]["pid"], other_pid);
+    assert_eq!(procs[1]["uid"], OTHER_UID);
+    assert_eq!(procs[1]["command"], "sleep");
+    // Root (an admin) sees both pids.
+    let out = f.daemon.vramctl().args(["ps", "--json"]).output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["processes"][0]["pid"], root_proc.pid());
 }
 
 /// Reads `child`'s stdout or stderr lines on a thread.
