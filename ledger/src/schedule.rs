@@ -7,7 +7,9 @@ use std::time::Instant;
 use vramd_protocol::{ErrorKind, Grant, format_size};
 
 use crate::queue::OrderKey;
-use crate::{Effect, Ledger, POSITION_PUSH_LIMIT, Placement, Reservation, Waiter, millis};
+use crate::{
+    Effect, Ledger, POSITION_PUSH_LIMIT, Placement, ReadingSource, Reservation, Waiter, millis,
+};
 
 impl Ledger {
     /// When the daemon should next apply [`Input::Tick`](crate::Input::Tick): the earliest wait limit
@@ -44,15 +46,27 @@ impl Ledger {
         self.tell_positions(now, effects);
     }
 
-    /// Grants what fits. After a full pass, and until something frees room or
-    /// a waiter leaves, only newly arrived waiters can fit: they are checked
-    /// alone (no walk over the queue) unless a starved waiter may stand in
-    /// their way.
+    /// Grants what fits: passes until one grants nothing on a measured
+    /// device. A pass counts each grant at its full size, but a grantee whose
+    /// process already used memory (counted as unattributed until then)
+    /// takes over that usage, so its device may have more room after the
+    /// pass than the pass assumed — enough for a waiter it left behind.
     fn schedule(&mut self, now: Instant, effects: &mut Vec<Effect>) {
+        while self.schedule_pass(now, effects) {
+            self.clean = false;
+        }
+    }
+
+    /// One scheduling pass; returns whether it granted anything on a
+    /// measured device. After a full pass, and until something frees room
+    /// or a waiter leaves, only newly arrived waiters can fit: they are
+    /// checked alone (no walk over the queue) unless a starved waiter may
+    /// stand in their way.
+    fn schedule_pass(&mut self, now: Instant, effects: &mut Vec<Effect>) -> bool {
         if self.queue.is_empty() {
             self.fresh.clear();
             self.clean = true;
-            return;
+            return false;
         }
         let mut avail: Vec<u64> = (0..self.devices.len()).map(|d| self.available(d)).collect();
         let mut granted: Vec<(OrderKey, usize)> = Vec::new();
@@ -109,10 +123,14 @@ impl Ledger {
             }
         }
         self.clean = true;
+        let measured = granted
+            .iter()
+            .any(|&(_, d)| matches!(self.devices[d].source, ReadingSource::Measured(_)));
         for (key, d) in granted {
             let w = self.take_waiter(&key).expect("granted from the queue");
             self.grant(w, d, now, effects);
         }
+        measured
     }
 
     /// The device a waiter goes to now, if it fits on one it may use.

@@ -1596,3 +1596,23 @@ fn on_a_simulated_device_each_reservation_is_its_clients_process() {
         ]
     );
 }
+
+#[test]
+fn a_grantee_that_already_used_memory_leaves_room_granted_in_the_same_event() {
+    // 16 GiB measured: pid 99 (never asks) uses 5 GiB; pid 104 already uses
+    // 1 GiB before it reserves 6 GiB.
+    let t0 = Instant::now();
+    let mut l = measured_ledger(&[16 * G]);
+    let held = grant_id(&l.reserve(ConnId(1), peer(200), req(1, 6 * G), t0));
+    let outside = || measured(6 * G, Some(vec![(104, G), (99, 5 * G)]));
+    l.set_reading(0, outside(), ms(t0, 1), ms(t0, 1));
+    assert!(granted(&l.reserve(ConnId(2), peer(104), req(1, 6 * G), ms(t0, 2))).is_empty());
+    assert!(granted(&l.reserve(ConnId(3), peer(105), req(1, 5 * G), ms(t0, 2))).is_empty());
+    l.release(ConnId(1), held, ms(t0, 3)).unwrap();
+    // The first reading after the release frees 6 GiB: 10 GiB available, A
+    // takes 6 — and its process's 1 GiB moves from unattributed into A, so
+    // 16 − 5 − 6 = 5 GiB remain: B fits at once.
+    let e = l.set_reading(0, outside(), ms(t0, 4), ms(t0, 4));
+    assert_eq!(granted(&e), vec![(ConnId(2), 1, 0), (ConnId(3), 1, 0)]);
+    assert_eq!(l.available(0), 0);
+}
