@@ -57,8 +57,8 @@ impl Ledger {
         }
     }
 
-    /// One scheduling pass; returns whether it granted anything on a
-    /// measured device. After a full pass, and until something frees room
+    /// One scheduling pass; returns whether a measured device it granted on
+    /// has more room left than the pass counted. After a full pass, and until something frees room
     /// or a waiter leaves, only newly arrived waiters can fit: they are
     /// checked alone (no walk over the queue) unless a starved waiter may
     /// stand in their way.
@@ -123,14 +123,18 @@ impl Ledger {
             }
         }
         self.clean = true;
-        let measured = granted
-            .iter()
-            .any(|&(_, d)| matches!(self.devices[d].source, ReadingSource::Measured(_)));
+        let mut touched = vec![false; self.devices.len()];
         for (key, d) in granted {
+            touched[d] = true;
             let w = self.take_waiter(&key).expect("granted from the queue");
             self.grant(w, d, now, effects);
         }
-        measured
+        // Only a measured device can have more room than the pass counted.
+        (0..self.devices.len()).any(|d| {
+            touched[d]
+                && matches!(self.devices[d].source, ReadingSource::Measured(_))
+                && self.available(d) > avail[d]
+        })
     }
 
     /// The device a waiter goes to now, if it fits on one it may use.
