@@ -103,7 +103,12 @@ pub struct AppState {
     runtime: tokio::runtime::Handle,
 }
 
-/// A request's hold on a model: the reservation is busy while any exists.
+/// How long a model stays busy in vramd after its last request ended, so
+/// that back-to-back requests do not each mark it busy and idle again.
+pub const IDLE_LINGER: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// A request's hold on a model: the reservation is busy while any exists
+/// (and for [`IDLE_LINGER`] after the last one ends).
 #[derive(Debug)]
 pub struct ModelUse {
     app: Arc<AppState>,
@@ -123,11 +128,16 @@ impl Drop for ModelUse {
         drop(slots);
         self.app.changed.notify_waiters();
         if now_idle {
+            // Marked idle only if no request came back within IDLE_LINGER:
+            // a model used request after request stays busy in vramd, so
+            // each request costs no round trip to the daemon (busy was
+            // never withdrawn, and `sync_idle` sends only changes).
             let app = self.app.clone();
             let model = self.model.clone();
-            self.app
-                .runtime
-                .spawn(async move { app.sync_idle(&model).await });
+            self.app.runtime.spawn(async move {
+                tokio::time::sleep(IDLE_LINGER).await;
+                app.sync_idle(&model).await
+            });
         }
     }
 }
