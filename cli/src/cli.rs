@@ -7,6 +7,8 @@ use clap::{Args, Parser, Subcommand};
 use vramd_client::{DeviceSelector, Request};
 use vramd_protocol::{parse_duration, parse_size};
 
+use crate::mps::{MpsServer, Unusable};
+
 /// The exit statuses, as `--help` lists them.
 pub const EXIT_STATUSES_HELP: &str = "\
 Exit statuses:
@@ -17,6 +19,7 @@ Exit statuses:
   69   vramd unreachable: not running at the socket path, or the connection was lost
   75   the wait limit (--timeout) passed before the grant; run's command never ran
   77   permission denied on the socket: ask to be added to its group
+  78   run --enforce: no usable NVIDIA MPS server; the command never ran
   130  interrupted (SIGINT/SIGTERM) while waiting; the request was withdrawn";
 
 /// Look at and use the vramd GPU memory arbiter.
@@ -78,6 +81,8 @@ pub enum Cmd {
         vram: u64,
         #[command(flatten)]
         opts: ReserveOpts,
+        #[command(flatten)]
+        enforce: EnforceOpts,
         /// The command and its arguments (after `--`).
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -106,6 +111,26 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// `run`'s hard limit through NVIDIA MPS.
+#[derive(Debug, Args)]
+pub struct EnforceOpts {
+    /// Cap the command's device memory at the reservation through NVIDIA
+    /// MPS (CUDA_MPS_PINNED_DEVICE_MEM_LIMIT): its allocations past the
+    /// reserved size fail with CUDA out-of-memory. Refuses (exit 78) before
+    /// reserving when no MPS server is usable; never runs the command
+    /// unenforced.
+    #[arg(long)]
+    pub enforce: bool,
+    /// With --enforce: the pipe directory of the MPS server to enforce
+    /// through (where `nvidia-cuda-mps-control -d` made its `control` pipe).
+    #[arg(long, env = "VRAMD_MPS_PIPE_DIRECTORY", value_name = "DIR")]
+    pub mps_pipe_dir: Option<PathBuf>,
+    /// With --enforce: the MPS server's log directory, passed on as
+    /// CUDA_MPS_LOG_DIRECTORY.
+    #[arg(long, env = "VRAMD_MPS_LOG_DIRECTORY", value_name = "DIR")]
+    pub mps_log_dir: Option<PathBuf>,
+}
+
 /// The options `reserve` and `run` share.
 #[derive(Debug, Args)]
 pub struct ReserveOpts {
@@ -125,6 +150,26 @@ pub struct ReserveOpts {
     /// granted, evicted, released, exited, error) instead of messages.
     #[arg(long)]
     pub json: bool,
+}
+
+impl EnforceOpts {
+    /// The MPS server to enforce through: `None` without --enforce, else
+    /// the one named here, or the reason there is none.
+    pub fn server(&self) -> Option<Result<MpsServer, Unusable>> {
+        if !self.enforce {
+            return None;
+        }
+        Some(match &self.mps_pipe_dir {
+            Some(dir) => {
+                let server = MpsServer {
+                    pipe_dir: dir.clone(),
+                    log_dir: self.mps_log_dir.clone(),
+                };
+                server.check().map(|()| server)
+            }
+            None => Err(Unusable::NoneGiven),
+        })
+    }
 }
 
 impl ReserveOpts {
