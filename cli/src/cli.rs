@@ -7,8 +7,6 @@ use clap::{Args, Parser, Subcommand};
 use vramd_client::{DeviceSelector, Request};
 use vramd_protocol::{parse_duration, parse_size};
 
-use crate::mps::{MpsServer, Unusable};
-
 /// The exit statuses, as `--help` lists them.
 pub const EXIT_STATUSES_HELP: &str = "\
 Exit statuses:
@@ -122,7 +120,8 @@ pub struct EnforceOpts {
     #[arg(long)]
     pub enforce: bool,
     /// With --enforce: the pipe directory of the MPS server to enforce
-    /// through (where `nvidia-cuda-mps-control -d` made its `control` pipe).
+    /// through (where `nvidia-cuda-mps-control -d` made its `control` pipe)
+    /// [default: the one vramd reports in status (vramd --mps)].
     #[arg(long, env = "VRAMD_MPS_PIPE_DIRECTORY", value_name = "DIR")]
     pub mps_pipe_dir: Option<PathBuf>,
     /// With --enforce: the MPS server's log directory, passed on as
@@ -150,26 +149,6 @@ pub struct ReserveOpts {
     /// granted, evicted, released, exited, error) instead of messages.
     #[arg(long)]
     pub json: bool,
-}
-
-impl EnforceOpts {
-    /// The MPS server to enforce through: `None` without --enforce, else
-    /// the one named here, or the reason there is none.
-    pub fn server(&self) -> Option<Result<MpsServer, Unusable>> {
-        if !self.enforce {
-            return None;
-        }
-        Some(match &self.mps_pipe_dir {
-            Some(dir) => {
-                let server = MpsServer {
-                    pipe_dir: dir.clone(),
-                    log_dir: self.mps_log_dir.clone(),
-                };
-                server.check().map(|()| server)
-            }
-            None => Err(Unusable::NoneGiven),
-        })
-    }
 }
 
 impl ReserveOpts {

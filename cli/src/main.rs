@@ -36,6 +36,7 @@ use vramd_protocol::paths;
 use crate::cli::{Cli, Cmd};
 use crate::exit::{EXIT_USAGE, Failure};
 use crate::hold::Report;
+use crate::mps::{MpsServer, Unusable};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -102,9 +103,28 @@ fn run(cli: Cli, socket: &Path, report: Report) -> Result<ExitCode, Error> {
             command,
         } => {
             // Checked before reserving: an unusable server refuses at once.
-            let mps = match enforce.server().transpose() {
-                Ok(mps) => mps,
-                Err(why) => return Ok(hold::refuse_unenforced(&why, report)),
+            let mps = if enforce.enforce {
+                let server = match &enforce.mps_pipe_dir {
+                    Some(dir) => MpsServer {
+                        pipe_dir: dir.clone(),
+                        log_dir: enforce.mps_log_dir.clone(),
+                    },
+                    None => match Client::connect(socket)?.status()?.mps {
+                        Some(m) => MpsServer {
+                            pipe_dir: m.pipe_dir.into(),
+                            log_dir: m.log_dir.map(Into::into),
+                        },
+                        None => {
+                            return Ok(hold::refuse_unenforced(&Unusable::NoneGiven, report));
+                        }
+                    },
+                };
+                if let Err(why) = server.check() {
+                    return Ok(hold::refuse_unenforced(&why, report));
+                }
+                Some(server)
+            } else {
+                None
             };
             hold::run(socket, opts.request(vram), mps.as_ref(), &command, report)
         }

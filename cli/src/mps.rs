@@ -28,7 +28,7 @@ pub struct MpsServer {
 /// Why a command cannot be enforced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unusable {
-    /// No MPS server was named.
+    /// No MPS server was named, and vramd reports none.
     NoneGiven,
     /// The pipe directory has no control pipe (`why` says what is there).
     NoControlPipe {
@@ -44,9 +44,10 @@ impl std::fmt::Display for Unusable {
         match self {
             Unusable::NoneGiven => write!(
                 f,
-                "--enforce needs an NVIDIA MPS server: give --mps-pipe-dir DIR \
-                 (or VRAMD_MPS_PIPE_DIRECTORY) naming the pipe directory of a running \
-                 nvidia-cuda-mps-control -d; the command was not run"
+                "--enforce needs an NVIDIA MPS server and vramd reports none: start vramd \
+                 with --mps, or give --mps-pipe-dir DIR (or VRAMD_MPS_PIPE_DIRECTORY) naming \
+                 the pipe directory of a running nvidia-cuda-mps-control -d; the command was \
+                 not run"
             ),
             Unusable::NoControlPipe { pipe_dir, why } => write!(
                 f,
