@@ -10,11 +10,7 @@
 //! `CUDA_VISIBLE_DEVICES`. The limit is read when the command starts: a
 //! reservation that grows later cannot raise it.
 
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-
-/// The name of the control pipe inside an MPS pipe directory.
-pub const CONTROL_PIPE: &str = "control";
 
 /// The MPS server a command is enforced through.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,8 +57,7 @@ impl std::fmt::Display for Unusable {
 }
 
 impl MpsServer {
-    /// Checks that the server's control pipe exists (a FIFO named
-    /// [`CONTROL_PIPE`] in the pipe directory).
+    /// Checks that the server's control pipe is there and live.
     pub fn check(&self) -> Result<(), Unusable> {
         check_pipe_dir(&self.pipe_dir)
     }
@@ -84,25 +79,15 @@ impl MpsServer {
     }
 }
 
-/// Whether `pipe_dir` holds an MPS control pipe.
+/// Whether `pipe_dir` holds a live MPS control pipe (see
+/// [`vramd_protocol::mps::control_problem`]).
 pub fn check_pipe_dir(pipe_dir: &Path) -> Result<(), Unusable> {
-    let unusable = |why: String| Unusable::NoControlPipe {
-        pipe_dir: pipe_dir.to_path_buf(),
-        why,
-    };
-    match std::fs::metadata(pipe_dir) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(unusable("not a directory".into())),
-        Err(e) => return Err(unusable(e.to_string())),
-    }
-    let control = pipe_dir.join(CONTROL_PIPE);
-    match std::fs::metadata(&control) {
-        Ok(m) if m.file_type().is_fifo() => Ok(()),
-        Ok(_) => Err(unusable(format!(
-            "{} is not a named pipe",
-            control.display()
-        ))),
-        Err(e) => Err(unusable(format!("{}: {e}", control.display()))),
+    match vramd_protocol::mps::control_problem(pipe_dir) {
+        None => Ok(()),
+        Some(why) => Err(Unusable::NoControlPipe {
+            pipe_dir: pipe_dir.to_path_buf(),
+            why,
+        }),
     }
 }
 
@@ -115,6 +100,7 @@ pub fn pinned_limit(ordinal: u32, bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vramd_protocol::mps::CONTROL as CONTROL_PIPE;
 
     #[test]
     fn the_limit_is_in_mib_rounded_down() {

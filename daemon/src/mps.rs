@@ -9,10 +9,10 @@
 //! an earlier vramd that died) is adopted and stopped the same way. With
 //! `vramd --mps-pipe-dir DIR` the administrator runs it; the daemon only
 //! reports it. Either way [`MpsWatch::status`] says, each time the status
-//! is asked, whether its control pipe (`control`, a FIFO) exists.
+//! is asked, whether its control pipe is live
+//! ([`vramd_protocol::mps::control_problem`]).
 
 use std::io::Write;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,8 +21,6 @@ use vramd_protocol::MpsStatus;
 
 /// The MPS control program, looked up on `PATH`.
 pub const CONTROL_PROGRAM: &str = "nvidia-cuda-mps-control";
-/// The named pipe the control daemon creates in its pipe directory.
-pub const CONTROL_PIPE: &str = "control";
 /// How long a started control daemon has to create its control pipe.
 const START_WAIT: Duration = Duration::from_secs(5);
 
@@ -84,14 +82,10 @@ impl MpsWatch {
     }
 }
 
-/// What is wrong with the control pipe in `pipe_dir`, if anything.
+/// What is wrong with the MPS server in `pipe_dir`, if anything (its
+/// control pipe or socket is missing, or left by a stopped control daemon).
 pub fn control_pipe_problem(pipe_dir: &Path) -> Option<String> {
-    let control = pipe_dir.join(CONTROL_PIPE);
-    match std::fs::metadata(&control) {
-        Ok(m) if m.file_type().is_fifo() => None,
-        Ok(_) => Some(format!("{} is not a named pipe", control.display())),
-        Err(e) => Some(format!("no control pipe {}: {e}", control.display())),
-    }
+    vramd_protocol::mps::control_problem(pipe_dir)
 }
 
 /// The MPS control daemon vramd started (or adopted); stopped when dropped.

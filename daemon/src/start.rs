@@ -130,7 +130,7 @@ pub struct Args {
     pub mps: bool,
     /// Report the MPS server the administrator runs with this pipe
     /// directory, for `vramctl run --enforce` (healthy while its `control`
-    /// pipe exists).
+    /// pipe or socket is live).
     #[arg(long, value_name = "DIR")]
     pub mps_pipe_dir: Option<PathBuf>,
 }

@@ -382,3 +382,37 @@ fn vramd_mps_without_the_control_program_fails_to_start_on_one_line() {
     assert!(err.contains("without --mps"), "{err}");
     assert!(!socket.exists(), "the socket file was left behind");
 }
+
+#[test]
+fn run_enforce_accepts_a_live_control_socket_and_refuses_one_left_after_quit() {
+    // The layout of current drivers: `control` is a socket, and the control
+    // daemon's pid file beside it goes when it quits (the socket stays).
+    let d = Daemon::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = dir.path().join("pipe");
+    std::fs::create_dir_all(&pipe).unwrap();
+    let _control = std::os::unix::net::UnixListener::bind(pipe.join("control")).unwrap();
+    let ran = dir.path().join("ran");
+    let run = || {
+        d.vramctl()
+            .args(["run", "--enforce", "--vram", "1GiB", "--mps-pipe-dir"])
+            .arg(&pipe)
+            .args(["--", "touch"])
+            .arg(&ran)
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    assert_eq!(out.status.code(), Some(EXIT_NO_MPS), "{}", stderr(&out));
+    assert!(stderr(&out).contains("stopped"), "{}", stderr(&out));
+    assert!(!ran.exists(), "the command ran unenforced");
+    // A live control daemon (here: this test's own pid).
+    std::fs::write(
+        pipe.join("nvidia-cuda-mps-control.pid"),
+        format!("{}\n", std::process::id()),
+    )
+    .unwrap();
+    let out = run();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(ran.exists(), "the command did not run");
+}
