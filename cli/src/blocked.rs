@@ -297,6 +297,7 @@ mod tests {
             consumers: vec![],
             queue_total: 1,
             reservations_total: 1,
+            mps: None,
             processes: vec![
                 GpuProcess {
                     device: 0,

@@ -17,6 +17,7 @@ Exit statuses:
   69   vramd unreachable: not running at the socket path, or the connection was lost
   75   the wait limit (--timeout) passed before the grant; run's command never ran
   77   permission denied on the socket: ask to be added to its group
+  78   run --enforce: no usable NVIDIA MPS server; the command never ran
   130  interrupted (SIGINT/SIGTERM) while waiting; the request was withdrawn";
 
 /// Look at and use the vramd GPU memory arbiter.
@@ -78,6 +79,8 @@ pub enum Cmd {
         vram: u64,
         #[command(flatten)]
         opts: ReserveOpts,
+        #[command(flatten)]
+        enforce: EnforceOpts,
         /// The command and its arguments (after `--`).
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -104,6 +107,27 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
         return Err(format!("{s} is too short: at least 50ms"));
     }
     Ok(d)
+}
+
+/// `run`'s hard limit through NVIDIA MPS.
+#[derive(Debug, Args)]
+pub struct EnforceOpts {
+    /// Cap the command's device memory at the reservation through NVIDIA
+    /// MPS (CUDA_MPS_PINNED_DEVICE_MEM_LIMIT): its allocations past the
+    /// reserved size fail with CUDA out-of-memory. Refuses (exit 78) before
+    /// reserving when no MPS server is usable; never runs the command
+    /// unenforced.
+    #[arg(long)]
+    pub enforce: bool,
+    /// With --enforce: the pipe directory of the MPS server to enforce
+    /// through (where `nvidia-cuda-mps-control -d` made its `control` pipe)
+    /// [default: the one vramd reports in status (vramd --mps)].
+    #[arg(long, env = "VRAMD_MPS_PIPE_DIRECTORY", value_name = "DIR")]
+    pub mps_pipe_dir: Option<PathBuf>,
+    /// With --enforce: the MPS server's log directory, passed on as
+    /// CUDA_MPS_LOG_DIRECTORY.
+    #[arg(long, env = "VRAMD_MPS_LOG_DIRECTORY", value_name = "DIR")]
+    pub mps_log_dir: Option<PathBuf>,
 }
 
 /// The options `reserve` and `run` share.

@@ -20,6 +20,9 @@ pub const EXIT_UNREACHABLE: u8 = 69;
 pub const EXIT_TIMEOUT: u8 = 75;
 /// Permission denied on the socket (EX_NOPERM).
 pub const EXIT_PERMISSION: u8 = 77;
+/// `run --enforce` found no usable NVIDIA MPS server; the command never
+/// ran (EX_CONFIG).
+pub const EXIT_NO_MPS: u8 = 78;
 /// A signal came before the grant (128 + SIGINT).
 pub const EXIT_INTERRUPTED: u8 = 130;
 
@@ -34,6 +37,8 @@ pub enum Failure {
     Refused,
     /// The wait limit passed.
     WaitTimeout,
+    /// `run --enforce` found no usable MPS server.
+    NoMps,
     /// Anything else.
     Other,
 }
@@ -61,6 +66,7 @@ impl Failure {
             Failure::PermissionDenied => EXIT_PERMISSION,
             Failure::Refused => EXIT_REFUSED,
             Failure::WaitTimeout => EXIT_TIMEOUT,
+            Failure::NoMps => EXIT_NO_MPS,
             Failure::Other => EXIT_OTHER,
         }
     }
@@ -72,6 +78,7 @@ impl Failure {
             Failure::PermissionDenied => "permission_denied",
             Failure::Refused => "refused",
             Failure::WaitTimeout => "wait_timeout",
+            Failure::NoMps => "no_mps",
             Failure::Other => "error",
         }
     }
@@ -165,6 +172,7 @@ mod tests {
             Failure::PermissionDenied,
             Failure::Refused,
             Failure::WaitTimeout,
+            Failure::NoMps,
             Failure::Other,
         ];
         let mut codes: Vec<u8> = all.iter().map(|f| f.exit_status()).collect();

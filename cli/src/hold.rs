@@ -15,6 +15,7 @@ use vramd_protocol::format_size;
 
 use crate::blocked::Blocked;
 use crate::exit::{EXIT_INTERRUPTED, Failure};
+use crate::mps::{MpsServer, Unusable};
 use crate::ps::Local;
 use crate::signals::{EVICTED, SignalWatch};
 
@@ -177,11 +178,23 @@ pub fn reserve(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `vramctl run`: waits for `request`, then runs `command` inside it and
-/// exits with the command's status.
+/// `run --enforce` without a usable MPS server: says why and exits with
+/// [`crate::exit::EXIT_NO_MPS`]; the command does not run.
+pub fn refuse_unenforced(why: &Unusable, report: Report) -> ExitCode {
+    let message = why.to_string();
+    let status = Failure::NoMps.exit_status();
+    report.error(Failure::NoMps, &message, status);
+    eprintln!("vramctl: {message}");
+    ExitCode::from(status)
+}
+
+/// `vramctl run`: waits for `request`, then runs `command` inside it (with
+/// `mps`, capped at the reservation through that MPS server) and exits with
+/// the command's status.
 pub fn run(
     socket: &Path,
     request: Request,
+    mps: Option<&MpsServer>,
     command: &[String],
     report: Report,
 ) -> Result<ExitCode, Error> {
@@ -192,7 +205,14 @@ pub fn run(
     };
     report.granted(&r, false);
     let id = r.id();
-    let code = run_command(&r, command, &signals, report)?;
+    // The server may have stopped while the request waited: look again, so
+    // that the command never runs unenforced.
+    if let Some(Err(why)) = mps.map(MpsServer::check) {
+        drop(r);
+        report.released(id, false);
+        return Ok(refuse_unenforced(&why, report));
+    }
+    let code = run_command(&r, mps, command, &signals, report)?;
     drop(r);
     report.released(id, false);
     Ok(code)
@@ -262,6 +282,7 @@ fn wait_for_grant(
 /// signals to it; its exit status (or 128 + signal) becomes ours.
 fn run_command(
     r: &Reservation,
+    mps: Option<&MpsServer>,
     command: &[String],
     signals: &SignalWatch,
     report: Report,
@@ -274,15 +295,19 @@ fn run_command(
     } else {
         r.device_index().to_string()
     };
-    let mut child = match Command::new(program)
-        .args(args)
+    let mut cmd = Command::new(program);
+    cmd.args(args)
         .env("CUDA_VISIBLE_DEVICES", visible)
         .env("VRAMD_RESERVATION", r.id().to_string())
         .env("VRAMD_DEVICE", r.device_index().to_string())
         .env("VRAMD_DEVICE_UUID", uuid)
-        .env("VRAMD_BYTES", r.bytes().to_string())
-        .spawn()
-    {
+        .env("VRAMD_BYTES", r.bytes().to_string());
+    if let Some(mps) = mps {
+        // CUDA_VISIBLE_DEVICES names one device, so the command sees it as
+        // ordinal 0, the one the limit names.
+        cmd.envs(mps.env(r.bytes()));
+    }
+    let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             let code = if e.kind() == std::io::ErrorKind::NotFound {

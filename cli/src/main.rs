@@ -6,8 +6,9 @@
 //! - `vramctl top [--interval 1s] [--once]`: a live view, refreshed in place
 //!   on a terminal;
 //! - `vramctl reserve 8GiB [--json]`: hold a reservation until Ctrl-C or SIGTERM;
-//! - `vramctl run --vram 8GiB [--json] -- CMD ARGS...`: run a command inside a
-//!   reservation, with `CUDA_VISIBLE_DEVICES` pointing at the granted device;
+//! - `vramctl run --vram 8GiB [--json] [--enforce] -- CMD ARGS...`: run a
+//!   command inside a reservation, with `CUDA_VISIBLE_DEVICES` pointing at the
+//!   granted device (and with `--enforce`, capped there through NVIDIA MPS);
 //! - `vramctl completions SHELL`, `vramctl man [--dir DIR]`: shell
 //!   completions and man pages.
 //!
@@ -19,6 +20,7 @@ mod blocked;
 mod cli;
 mod exit;
 mod hold;
+mod mps;
 mod ps;
 mod signals;
 mod status;
@@ -34,6 +36,7 @@ use vramd_protocol::paths;
 use crate::cli::{Cli, Cmd};
 use crate::exit::{EXIT_USAGE, Failure};
 use crate::hold::Report;
+use crate::mps::{MpsServer, Unusable};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -96,8 +99,35 @@ fn run(cli: Cli, socket: &Path, report: Report) -> Result<ExitCode, Error> {
         Cmd::Run {
             vram,
             opts,
+            enforce,
             command,
-        } => hold::run(socket, opts.request(vram), &command, report),
+        } => {
+            // Checked before reserving: an unusable server refuses at once.
+            let mps = if enforce.enforce {
+                let server = match &enforce.mps_pipe_dir {
+                    Some(dir) => MpsServer {
+                        pipe_dir: dir.clone(),
+                        log_dir: enforce.mps_log_dir.clone(),
+                    },
+                    None => match Client::connect(socket)?.status()?.mps {
+                        Some(m) => MpsServer {
+                            pipe_dir: m.pipe_dir.into(),
+                            log_dir: m.log_dir.map(Into::into),
+                        },
+                        None => {
+                            return Ok(hold::refuse_unenforced(&Unusable::NoneGiven, report));
+                        }
+                    },
+                };
+                if let Err(why) = server.check() {
+                    return Ok(hold::refuse_unenforced(&why, report));
+                }
+                Some(server)
+            } else {
+                None
+            };
+            hold::run(socket, opts.request(vram), mps.as_ref(), &command, report)
+        }
         Cmd::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -265,6 +265,7 @@ mod tests {
             consumers: vec![],
             queue_total: 0,
             reservations_total: 1,
+            mps: None,
             processes: vec![
                 proc_(1234, 1000, 13 * GIB, Some(7), false),
                 proc_(0, 1001, 4 * GIB, None, false),

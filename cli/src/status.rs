@@ -397,6 +397,7 @@ mod tests {
             }],
             queue_total: 4,
             reservations_total: 2,
+            mps: None,
             processes: vec![],
         }
     }

@@ -300,6 +300,7 @@ mod tests {
             consumers: vec![],
             queue_total: 0,
             reservations_total: 0,
+            mps: None,
             processes: vec![],
         }
     }

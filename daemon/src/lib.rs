@@ -7,5 +7,6 @@
 pub mod config;
 pub mod consumers;
 pub mod gpu;
+pub mod mps;
 pub mod server;
 pub mod start;

@@ -10,7 +10,7 @@
 //! reports `READY=1` once it listens and `STOPPING=1` when a signal asks it
 //! to stop (`NOTIFY_SOCKET`, `Type=notify`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
@@ -22,6 +22,7 @@ use vramd_protocol::{
 use crate::config::{Config, ConfigError};
 use crate::gpu::Backend;
 use crate::gpu::nvml::NvmlStartError;
+use crate::mps::{MpsGuard, MpsWatch};
 use crate::server::{ServerConfig, ServerError, bind_socket, serve};
 
 /// How often consumers are asked what they hold, unless the config says.
@@ -121,6 +122,17 @@ pub struct Args {
     /// comes, the one that has waited longest is closed.
     #[arg(long, value_name = "N", default_value_t = 512)]
     pub max_handshakes: usize,
+    /// Start the NVIDIA MPS control daemon (nvidia-cuda-mps-control -d, on
+    /// PATH) with its pipe and log directories beside the socket
+    /// (<socket dir>/mps/pipe, <socket dir>/mps/log), stop it on exit, and
+    /// report it in status, for `vramctl run --enforce`.
+    #[arg(long, conflicts_with = "mps_pipe_dir")]
+    pub mps: bool,
+    /// Report the MPS server the administrator runs with this pipe
+    /// directory, for `vramctl run --enforce` (healthy while its `control`
+    /// pipe or socket is live).
+    #[arg(long, value_name = "DIR")]
+    pub mps_pipe_dir: Option<PathBuf>,
 }
 
 /// How log lines are written.
@@ -270,6 +282,9 @@ pub enum StartError {
     /// The socket could not be set up.
     #[error(transparent)]
     Socket(#[from] ServerError),
+    /// The MPS control daemon could not be started.
+    #[error(transparent)]
+    Mps(#[from] crate::mps::MpsError),
     /// The runtime or the server failed.
     #[error("{context}: {source}")]
     Io {
@@ -371,6 +386,7 @@ pub fn run(args: Args) -> Result<(), StartError> {
             .consumer_poll_interval
             .unwrap_or(CONSUMER_POLL_INTERVAL)
             .max(Duration::from_millis(10)),
+        mps: args.mps_pipe_dir.clone().map(MpsWatch::external),
     };
     let identity = Identity {
         daemon_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -426,10 +442,36 @@ pub fn run(args: Args) -> Result<(), StartError> {
         .build()
         .map_err(io("cannot start the async runtime"))?;
     runtime.block_on(async move {
+        let mut config = config;
         let listener = match inherited {
             Some(l) => l,
             None => bind_socket(&config)?,
         };
+        // Started once the socket is ours (a second vramd on the same path
+        // stops above and leaves the first one's server alone); stopped when
+        // the guard drops, on every way out.
+        let _mps = if args.mps {
+            let runtime_dir = config
+                .socket_path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_path_buf();
+            let guard = MpsGuard::start(&runtime_dir).inspect_err(|_| {
+                if config.remove_socket_on_exit {
+                    let _ = std::fs::remove_file(&config.socket_path);
+                }
+            })?;
+            config.mps = Some(guard.watch());
+            Some(guard)
+        } else {
+            None
+        };
+        if let Some(watch) = &config.mps {
+            let s = watch.status();
+            tracing::info!(pipe_dir = %s.pipe_dir, healthy = s.healthy,
+                note = s.note.as_deref().unwrap_or(""), "MPS server for run --enforce");
+        }
         notify(sd_notify::NotifyState::Ready);
         serve(config, listener, ledger, reader, async {
             shutdown_signal().await;

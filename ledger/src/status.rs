@@ -56,6 +56,7 @@ impl Ledger {
             queue_total: self.queue.len() as u64,
             counters: self.counters.clone(),
             consumers: self.consumer_status(now),
+            mps: None,
             processes: self.process_status(STATUS_PROCESS_LIMIT),
         };
         if !peer.admin {

@@ -501,6 +501,7 @@ mod tests {
             consumers: vec![],
             queue_total: 0,
             reservations_total: 0,
+            mps: None,
             processes: (0..200_000)
                 .map(|pid| GpuProcess {
                     device: 0,
@@ -550,6 +551,7 @@ mod tests {
             consumers: vec![],
             queue_total: 0,
             reservations_total: 100,
+            mps: None,
             processes: vec![],
         };
         let msg = |s: &StatusReport| ServerMessage::Status {

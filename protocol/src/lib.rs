@@ -9,13 +9,15 @@
 //!   buffers, with no I/O, so the blocking SDK and the async daemon use the same
 //!   code;
 //! - [`size`]: parsing and printing of human sizes (`8GiB`, `512MiB`, `8GB`);
-//! - [`paths`]: where clients and the daemon look for the socket.
+//! - [`paths`]: where clients and the daemon look for the socket;
+//! - [`mps`]: whether an NVIDIA MPS server named in status is usable.
 //!
 //! docs/protocol.md is the normative description of the wire; this crate is
 //! its reference implementation.
 
 pub mod codec;
 pub mod messages;
+pub mod mps;
 pub mod paths;
 pub mod size;
 

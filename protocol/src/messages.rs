@@ -363,6 +363,26 @@ pub struct StatusReport {
     /// JSON from an older daemon without it reads as an empty list.
     #[serde(default)]
     pub processes: Vec<GpuProcess>,
+    /// The NVIDIA MPS server that `vramctl run --enforce` caps commands
+    /// through, when the daemon runs one (`vramd --mps`) or was told of one
+    /// (`--mps-pipe-dir`); `None` otherwise. Appended after `processes`;
+    /// JSON from an older daemon without it reads as `None`.
+    #[serde(default)]
+    pub mps: Option<MpsStatus>,
+}
+
+/// The MPS server in [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MpsStatus {
+    /// Its pipe directory (`CUDA_MPS_PIPE_DIRECTORY` for its clients).
+    pub pipe_dir: String,
+    /// Its log directory (`CUDA_MPS_LOG_DIRECTORY`), when known.
+    pub log_dir: Option<String>,
+    /// Whether its control pipe (`control` in `pipe_dir`) exists, as last
+    /// checked (when the status was asked).
+    pub healthy: bool,
+    /// Why it is unhealthy, or who runs it.
+    pub note: Option<String>,
 }
 
 impl StatusReport {

@@ -41,8 +41,8 @@ use conn::{Conn, EvictState, Slot};
 pub use error::{Error, Result};
 use vramd_protocol::{ClientMessage, ReserveRequest, ServerMessage};
 pub use vramd_protocol::{
-    DeviceSelector, ErrorKind, GIB, KIB, MIB, ReservationId, StatusReport, TIB, format_size,
-    parse_size, paths,
+    DeviceSelector, ErrorKind, GIB, KIB, MIB, MpsStatus, ReservationId, StatusReport, TIB,
+    format_size, parse_size, paths,
 };
 
 /// What to reserve: bytes, and optionally a device, a priority, a label and a

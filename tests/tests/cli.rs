@@ -45,6 +45,7 @@ fn help_lists_every_exit_status() {
         "  69   vramd unreachable",
         "  75   the wait limit",
         "  77   permission denied",
+        "  78   run --enforce: no usable NVIDIA MPS server",
         "  130  interrupted",
     ] {
         assert!(help.contains(line), "{line:?} missing from:\n{help}");

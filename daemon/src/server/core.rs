@@ -67,6 +67,8 @@ pub(crate) struct Core {
     /// Connections whose outbox overflowed during the current input; closed
     /// once its effects are carried out.
     overflowed: Vec<ConnId>,
+    /// The MPS server status reports, checked when a status is sent.
+    mps: Option<crate::mps::MpsWatch>,
 }
 
 impl Core {
@@ -83,7 +85,14 @@ impl Core {
             consumers,
             poller,
             overflowed: Vec::new(),
+            mps: None,
         }
+    }
+
+    /// Reports `mps` in every status.
+    pub fn with_mps(mut self, mps: Option<crate::mps::MpsWatch>) -> Self {
+        self.mps = mps;
+        self
     }
 
     /// Applies one input and carries out its effects; then closes the
@@ -193,6 +202,8 @@ impl Core {
         match effect {
             Effect::Reply { conn, mut msg } => {
                 if let ServerMessage::Status { status, .. } = &mut msg {
+                    // A stat of the control pipe, outside the pure ledger.
+                    status.mps = self.mps.as_ref().map(|m| m.status());
                     // Never too large to send: lists are cut to fit a frame
                     // (in both encodings); the totals still count all.
                     if status.fit(STATUS_MAX_BYTES) {

@@ -65,6 +65,8 @@ pub struct ServerConfig {
     pub consumer_poll_interval: Duration,
     /// Members of this group (and root) are admins.
     pub admin_group: Option<String>,
+    /// The MPS server reported in status (its health checked each time).
+    pub mps: Option<crate::mps::MpsWatch>,
 }
 
 /// Serves clients on `listener` until `shutdown` completes, then removes the
@@ -132,7 +134,7 @@ pub async fn serve(
         })
         .collect();
     drop(consumer_tx);
-    let mut core = Core::new(ledger, consumers, poller);
+    let mut core = Core::new(ledger, consumers, poller).with_mps(config.mps.clone());
     if let Some(first) = first {
         for (device, r) in first.results.iter().enumerate() {
             if let Ok(reading) = r {
