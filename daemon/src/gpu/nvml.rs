@@ -99,6 +99,22 @@ pub fn open(lib: Option<&Path>) -> Result<Backend, NvmlStartError> {
     })
 }
 
+/// One entry per process. Under MPS a client process is listed both among
+/// the compute processes and among the MPS compute processes, with the same
+/// usage (seen on an H100, driver 580): summed, its reservation showed twice
+/// what it held and was flagged over-reserved. An entry listed twice counts
+/// once, at the larger of its figures.
+fn once_per_pid(list: Vec<ProcessUsage>) -> Vec<ProcessUsage> {
+    let mut out: Vec<ProcessUsage> = Vec::with_capacity(list.len());
+    for p in list {
+        match out.iter_mut().find(|q| q.pid == p.pid) {
+            Some(q) => q.bytes = q.bytes.max(p.bytes),
+            None => out.push(p),
+        }
+    }
+    out
+}
+
 impl GpuReader for NvmlReader {
     fn read(&mut self, index: usize) -> Result<Reading, String> {
         let d = self
@@ -124,6 +140,7 @@ impl GpuReader for NvmlReader {
                         UsedGpuMemory::Unavailable => None,
                     })
                     .collect::<Option<Vec<_>>>()
+                    .map(once_per_pid)
             }
             Err(NvmlError::NotSupported | NvmlError::FunctionNotFound) => None,
             Err(e) => return Err(format!("NVML processes: {e}")),
@@ -132,5 +149,29 @@ impl GpuReader for NvmlReader {
             used_bytes: mem.used,
             processes,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_listed_twice_counts_once() {
+        let list = vec![
+            ProcessUsage::new(1018, 2564 << 20),
+            ProcessUsage::new(1039, 66 << 20),
+            ProcessUsage::new(1018, 2564 << 20),
+        ];
+        let merged = once_per_pid(list);
+        assert_eq!(
+            merged
+                .iter()
+                .map(|p| (p.pid, p.bytes >> 20))
+                .collect::<Vec<_>>(),
+            vec![(1018, 2564), (1039, 66)]
+        );
+        let uneven = once_per_pid(vec![ProcessUsage::new(7, 1), ProcessUsage::new(7, 5)]);
+        assert_eq!((uneven.len(), uneven[0].bytes), (1, 5));
     }
 }
