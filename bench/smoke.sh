@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every benchmark of vramd-bench tiny (`--smoke`), only to prove that the
 # harness still runs end to end: floor, SDK round trips, throughput,
-# kill-to-grant, Python (if importable), scale, footprint and the scheduling
+# kill-to-grant, Python (if importable), scale, footprint, the gateway's
+# added latency and the scheduling
 # simulator. The figures mean nothing. A debug build is enough; scripts/test
 # calls this when it exists. Fails if any section fails.
 set -euo pipefail
@@ -14,7 +15,7 @@ trap 'rm -rf "$out"' EXIT
 timeout 600 cargo run --quiet -p vramd-bench -- \
   --smoke --json "$out/smoke.json" --markdown "$out/smoke.md" >/dev/null
 
-for key in floor rtt_rust throughput kill_to_grant rtt_python scale footprint scheduling targets; do
+for key in floor rtt_rust throughput kill_to_grant rtt_python scale footprint gateway scheduling targets; do
   if ! grep -q "\"$key\"" "$out/smoke.json"; then
     echo "bench/smoke.sh: no \"$key\" in the results" >&2
     exit 1

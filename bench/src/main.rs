@@ -13,6 +13,7 @@
 //! for the method.
 
 mod footprint;
+mod gateway;
 mod kill;
 mod latency;
 mod procs;
@@ -57,7 +58,11 @@ struct Cli {
     /// with cargo in the same profile].
     #[arg(long, value_name = "PATH")]
     vramd: Option<PathBuf>,
-    /// Do not run `cargo build -p vramd` before starting.
+    /// The gateway binary [default: `vramd-gateway` beside this binary,
+    /// built first with cargo in the same profile].
+    #[arg(long, value_name = "PATH")]
+    gateway: Option<PathBuf>,
+    /// Do not run `cargo build` of the daemon and the gateway before starting.
     #[arg(long)]
     no_build: bool,
     /// Python interpreter for the Python SDK figure [default: .venv/bin/python
@@ -157,6 +162,7 @@ enum Section {
     Python,
     Scale,
     Footprint,
+    Gateway,
     Sim,
 }
 
@@ -179,6 +185,7 @@ struct Plan {
     scale: ScaleConfig,
     idle_window: Duration,
     random_jobs: usize,
+    gateway: gateway::GatewayPlan,
 }
 
 impl Plan {
@@ -208,6 +215,14 @@ impl Plan {
                 },
                 idle_window: Duration::from_secs(2),
                 random_jobs: 300,
+                gateway: gateway::GatewayPlan {
+                    warmup: 20,
+                    iters: 100,
+                    blocks: 2,
+                    clients: 64,
+                    window: Duration::from_millis(300),
+                    budget: Duration::from_secs(20),
+                },
             }
         } else {
             Plan {
@@ -234,6 +249,14 @@ impl Plan {
                 },
                 idle_window: Duration::from_secs(30),
                 random_jobs: 3_000,
+                gateway: gateway::GatewayPlan {
+                    warmup: 200,
+                    iters: 5_000,
+                    blocks: 10,
+                    clients: 64,
+                    window: Duration::from_secs(3),
+                    budget: Duration::from_secs(60),
+                },
             }
         };
         if let Some(s) = cli.scale_budget {
@@ -254,36 +277,48 @@ fn workspace_root() -> PathBuf {
 
 /// Finds (and unless told otherwise, first builds) the daemon binary.
 fn vramd_binary(cli: &Cli, exe: &Path) -> Result<(PathBuf, String), String> {
+    sibling_binary(cli, exe, cli.vramd.as_deref(), "vramd", "vramd")
+}
+
+/// Finds `bin` of `package` beside this binary (in the same profile),
+/// building it first with cargo unless `--no-build`; `given` wins.
+fn sibling_binary(
+    cli: &Cli,
+    exe: &Path,
+    given: Option<&Path>,
+    package: &str,
+    bin: &str,
+) -> Result<(PathBuf, String), String> {
     let dir = exe.parent().ok_or("no directory for this binary")?;
     let profile = dir
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("debug")
         .to_string();
-    if let Some(p) = &cli.vramd {
-        return Ok((p.clone(), profile));
+    if let Some(p) = given {
+        return Ok((p.to_path_buf(), profile));
     }
     if !cli.no_build {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "vramd", "--bin", "vramd"]);
+        cmd.args(["build", "--quiet", "-p", package, "--bin", bin]);
         if profile == "release" {
             cmd.arg("--release");
         }
-        eprintln!("== building the daemon: cargo build -p vramd --bin vramd ({profile})");
+        eprintln!("== building: cargo build -p {package} --bin {bin} ({profile})");
         match cmd.current_dir(workspace_root()).status() {
             Ok(s) if s.success() => {}
-            Ok(s) => eprintln!("warning: cargo build of vramd failed ({s}); using what is there"),
+            Ok(s) => eprintln!("warning: cargo build of {bin} failed ({s}); using what is there"),
             Err(e) => eprintln!("warning: cannot run cargo ({e}); using what is there"),
         }
     }
-    let bin = dir.join("vramd");
-    if bin.exists() {
-        Ok((bin, profile))
+    let path = dir.join(bin);
+    if path.exists() {
+        Ok((path, profile))
     } else {
         Err(format!(
-            "no daemon binary at {}; build it (cargo build -p vramd) or pass --vramd",
-            bin.display()
+            "no {bin} binary at {}; build it (cargo build -p {package})",
+            path.display()
         ))
     }
 }
@@ -600,6 +635,39 @@ fn run_all(cli: &Cli) -> ExitCode {
         let t = Instant::now();
         let r = scale::run(&bin, level, &plan.scale);
         run.record("scale", t, r);
+    }
+
+    if run.wants(Section::Gateway) {
+        eprintln!(
+            "== gateway: {} small and {} streamed requests direct and through vramd-gateway, \
+             then {} clients",
+            plan.gateway.iters, plan.gateway.iters, plan.gateway.clients
+        );
+        let t = Instant::now();
+        let r = sibling_binary(
+            cli,
+            &exe,
+            cli.gateway.as_deref(),
+            "vramd-gateway",
+            "vramd-gateway",
+        )
+        .and_then(|(gw, _)| {
+            start_daemon(&bin, &["--simulate", "24GiB"], level).and_then(|d| {
+                gateway::run(&gw, d.socket(), &plan.gateway)
+                    .map_err(|e| format!("{e}; daemon log:\n{}", d.log_tail()))
+            })
+        });
+        if let Ok(v) = &r {
+            eprintln!(
+                "   added p50: small {} µs, first chunk {} µs; {} clients: {} req/s direct, {} through the gateway",
+                v["small"]["added"]["p50_us"],
+                v["first_chunk"]["added"]["p50_us"],
+                v["throughput"]["clients"],
+                v["throughput"]["direct_requests_per_s"],
+                v["throughput"]["gateway_requests_per_s"]
+            );
+        }
+        run.record("gateway", t, r);
     }
 
     // The idle window overlaps the simulator, which does not touch the

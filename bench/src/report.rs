@@ -155,6 +155,21 @@ pub fn targets(r: &Value) -> Value {
         ),
         cpu.map(|c| c <= 0.5),
     ));
+    let g = &r["gateway"];
+    let added = f(g, &["small", "added", "p50_us"]);
+    let added_chunk = f(g, &["first_chunk", "added", "p50_us"]);
+    out.push(target(
+        "gateway_added_p50",
+        "the gateway adds ≤ 0.5 ms at p50 (small request and first chunk of a stream)",
+        format!(
+            "small request {}, first chunk {}",
+            fmt_us(added),
+            fmt_us(added_chunk)
+        ),
+        added
+            .zip(added_chunk)
+            .map(|(a, c)| a <= 500.0 && c <= 500.0),
+    ));
     // Scheduling.
     let traces = r["scheduling"]["traces"].as_object();
     let mut overcommits = 0u64;
@@ -386,6 +401,44 @@ pub fn markdown(r: &Value) -> String {
             fmt_us(f(k, &["latency", "p99_us"])),
             fmt_us(f(k, &["latency", "max_us"])),
             k["failures"].as_array().map_or(0, Vec::len),
+        );
+    }
+
+    let g = &r["gateway"];
+    if g["small"].is_object() {
+        let _ = writeln!(
+            md,
+            "\n### Gateway (vramd-gateway in front of an Ollama-like upstream)\n"
+        );
+        let _ = writeln!(
+            md,
+            "| Request | samples | direct p50 | direct p99 | gateway p50 | gateway p99 | added p50 | added p99 |\n|---|---|---|---|---|---|---|---|"
+        );
+        for (key, name) in [
+            ("small", "small `/api/generate`, `stream: false`"),
+            ("first_chunk", "first chunk of a streamed `/api/generate`"),
+        ] {
+            let x = &g[key];
+            let _ = writeln!(
+                md,
+                "| {name} | {} | {} | {} | {} | {} | {} | {} |",
+                fmt_num(f(x, &["gateway", "count"])),
+                fmt_us(f(x, &["direct", "p50_us"])),
+                fmt_us(f(x, &["direct", "p99_us"])),
+                fmt_us(f(x, &["gateway", "p50_us"])),
+                fmt_us(f(x, &["gateway", "p99_us"])),
+                fmt_us(f(x, &["added", "p50_us"])),
+                fmt_us(f(x, &["added", "p99_us"])),
+            );
+        }
+        let t = &g["throughput"];
+        let _ = writeln!(
+            md,
+            "\n{} clients, small requests on keep-alive connections: {} req/s direct, {} req/s through the gateway (gateway CPU {}% of a core).",
+            t["clients"],
+            fmt_num(t["direct_requests_per_s"].as_f64()),
+            fmt_num(t["gateway_requests_per_s"].as_f64()),
+            fmt_num(t["gateway_cpu_pct"].as_f64()),
         );
     }
 
