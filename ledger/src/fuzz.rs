@@ -137,8 +137,17 @@ fn ledger(measured: bool, small_limits: bool) -> Ledger {
     Ledger::new(config, devices, source, Instant::now())
 }
 
+/// Cases per property: `CASES`, or `VRAMD_FUZZ_CASES` for a long run
+/// (docs/testing.md).
+fn cases() -> u32 {
+    std::env::var("VRAMD_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CASES)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn random_input_sequences_keep_every_invariant(

@@ -67,8 +67,17 @@ fn valid_stream(encoding: Encoding) -> Vec<u8> {
     out
 }
 
+/// Cases per property: `CASES`, or `VRAMD_FUZZ_CASES` for a long run
+/// (docs/testing.md).
+fn cases() -> u32 {
+    std::env::var("VRAMD_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CASES)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     /// Random bytes after a binary session's first `0x00`.
     #[test]
