@@ -41,7 +41,8 @@ pub struct AppConfig {
     pub kind: String,
     /// Base URL of the app, e.g. `http://127.0.0.1:11434`.
     pub upstream: String,
-    /// Where clients reach the app through the gateway.
+    /// Where clients reach the app through the gateway; absent: the app is
+    /// only watched (its resident models mirrored as idle reservations).
     pub listen: Option<SocketAddr>,
     /// Priority of this app's reservations in vramd's queue.
     #[serde(default)]
@@ -78,8 +79,8 @@ pub struct App {
     pub name: String,
     /// Base URL without a trailing `/`.
     pub upstream: String,
-    /// See [`AppConfig::listen`].
-    pub listen: SocketAddr,
+    /// See [`AppConfig::listen`]; `None`: watched only.
+    pub listen: Option<SocketAddr>,
     /// See [`AppConfig::priority`].
     pub priority: i32,
     /// See [`AppConfig::wait_limit`].
@@ -163,13 +164,7 @@ impl Settings {
                     ),
                 ));
             }
-            let Some(listen) = a.listen else {
-                return Err(at(
-                    "listen",
-                    "required: apps without a listen address (watched only) are not supported yet"
-                        .into(),
-                ));
-            };
+            let listen = a.listen;
             let wait_limit = a
                 .wait_limit
                 .as_deref()
@@ -248,7 +243,7 @@ priority = 0
         let a = &s.apps[0];
         assert_eq!(a.name, "ollama");
         assert_eq!(a.upstream, "http://127.0.0.1:11434");
-        assert_eq!(a.listen, "127.0.0.1:11435".parse().unwrap());
+        assert_eq!(a.listen, Some("127.0.0.1:11435".parse().unwrap()));
         assert_eq!(a.wait_limit, None);
         assert!(!a.evict_pinned);
     }
@@ -274,6 +269,13 @@ priority = 0
             .unwrap_err()
             .to_string();
         assert!(e.contains("sizes.llama3"), "{e}");
+    }
+
+    #[test]
+    fn an_app_without_listen_is_watched() {
+        let t = FIRST.replace("listen = \"127.0.0.1:11435\"", "");
+        let s = Settings::parse(Path::new("g.toml"), &t).unwrap();
+        assert_eq!(s.apps[0].listen, None);
     }
 
     #[test]

@@ -7,8 +7,10 @@
 //! itself. See docs/gateway.md.
 //!
 //! Lifecycle: [`run`] binds every listen address (failing fast), then runs
-//! one server per app, the admin server, one `/api/ps` poller per app and a
-//! vramd watcher that reconnects by itself, until SIGINT or SIGTERM.
+//! one server per app that has a `listen` (an app without one is only
+//! watched: see `models::watch`), the admin server, one `/api/ps` poller per
+//! app and a vramd watcher that reconnects by itself, until SIGINT or
+//! SIGTERM.
 
 pub mod admin;
 pub mod config;
@@ -49,7 +51,10 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let mut apps = Vec::new();
     let mut servers = tokio::task::JoinSet::new();
     for cfg in &settings.apps {
-        let listener = bind(cfg.listen).await?;
+        let listener = match cfg.listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         let app = Arc::new(models::AppState::new(
             cfg.clone(),
             http.clone(),
@@ -57,9 +62,13 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             sizes.clone(),
             metrics.clone(),
         ));
-        tracing::info!(app = %cfg.name, listen = %cfg.listen, upstream = %cfg.upstream, "serving");
-        let router = proxy::router(app.clone());
-        servers.spawn(async move { axum::serve(listener, router).await });
+        if let Some(listener) = listener {
+            tracing::info!(app = %cfg.name, listen = ?cfg.listen, upstream = %cfg.upstream, "serving");
+            let router = proxy::router(app.clone());
+            servers.spawn(async move { axum::serve(listener, router).await });
+        } else {
+            tracing::info!(app = %cfg.name, upstream = %cfg.upstream, "watching (no listen: resident models are mirrored as idle reservations)");
+        }
         let poller = app.clone();
         every(settings.poll_interval, move || {
             let poller = poller.clone();

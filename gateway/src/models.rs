@@ -12,6 +12,9 @@
 //!
 //! Each slot has an epoch; a request's [`ModelUse`] guard touches only the
 //! slot it was counted in, never a later one for the same model.
+//!
+//! A watched app (no `listen`) gets its slots from `/api/ps` instead of
+//! from requests: see [`watch`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,6 +29,8 @@ use crate::daemon::Daemon;
 use crate::metrics::Metrics;
 use crate::ollama::{ModelCall, Running, Upstream, estimate_bytes};
 use crate::sizes::SizeStore;
+
+pub mod watch;
 
 /// How often an eviction re-reads `/api/ps` while it waits for the unload.
 const UNLOAD_POLL: Duration = Duration::from_millis(100);
@@ -101,6 +106,7 @@ pub struct AppState {
     next_epoch: std::sync::atomic::AtomicU64,
     last_ps: Mutex<Option<Vec<Running>>>,
     runtime: tokio::runtime::Handle,
+    watch: Mutex<watch::Watch>,
 }
 
 /// How long a model stays busy in vramd after its last request ended, so
@@ -184,6 +190,7 @@ impl AppState {
             next_epoch: std::sync::atomic::AtomicU64::new(1),
             last_ps: Mutex::new(None),
             runtime: tokio::runtime::Handle::current(),
+            watch: Mutex::new(watch::Watch::default()),
         }
     }
 
@@ -558,8 +565,8 @@ impl AppState {
 
     /// One poll: reads `/api/ps`, records sizes, and releases reservations
     /// of models Ollama unloaded by itself or that a lost vramd connection
-    /// took with it.
-    pub async fn poll(&self) {
+    /// took with it; for a watched app, mirrors the resident models.
+    pub async fn poll(self: &Arc<Self>) {
         let started = Instant::now();
         let ps = self.upstream.ps().await;
         let mut released = Vec::new();
@@ -604,6 +611,9 @@ impl AppState {
                             tracing::warn!(error = %e, "cannot save the model size");
                         }
                     }
+                }
+                if self.cfg.listen.is_none() {
+                    self.mirror_resident(&ps);
                 }
                 *self.last_ps.lock().unwrap_or_else(|p| p.into_inner()) = Some(ps);
             }
