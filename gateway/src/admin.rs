@@ -48,7 +48,7 @@ async fn status(State(a): State<Admin>) -> impl IntoResponse {
                 .collect();
             serde_json::json!({
                 "name": app.cfg.name,
-                "kind": "ollama",
+                "kind": app.cfg.kind,
                 "upstream": app.cfg.upstream,
                 "listen": app.cfg.listen.map(|l| l.to_string()),
                 "watched": app.cfg.listen.is_none(),

@@ -1,5 +1,5 @@
 //! vramd-gateway: an HTTP gateway in front of apps that load models on
-//! their own (Ollama), which reserves a model's memory through vramd's
+//! their own (Ollama, OpenAI-compatible servers: [`openai`]), which reserves a model's memory through vramd's
 //! queue *before* forwarding a request that will load it, keeps one
 //! reservation per resident model (busy while requests run, idle and
 //! evictable between them), unloads a model through the app's API when
@@ -19,6 +19,7 @@ mod error;
 pub mod metrics;
 pub mod models;
 pub mod ollama;
+pub mod openai;
 pub mod proxy;
 pub mod sizes;
 
@@ -32,6 +33,19 @@ pub use error::Error;
 pub async fn run(settings: Settings) -> Result<(), Error> {
     let daemon = Arc::new(daemon::Daemon::new(settings.socket.clone()));
     let sizes = Arc::new(sizes::SizeStore::load(&settings.state_file));
+    for app in &settings.apps {
+        for m in &app.models {
+            if m.size_bytes.is_none() && sizes.get(&format!("{}/{}", app.name, m.name)).is_none() {
+                return Err(Error::Config {
+                    file: settings.state_file.clone(),
+                    message: format!(
+                        "app {:?}: model {:?}: size: required (the state file has no observed size for it)",
+                        app.name, m.name
+                    ),
+                });
+            }
+        }
+    }
     let metrics = Arc::new(metrics::Metrics::new());
     let http = reqwest::Client::builder()
         .no_proxy()
@@ -64,7 +78,10 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         ));
         if let Some(listener) = listener {
             tracing::info!(app = %cfg.name, listen = ?cfg.listen, upstream = %cfg.upstream, "serving");
-            let router = proxy::router(app.clone());
+            let router = match cfg.kind {
+                config::Kind::Ollama => proxy::router(app.clone()),
+                config::Kind::OpenAi => openai::router(app.clone()),
+            };
             servers.spawn(async move { axum::serve(listener, router).await });
         } else {
             tracing::info!(app = %cfg.name, upstream = %cfg.upstream, "watching (no listen: resident models are mirrored as idle reservations)");

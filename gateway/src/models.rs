@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 use vramd_client::{Error as SdkError, Request};
 
 use crate::Error;
-use crate::config::App;
+use crate::config::{App, Kind};
 use crate::daemon::Daemon;
 use crate::metrics::Metrics;
 use crate::ollama::{ModelCall, Running, Upstream, estimate_bytes};
@@ -145,6 +145,14 @@ impl Drop for ModelUse {
                 app.sync_idle(&model).await
             });
         }
+    }
+}
+
+impl ModelUse {
+    /// The epoch of the slot it counts in: a new reservation of the same
+    /// model has a new epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 }
 
@@ -461,6 +469,9 @@ impl AppState {
         if let Some(b) = self.sizes.get(&self.label(&call.model)) {
             return Ok(Some(b));
         }
+        if self.cfg.kind == Kind::OpenAi {
+            return Ok(self.cfg.model(&call.model).and_then(|m| m.size_bytes));
+        }
         if let Some(b) = self.cfg.size_overrides.get(&call.model) {
             return Ok(Some(*b));
         }
@@ -484,7 +495,7 @@ impl AppState {
             return;
         };
         let mut sent = lock.lock().await;
-        let Some(want) = self.lock().get(model).map(|s| self.wants_idle(s)) else {
+        let Some(want) = self.lock().get(model).map(|s| self.wants_idle(model, s)) else {
             return;
         };
         if *sent == Some(want) {
@@ -499,8 +510,20 @@ impl AppState {
         }
     }
 
-    fn wants_idle(&self, s: &Slot) -> bool {
-        s.phase == Phase::Held && s.in_flight == 0 && (!s.pinned || self.cfg.evict_pinned)
+    fn wants_idle(&self, model: &str, s: &Slot) -> bool {
+        s.phase == Phase::Held
+            && s.in_flight == 0
+            && (!s.pinned || self.cfg.evict_pinned)
+            && self.can_unload(model)
+    }
+
+    /// Whether the gateway has a way to unload `model` (an `openai` model
+    /// without an `unload` request has none, so it is never idle in vramd).
+    fn can_unload(&self, model: &str) -> bool {
+        match self.cfg.kind {
+            Kind::Ollama => true,
+            Kind::OpenAi => self.cfg.model(model).is_some_and(|m| m.unload.is_some()),
+        }
     }
 
     /// The daemon asked for `model`'s reservation back (runs on an SDK
@@ -531,10 +554,28 @@ impl AppState {
             }
             let _ = tokio::time::timeout_at(until.into(), notified).await;
         }
+        match self.cfg.kind {
+            // Nothing to watch: the unload request answering is all the
+            // gateway can know; vramd grants only on its readings.
+            Kind::OpenAi => crate::openai::unload(self, model).await,
+            Kind::Ollama => self.unload_ollama(model, until).await,
+        }
+        {
+            let mut slots = self.lock();
+            if slots.get(model).is_some_and(|s| s.epoch == epoch) {
+                slots.remove(model);
+            }
+        }
+        tracing::info!(app = %self.cfg.name, model, "evicted: releasing");
+        self.changed.notify_waiters();
+    }
+
+    /// Asks Ollama to unload `model` and waits (until `until`) until
+    /// `/api/ps` no longer lists it.
+    async fn unload_ollama(&self, model: &str, until: Instant) {
         if let Err(e) = self.upstream.unload(model).await {
             tracing::warn!(app = %self.cfg.name, model, error = %e, "unload request failed");
         }
-        // Wait until Ollama no longer lists it.
         loop {
             match self.upstream.ps().await {
                 Ok(ps)
@@ -553,20 +594,15 @@ impl AppState {
             }
             tokio::time::sleep(UNLOAD_POLL).await;
         }
-        {
-            let mut slots = self.lock();
-            if slots.get(model).is_some_and(|s| s.epoch == epoch) {
-                slots.remove(model);
-            }
-        }
-        tracing::info!(app = %self.cfg.name, model, "evicted: releasing");
-        self.changed.notify_waiters();
     }
 
     /// One poll: reads `/api/ps`, records sizes, and releases reservations
     /// of models Ollama unloaded by itself or that a lost vramd connection
     /// took with it; for a watched app, mirrors the resident models.
     pub async fn poll(self: &Arc<Self>) {
+        if self.cfg.kind == Kind::OpenAi {
+            return self.release_lost();
+        }
         let started = Instant::now();
         let ps = self.upstream.ps().await;
         let mut released = Vec::new();
@@ -624,6 +660,25 @@ impl AppState {
         }
     }
 
+    /// Forgets the reservations a lost vramd connection took with it.
+    fn release_lost(&self) {
+        let generation = self.daemon.generation();
+        let mut lost = Vec::new();
+        self.lock().retain(|model, s| {
+            let keep = !(s.phase == Phase::Held && s.generation != generation);
+            if !keep {
+                lost.push(model.clone());
+            }
+            keep
+        });
+        for model in &lost {
+            tracing::info!(app = %self.cfg.name, model, why = "the connection to vramd was lost", "released");
+        }
+        if !lost.is_empty() {
+            self.changed.notify_waiters();
+        }
+    }
+
     /// The models held, for `/status`.
     pub fn models(&self) -> Vec<ModelStatus> {
         let slots = self.lock();
@@ -636,7 +691,7 @@ impl AppState {
                 device: s.device,
                 reservation_id: s.reservation.as_ref().map(|r| r.id().0),
                 in_flight: s.in_flight,
-                idle: self.wants_idle(s),
+                idle: self.wants_idle(m, s),
                 pinned: s.pinned,
                 loaded: s.loaded,
             })

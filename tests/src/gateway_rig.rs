@@ -29,15 +29,21 @@ pub struct Gateway {
 
 impl Gateway {
     /// Starts it talking to vramd at `socket`, with `apps` (TOML of one or
-    /// more `[[app]]` tables) and `top` (extra top-level keys), polling
-    /// every 100 ms; waits until `/healthz` and every address in `wait_for`
-    /// answer.
+    /// more `[[app]]` tables) and `top` (extra top-level keys; its own
+    /// `state_file` unless `top` sets one), polling every 100 ms; waits
+    /// until `/healthz` and every address in `wait_for` answer.
     pub fn start(socket: &Path, top: &str, apps: &str, wait_for: &[SocketAddr]) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let admin = free_port();
         let state = dir.path().join("state/sizes.json");
+        // A `state_file` in `top` wins over the one in the gateway's directory.
+        let state = if top.contains("state_file") {
+            String::new()
+        } else {
+            format!("state_file = {state:?}\n")
+        };
         let config = format!(
-            "socket = {socket:?}\nlisten = \"{admin}\"\nstate_file = {state:?}\npoll_interval = \"100ms\"\n{top}\n\n{apps}\n",
+            "socket = {socket:?}\nlisten = \"{admin}\"\n{state}poll_interval = \"100ms\"\n{top}\n\n{apps}\n",
         );
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, config).expect("write config");
