@@ -26,6 +26,10 @@ pub struct Config {
     /// How often each app's loaded models are read (Ollama's `/api/ps`).
     #[serde(default = "default_poll")]
     pub poll_interval: String,
+    /// vramd's `--aging` (a waiter's effective priority rises by one per
+    /// this long); the drain limit reckons with it.
+    #[serde(default = "default_aging")]
+    pub aging: String,
     /// The apps served.
     #[serde(default, rename = "app")]
     pub apps: Vec<AppConfig>,
@@ -59,6 +63,10 @@ pub struct AppConfig {
     /// Per-model sizes used before the first observation (`"llama3:8b" = "6GiB"`).
     #[serde(default)]
     pub sizes: BTreeMap<String, String>,
+    /// How long a waiter in vramd may outrank one of this app's busy models
+    /// before the gateway stops admitting new requests for that model.
+    #[serde(default = "default_drain_limit")]
+    pub drain_limit: String,
     /// `openai`: the models served (`[[app.model]]`).
     #[serde(default, rename = "model")]
     pub models: Vec<ModelConfig>,
@@ -146,6 +154,14 @@ fn default_ctx() -> u64 {
     4096
 }
 
+fn default_aging() -> String {
+    "10s".into()
+}
+
+fn default_drain_limit() -> String {
+    "30s".into()
+}
+
 /// One app with its values parsed.
 #[derive(Debug, Clone)]
 pub struct App {
@@ -170,6 +186,10 @@ pub struct App {
     pub size_overrides: BTreeMap<String, u64>,
     /// `openai`: the models, in the config's order.
     pub models: Vec<OpenAiModel>,
+    /// See [`AppConfig::drain_limit`].
+    pub drain_limit: Duration,
+    /// See [`Config::aging`] (the same for every app).
+    pub aging: Duration,
 }
 
 impl App {
@@ -215,6 +235,10 @@ impl Settings {
             parse_duration(&c.poll_interval).map_err(|e| err(format!("poll_interval: {e}")))?;
         if poll_interval.is_zero() {
             return Err(err("poll_interval: must be more than 0".into()));
+        }
+        let aging = parse_duration(&c.aging).map_err(|e| err(format!("aging: {e}")))?;
+        if aging.is_zero() {
+            return Err(err("aging: must be more than 0".into()));
         }
         let mut apps: Vec<App> = Vec::new();
         for a in c.apps {
@@ -354,6 +378,8 @@ impl Settings {
                 .map(parse_duration)
                 .transpose()
                 .map_err(|e| at("wait_limit", e.to_string()))?;
+            let drain_limit =
+                parse_duration(&a.drain_limit).map_err(|e| at("drain_limit", e.to_string()))?;
             let mut size_overrides = BTreeMap::new();
             for (model, size) in &a.sizes {
                 let bytes =
@@ -371,6 +397,8 @@ impl Settings {
                 context_length: a.context_length,
                 size_overrides,
                 models,
+                drain_limit,
+                aging,
             });
         }
         if apps.is_empty() {
@@ -566,5 +594,16 @@ unload = { method = "delete", url = "http://127.0.0.1:9000/models/embed" }
         let s = Settings::parse(Path::new("g.toml"), &t).unwrap();
         assert_eq!(s.apps[0].size_overrides["llama3:latest"], 6 << 30);
         assert_eq!(s.apps[0].wait_limit, Some(Duration::from_secs(120)));
+        assert_eq!(s.apps[0].drain_limit, Duration::from_secs(30));
+        assert_eq!(s.apps[0].aging, Duration::from_secs(10));
+        let t = format!("aging = \"5s\"\n{FIRST}drain_limit = \"2s\"\n");
+        let s = Settings::parse(Path::new("g.toml"), &t).unwrap();
+        assert_eq!(s.apps[0].drain_limit, Duration::from_secs(2));
+        assert_eq!(s.apps[0].aging, Duration::from_secs(5));
+        let t = format!("{FIRST}drain_limit = \"soon\"\n");
+        let e = Settings::parse(Path::new("g.toml"), &t)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("drain_limit"), "{e}");
     }
 }

@@ -30,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::ollama::{ModelCall, Running, Upstream, estimate_bytes};
 use crate::sizes::SizeStore;
 
+pub mod drain;
 pub mod watch;
 
 /// How often an eviction re-reads `/api/ps` while it waits for the unload.
@@ -63,6 +64,8 @@ struct Slot {
     pinned: bool,
     loaded: bool,
     idle_sent: Arc<tokio::sync::Mutex<Option<bool>>>,
+    /// A waiter outranked it past the drain limit: new requests wait.
+    draining: bool,
 }
 
 /// One model in `/status`.
@@ -86,6 +89,8 @@ pub struct ModelStatus {
     pub pinned: bool,
     /// Seen in `/api/ps` since the grant.
     pub loaded: bool,
+    /// New requests wait: a waiter has outranked it past the drain limit.
+    pub draining: bool,
 }
 
 /// One app: its upstream, its models' reservations, its poller.
@@ -142,7 +147,15 @@ impl Drop for ModelUse {
             let model = self.model.clone();
             self.app.runtime.spawn(async move {
                 tokio::time::sleep(IDLE_LINGER).await;
-                app.sync_idle(&model).await
+                // A request that came and went meanwhile spawned its own
+                // check, IDLE_LINGER after it: this one is stale.
+                let recent = app
+                    .lock()
+                    .get(&model)
+                    .is_some_and(|s| s.last_busy.elapsed() < IDLE_LINGER);
+                if !recent {
+                    app.sync_idle(&model).await
+                }
             });
         }
     }
@@ -240,7 +253,7 @@ impl AppState {
             let next = {
                 let mut slots = self.lock();
                 match slots.get_mut(model) {
-                    Some(s) if s.phase == Phase::Held => {
+                    Some(s) if s.phase == Phase::Held && !s.draining => {
                         s.in_flight += 1;
                         s.last_busy = Instant::now();
                         if let Some(k) = call.keep_alive_secs {
@@ -267,6 +280,7 @@ impl AppState {
                                 pinned: false,
                                 loaded: false,
                                 idle_sent: Arc::new(tokio::sync::Mutex::new(None)),
+                                draining: false,
                             },
                         );
                         Next::Reserve(epoch)
@@ -601,7 +615,8 @@ impl AppState {
     /// took with it; for a watched app, mirrors the resident models.
     pub async fn poll(self: &Arc<Self>) {
         if self.cfg.kind == Kind::OpenAi {
-            return self.release_lost();
+            self.release_lost();
+            return self.update_drain();
         }
         let started = Instant::now();
         let ps = self.upstream.ps().await;
@@ -658,6 +673,7 @@ impl AppState {
                 *self.last_ps.lock().unwrap_or_else(|p| p.into_inner()) = None;
             }
         }
+        self.update_drain();
     }
 
     /// Forgets the reservations a lost vramd connection took with it.
@@ -694,6 +710,7 @@ impl AppState {
                 idle: self.wants_idle(m, s),
                 pinned: s.pinned,
                 loaded: s.loaded,
+                draining: s.draining,
             })
             .collect();
         v.sort_by(|a, b| a.model.cmp(&b.model));

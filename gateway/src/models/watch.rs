@@ -98,6 +98,7 @@ impl AppState {
                         pinned,
                         loaded: true,
                         idle_sent: Arc::new(tokio::sync::Mutex::new(None)),
+                        draining: false,
                     },
                 );
                 start.push((model, r.size_vram, pinned, epoch));
