@@ -213,3 +213,37 @@ fn a_mirror_that_does_not_fit_neither_queues_nor_evicts_and_is_taken_later() {
     });
     drop(idle);
 }
+
+/// vramd restarts: the mirrors went with the old daemon; the gateway
+/// reconnects by itself and mirrors the models still resident again.
+#[test]
+fn after_a_vramd_restart_the_resident_models_are_mirrored_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vramd.sock");
+    let args = ["--simulate", "12GiB"];
+    let d = Daemon::spawn_at(tempfile::tempdir().unwrap(), socket.clone(), &args);
+    assert!(wait_until(WAIT, || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    }));
+    let o = FakeOllama::start(&[ModelDef::new("m:latest", GIB, 2 * GIB)]);
+    load(&o, "m", None);
+    let g = watched(&socket, &o, "");
+    d.wait_status("mirrored", |s| s.reservations.len() == 1);
+    drop(d);
+    let _ = std::fs::remove_file(&socket);
+    let d2 = Daemon::spawn_at(tempfile::tempdir().unwrap(), socket.clone(), &args);
+    assert!(wait_until(WAIT, || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    }));
+    let s = d2.wait_status("mirrored again by the new daemon", |s| {
+        s.reservations.len() == 1
+    });
+    assert_eq!(
+        s.reservations[0].label.as_deref(),
+        Some("ollama/m:latest"),
+        "{}",
+        g.log()
+    );
+    assert!(s.reservations[0].idle);
+    assert!(o.unload_requests().is_empty());
+}
