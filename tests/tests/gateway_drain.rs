@@ -103,6 +103,11 @@ fn a_steady_stream_of_requests_cannot_starve_a_waiter_past_the_drain_limit() {
     assert!(o.loaded().is_empty(), "granted while the model was loaded");
     assert!(g.log().contains("draining"), "{}", g.log());
     assert_eq!(o.unload_requests(), [MODEL]);
+    let m = http(g.admin, "GET", "/metrics", None, &[]).text();
+    assert!(
+        m.contains("vramd_gateway_model_drains_total{app=\"ollama\",model=\"tiny:latest\"} 1"),
+        "{m}"
+    );
 
     // The stream's requests wait for the room meanwhile, then are served.
     d.wait_status("the stream's request queued behind the job", |s| {

@@ -103,6 +103,7 @@ impl AppState {
         }
         for (model, drain, in_flight) in &changed {
             if *drain {
+                self.metrics.drain(&self.cfg.name, model);
                 tracing::info!(
                     app = %self.cfg.name, model, in_flight, drain_limit_ms = self.cfg.drain_limit.as_millis() as u64,
                     "draining: a waiter has outranked the model longer than the drain limit; new requests wait"
