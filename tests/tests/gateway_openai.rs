@@ -411,3 +411,36 @@ fn the_official_openai_python_client_works_through_an_openai_app() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
     assert_eq!(reservations(&d).len(), 1);
 }
+
+#[test]
+fn a_wait_limit_that_passes_is_a_503_with_retry_after_in_openais_shape() {
+    let d = Daemon::start_raw(&["--simulate", "12GiB"]);
+    let a = FakeOpenAi::start(&["alpha"]);
+    let listen = free_port();
+    let apps = format!(
+        "[[app]]\nname = \"llm\"\nkind = \"openai\"\nlisten = \"{listen}\"\nwait_limit = \"300ms\"\n\n{}",
+        model("alpha", &a.url(), "size = \"4GiB\"")
+    );
+    let _g = Gateway::start(d.socket(), "", &apps, &[listen]);
+    let _holder = vramd_harness::ChildGuard::new(d.hold("10GiB"));
+    let r = http(
+        listen,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat("alpha", false)),
+        &[],
+    );
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.header("retry-after").is_some());
+    let e = &r.json()["error"];
+    assert_eq!(e["type"], "server_error");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("timed out waiting for GPU memory for alpha"),
+        "{e}"
+    );
+    assert_eq!(a.model_requests(), 0, "nothing forwarded");
+    assert!(d.client().status().unwrap().queue.is_empty());
+}
