@@ -9,10 +9,14 @@
 //! consumer_poll_interval = "2s"
 //!
 //! [[consumer]]
-//! name = "ollama"
-//! kind = "ollama"
-//! url = "http://127.0.0.1:11434"
+//! name = "comfyui"
+//! kind = "comfyui"
+//! url = "http://127.0.0.1:8188"
 //! ```
+//!
+//! Ollama is no consumer kind any more: `vramd-gateway` watches it per model
+//! (an `[[app]]` without `listen`); a `kind = "ollama"` here is an error
+//! that says how to move it ([`OLLAMA_MOVED`]).
 
 use std::path::Path;
 use std::time::Duration;
@@ -110,14 +114,16 @@ pub struct Route {
     pub body: Option<String>,
 }
 
+/// What a `kind = "ollama"` consumer is told: the project keeps one
+/// implementation of Ollama's API, in vramd-gateway.
+pub const OLLAMA_MOVED: &str = "kind \"ollama\" is no longer a vramd consumer: Ollama is \
+    watched per model by vramd-gateway now. Remove this [[consumer]] and add to the gateway's \
+    config an [[app]] with the same name, kind = \"ollama\", upstream = <this url> and no listen \
+    (see \"Moving from vramd's Ollama consumer\" in docs/gateway.md)";
+
 /// How vramd talks to a consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsumerKind {
-    /// Ollama: `GET /api/ps`, unload with `POST /api/generate {"model", "keep_alive": 0}`.
-    Ollama {
-        /// Base URL.
-        url: String,
-    },
     /// ComfyUI: `GET /system_stats`, unload with `POST /free`.
     ComfyUi {
         /// Base URL.
@@ -147,7 +153,6 @@ impl ConsumerKind {
     /// The kind's name as in the config.
     pub fn name(&self) -> &'static str {
         match self {
-            ConsumerKind::Ollama { .. } => "ollama",
             ConsumerKind::ComfyUi { .. } => "comfyui",
             ConsumerKind::Http { .. } => "http",
             ConsumerKind::Command { .. } => "command",
@@ -270,7 +275,7 @@ impl Config {
                 body: r.body.clone(),
             };
             let kind = match c.kind.as_str() {
-                "ollama" => ConsumerKind::Ollama { url: url()? },
+                "ollama" => return Err(invalid(format!("{ctx}: {OLLAMA_MOVED}"))),
                 "comfyui" => ConsumerKind::ComfyUi { url: url()? },
                 "http" => ConsumerKind::Http {
                     url: url()?,
@@ -292,7 +297,7 @@ impl Config {
                 },
                 other => {
                     return Err(invalid(format!(
-                        "{ctx}: unknown kind {other:?}; use ollama, comfyui, http or command"
+                        "{ctx}: unknown kind {other:?}; use comfyui, http or command"
                     )));
                 }
             };
@@ -332,12 +337,12 @@ mod tests {
         let c = Config::parse(text).unwrap();
         assert_eq!(c.eviction_deadline, Some(Duration::from_secs(30)));
         let names: Vec<&str> = c.consumers.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(names, ["ollama", "comfyui", "tts", "whisper"]);
+        assert_eq!(names, ["comfyui", "tts", "whisper"]);
         let tts = parse_size("2.8GiB").unwrap();
         assert!(
-            matches!(&c.consumers[2].kind, ConsumerKind::Http { vram_bytes, .. } if *vram_bytes == tts)
+            matches!(&c.consumers[1].kind, ConsumerKind::Http { vram_bytes, .. } if *vram_bytes == tts)
         );
-        assert_eq!(c.consumers[1].priority, 5);
+        assert_eq!(c.consumers[0].priority, 5);
         assert_eq!(c.consumers[0].coexist_with, ["tts"]);
     }
 
@@ -349,7 +354,7 @@ mod tests {
                 "unknown kind",
             ),
             (
-                "[[consumer]]\nname = \"a\"\nkind = \"ollama\"",
+                "[[consumer]]\nname = \"a\"\nkind = \"comfyui\"",
                 "needs a url",
             ),
             (
@@ -361,16 +366,16 @@ mod tests {
                 "needs vram",
             ),
             (
-                "[[consumer]]\nname = \"a\"\nkind = \"ollama\"\nurl = \"http://x\"\ncolor = 1",
+                "[[consumer]]\nname = \"a\"\nkind = \"comfyui\"\nurl = \"http://x\"\ncolor = 1",
                 "unknown field",
             ),
             ("[eviction]\ndeadline = \"soon\"", "eviction.deadline"),
             (
-                "[[consumer]]\nname = \"a\"\nkind = \"ollama\"\nurl = \"ftp://x\"",
+                "[[consumer]]\nname = \"a\"\nkind = \"comfyui\"\nurl = \"ftp://x\"",
                 "http://",
             ),
             (
-                "[[consumer]]\nname = \"a\"\nkind = \"ollama\"\nurl = \"https://x\"",
+                "[[consumer]]\nname = \"a\"\nkind = \"comfyui\"\nurl = \"https://x\"",
                 "https is not supported (vramd has no TLS built in)",
             ),
             (
@@ -382,13 +387,32 @@ mod tests {
                 "did you mean 2GiB?",
             ),
             (
-                "[[consumer]]\nname = \"a\"\nkind = \"ollama\"\nurl = \"http://x\"\n[[consumer]]\nname = \"a\"\nkind = \"ollama\"\nurl = \"http://y\"",
+                "[[consumer]]\nname = \"a\"\nkind = \"comfyui\"\nurl = \"http://x\"\n[[consumer]]\nname = \"a\"\nkind = \"comfyui\"\nurl = \"http://y\"",
                 "twice",
             ),
         ];
         for (text, want) in cases {
             let e = Config::parse(text).unwrap_err().to_string();
             assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_ollama_consumer_is_told_to_move_to_the_gateway() {
+        let e = Config::parse(
+            "[[consumer]]\nname = \"chat\"\nkind = \"ollama\"\nurl = \"http://127.0.0.1:11434\"",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "consumer \"chat\"",
+            "kind \"ollama\"",
+            "vramd-gateway",
+            "kind = \"ollama\"",
+            "no listen",
+            "docs/gateway.md",
+        ] {
+            assert!(e.contains(want), "missing {want:?}: {e}");
         }
     }
 }

@@ -1,6 +1,6 @@
 //! External consumers: apps that hold GPU memory without asking vramd
-//! (Ollama, ComfyUI, any HTTP app, anything a command can stop), read and
-//! unloaded through their own APIs.
+//! (ComfyUI, any HTTP app, anything a command can stop), read and unloaded
+//! through their own APIs. (Ollama is watched per model by vramd-gateway.)
 //!
 //! Each consumer has its own task: it asks the consumer what it holds every
 //! poll interval, and unloads it when the core says so. Every call has a time
@@ -82,18 +82,6 @@ struct Adapter {
 }
 
 #[derive(Deserialize)]
-struct OllamaPs {
-    models: Vec<OllamaModel>,
-}
-
-#[derive(Deserialize)]
-struct OllamaModel {
-    name: String,
-    #[serde(default)]
-    size_vram: u64,
-}
-
-#[derive(Deserialize)]
 struct ComfyStats {
     devices: Vec<ComfyDevice>,
 }
@@ -127,13 +115,6 @@ impl Adapter {
 
     async fn read(&mut self) -> Result<ConsumerReading, String> {
         match &self.config.kind {
-            ConsumerKind::Ollama { url } => {
-                let ps: OllamaPs = self.get_json(&format!("{url}/api/ps")).await?;
-                Ok(ConsumerReading {
-                    resident_bytes: ps.models.iter().map(|m| m.size_vram).sum(),
-                    models: ps.models.into_iter().map(|m| m.name).collect(),
-                })
-            }
             ConsumerKind::ComfyUi { url } => {
                 let stats: ComfyStats = self.get_json(&format!("{url}/system_stats")).await?;
                 Ok(ConsumerReading {
@@ -170,16 +151,6 @@ impl Adapter {
 
     async fn unload(&mut self) -> Result<(), String> {
         match self.config.kind.clone() {
-            ConsumerKind::Ollama { url } => {
-                let ps: OllamaPs = self.get_json(&format!("{url}/api/ps")).await?;
-                for m in ps.models {
-                    let body = serde_json::json!({ "model": m.name, "keep_alive": 0 });
-                    self.post_json(&format!("{url}/api/generate"), &body)
-                        .await?;
-                    info!(consumer = %self.config.name, model = %m.name, bytes = m.size_vram, "ollama model unload requested");
-                }
-                Ok(())
-            }
             ConsumerKind::ComfyUi { url } => {
                 let body = serde_json::json!({ "unload_models": true, "free_memory": true });
                 self.post_json(&format!("{url}/free"), &body).await?;

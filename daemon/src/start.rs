@@ -37,7 +37,7 @@ pub struct Args {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub simulate: Vec<u64>,
     /// Config file (TOML): eviction settings and external consumers
-    /// (Ollama, ComfyUI, HTTP apps, commands). See docs/configuration.md.
+    /// (ComfyUI, HTTP apps, commands). See docs/configuration.md.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// How long an evicted holder or consumer has to free its memory.

@@ -48,9 +48,10 @@ async fn status(State(a): State<Admin>) -> impl IntoResponse {
                 .collect();
             serde_json::json!({
                 "name": app.cfg.name,
-                "kind": "ollama",
+                "kind": app.cfg.kind,
                 "upstream": app.cfg.upstream,
-                "listen": app.cfg.listen.to_string(),
+                "listen": app.cfg.listen.map(|l| l.to_string()),
+                "watched": app.cfg.listen.is_none(),
                 "priority": app.cfg.priority,
                 "upstream_up": app.last_ps().is_some(),
                 "models": app.models(),

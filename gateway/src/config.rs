@@ -26,6 +26,10 @@ pub struct Config {
     /// How often each app's loaded models are read (Ollama's `/api/ps`).
     #[serde(default = "default_poll")]
     pub poll_interval: String,
+    /// vramd's `--aging` (a waiter's effective priority rises by one per
+    /// this long); the drain limit reckons with it.
+    #[serde(default = "default_aging")]
+    pub aging: String,
     /// The apps served.
     #[serde(default, rename = "app")]
     pub apps: Vec<AppConfig>,
@@ -37,11 +41,13 @@ pub struct Config {
 pub struct AppConfig {
     /// Unique name; reservations are labelled `<name>/<model>`.
     pub name: String,
-    /// Only `ollama` in this version.
+    /// `ollama` or `openai`.
     pub kind: String,
-    /// Base URL of the app, e.g. `http://127.0.0.1:11434`.
-    pub upstream: String,
-    /// Where clients reach the app through the gateway.
+    /// Base URL of the app, e.g. `http://127.0.0.1:11434`; for `openai`,
+    /// the default of its models' `upstream`.
+    pub upstream: Option<String>,
+    /// Where clients reach the app through the gateway; absent: the app is
+    /// only watched (its resident models mirrored as idle reservations).
     pub listen: Option<SocketAddr>,
     /// Priority of this app's reservations in vramd's queue.
     #[serde(default)]
@@ -57,6 +63,83 @@ pub struct AppConfig {
     /// Per-model sizes used before the first observation (`"llama3:8b" = "6GiB"`).
     #[serde(default)]
     pub sizes: BTreeMap<String, String>,
+    /// How long a waiter in vramd may outrank one of this app's busy models
+    /// before the gateway stops admitting new requests for that model.
+    #[serde(default = "default_drain_limit")]
+    pub drain_limit: String,
+    /// `openai`: the models served (`[[app.model]]`).
+    #[serde(default, rename = "model")]
+    pub models: Vec<ModelConfig>,
+}
+
+/// One `[[app.model]]` of an `openai` app.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name clients put in the body's `model`, matched exactly.
+    pub name: String,
+    /// Base URL of the server that serves it; the app's `upstream` when absent.
+    pub upstream: Option<String>,
+    /// Memory it takes once loaded (`"16GiB"`); may be left out when the
+    /// state file has an observed size for it.
+    pub size: Option<String>,
+    /// The request that makes the server free the model's memory, called
+    /// when vramd evicts it; without it the model is never evicted.
+    pub unload: Option<CallConfig>,
+    /// The request that makes the server load the model again, called after
+    /// a new reservation is granted and before the first request is forwarded.
+    pub load: Option<CallConfig>,
+}
+
+/// An HTTP request the gateway makes to a server (`unload`, `load`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallConfig {
+    /// `POST` when absent.
+    pub method: Option<String>,
+    /// A path on the model's upstream (`"/sleep"`); or give `url`.
+    pub path: Option<String>,
+    /// A whole `http://` URL; or give `path`.
+    pub url: Option<String>,
+    /// The body; sent as `application/json` when it is JSON.
+    pub body: Option<String>,
+}
+
+/// The kind of an app: which API the gateway speaks to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Ollama: one upstream, models named in bodies, `/api/ps`.
+    Ollama,
+    /// Any OpenAI-compatible server: models routed to their own upstreams.
+    #[serde(rename = "openai")]
+    OpenAi,
+}
+
+/// A request the gateway makes, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    /// Upper-case method.
+    pub method: String,
+    /// The whole URL.
+    pub url: String,
+    /// The body, if any.
+    pub body: Option<String>,
+}
+
+/// One model of an `openai` app, parsed.
+#[derive(Debug, Clone)]
+pub struct OpenAiModel {
+    /// See [`ModelConfig::name`].
+    pub name: String,
+    /// Base URL without a trailing `/`.
+    pub upstream: String,
+    /// The declared size, if any.
+    pub size_bytes: Option<u64>,
+    /// See [`ModelConfig::unload`].
+    pub unload: Option<Call>,
+    /// See [`ModelConfig::load`].
+    pub load: Option<Call>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -71,15 +154,26 @@ fn default_ctx() -> u64 {
     4096
 }
 
+fn default_aging() -> String {
+    "10s".into()
+}
+
+fn default_drain_limit() -> String {
+    "30s".into()
+}
+
 /// One app with its values parsed.
 #[derive(Debug, Clone)]
 pub struct App {
     /// See [`AppConfig::name`].
     pub name: String,
-    /// Base URL without a trailing `/`.
+    /// See [`AppConfig::kind`].
+    pub kind: Kind,
+    /// Base URL without a trailing `/` (`openai`: the default of its
+    /// models' upstreams, possibly empty).
     pub upstream: String,
-    /// See [`AppConfig::listen`].
-    pub listen: SocketAddr,
+    /// See [`AppConfig::listen`]; `None`: watched only.
+    pub listen: Option<SocketAddr>,
     /// See [`AppConfig::priority`].
     pub priority: i32,
     /// See [`AppConfig::wait_limit`].
@@ -90,6 +184,19 @@ pub struct App {
     pub context_length: u64,
     /// Size overrides, by normalized model name, in bytes.
     pub size_overrides: BTreeMap<String, u64>,
+    /// `openai`: the models, in the config's order.
+    pub models: Vec<OpenAiModel>,
+    /// See [`AppConfig::drain_limit`].
+    pub drain_limit: Duration,
+    /// See [`Config::aging`] (the same for every app).
+    pub aging: Duration,
+}
+
+impl App {
+    /// The `openai` model named `name`, matched exactly.
+    pub fn model(&self, name: &str) -> Option<&OpenAiModel> {
+        self.models.iter().find(|m| m.name == name)
+    }
 }
 
 /// The configuration with every value checked.
@@ -129,6 +236,10 @@ impl Settings {
         if poll_interval.is_zero() {
             return Err(err("poll_interval: must be more than 0".into()));
         }
+        let aging = parse_duration(&c.aging).map_err(|e| err(format!("aging: {e}")))?;
+        if aging.is_zero() {
+            return Err(err("aging: must be more than 0".into()));
+        }
         let mut apps: Vec<App> = Vec::new();
         for a in c.apps {
             let at = |key: &str, m: String| err(format!("app {:?}: {key}: {m}", a.name));
@@ -138,44 +249,137 @@ impl Settings {
             if apps.iter().any(|x| x.name == a.name) {
                 return Err(at("name", "another [[app]] has this name".into()));
             }
-            match a.kind.as_str() {
-                "ollama" => {}
-                "openai" => {
-                    return Err(at(
-                        "kind",
-                        "\"openai\" is not supported yet (see docs/gateway.md); use \"ollama\""
-                            .into(),
-                    ));
-                }
+            let kind = match a.kind.as_str() {
+                "ollama" => Kind::Ollama,
+                "openai" => Kind::OpenAi,
                 other => {
                     return Err(at(
                         "kind",
-                        format!("unknown kind {other:?}; use \"ollama\""),
+                        format!("unknown kind {other:?}; use \"ollama\" or \"openai\""),
                     ));
                 }
-            }
-            let upstream = a.upstream.trim_end_matches('/').to_string();
-            if !upstream.starts_with("http://") {
-                return Err(at(
-                    "upstream",
-                    format!(
-                        "{upstream:?} is not an http:// URL (https upstreams are not supported)"
-                    ),
-                ));
-            }
-            let Some(listen) = a.listen else {
-                return Err(at(
-                    "listen",
-                    "required: apps without a listen address (watched only) are not supported yet"
-                        .into(),
-                ));
             };
+            let check_url = |key: &str, u: &str| -> Result<String, Error> {
+                let u = u.trim_end_matches('/').to_string();
+                if u.starts_with("http://") {
+                    Ok(u)
+                } else {
+                    Err(at(
+                        key,
+                        format!("{u:?} is not an http:// URL (https upstreams are not supported)"),
+                    ))
+                }
+            };
+            let upstream = match (&a.upstream, kind) {
+                (Some(u), _) => check_url("upstream", u)?,
+                (None, Kind::Ollama) => return Err(at("upstream", "required".into())),
+                (None, Kind::OpenAi) => String::new(),
+            };
+            let listen = a.listen;
+            let mut models = Vec::new();
+            match kind {
+                Kind::Ollama => {
+                    if !a.models.is_empty() {
+                        return Err(at(
+                            "model",
+                            "[[app.model]] is for kind \"openai\"; an Ollama app finds its models itself"
+                                .into(),
+                        ));
+                    }
+                }
+                Kind::OpenAi => {
+                    if listen.is_none() {
+                        return Err(at(
+                            "listen",
+                            "required for kind \"openai\" (an OpenAI-style server cannot be watched: it does not say what it has loaded)"
+                                .into(),
+                        ));
+                    }
+                    if !a.sizes.is_empty() {
+                        return Err(at(
+                            "sizes",
+                            "not for kind \"openai\": give each [[app.model]] its size".into(),
+                        ));
+                    }
+                    if a.models.is_empty() {
+                        return Err(at(
+                            "model",
+                            "kind \"openai\" needs at least one [[app.model]]".into(),
+                        ));
+                    }
+                    for m in &a.models {
+                        let mkey = |k: &str| format!("model {:?}: {k}", m.name);
+                        if m.name.trim().is_empty() {
+                            return Err(at("model.name", "must be non-empty".into()));
+                        }
+                        if models.iter().any(|x: &OpenAiModel| x.name == m.name) {
+                            return Err(at(&mkey("name"), "declared twice".into()));
+                        }
+                        let upstream = match &m.upstream {
+                            Some(u) => check_url(&mkey("upstream"), u)?,
+                            None if !upstream.is_empty() => upstream.clone(),
+                            None => {
+                                return Err(at(
+                                    &mkey("upstream"),
+                                    "required (or set the app's upstream)".into(),
+                                ));
+                            }
+                        };
+                        let size_bytes = m
+                            .size
+                            .as_deref()
+                            .map(parse_size)
+                            .transpose()
+                            .map_err(|e| at(&mkey("size"), e.to_string()))?;
+                        let call = |key: &str, c: &CallConfig| -> Result<Call, Error> {
+                            let url = match (&c.path, &c.url) {
+                                (Some(p), None) => {
+                                    let p = p.trim();
+                                    if p.starts_with('/') {
+                                        format!("{upstream}{p}")
+                                    } else {
+                                        format!("{upstream}/{p}")
+                                    }
+                                }
+                                (None, Some(u)) => check_url(&mkey(&format!("{key}.url")), u)?,
+                                _ => {
+                                    return Err(at(
+                                        &mkey(key),
+                                        "give exactly one of path and url".into(),
+                                    ));
+                                }
+                            };
+                            let method = c.method.as_deref().unwrap_or("POST").to_ascii_uppercase();
+                            if reqwest::Method::from_bytes(method.as_bytes()).is_err() {
+                                return Err(at(
+                                    &mkey(&format!("{key}.method")),
+                                    format!("{method:?} is not an HTTP method"),
+                                ));
+                            }
+                            Ok(Call {
+                                method,
+                                url,
+                                body: c.body.clone(),
+                            })
+                        };
+                        models.push(OpenAiModel {
+                            name: m.name.clone(),
+                            size_bytes,
+                            unload: m.unload.as_ref().map(|c| call("unload", c)).transpose()?,
+                            load: m.load.as_ref().map(|c| call("load", c)).transpose()?,
+                            upstream,
+                        });
+                    }
+                }
+            }
             let wait_limit = a
                 .wait_limit
                 .as_deref()
                 .map(parse_duration)
                 .transpose()
                 .map_err(|e| at("wait_limit", e.to_string()))?;
+            let drain_limit =
+                parse_duration(&a.drain_limit).map_err(|e| at("drain_limit", e.to_string()))?;
             let mut size_overrides = BTreeMap::new();
             for (model, size) in &a.sizes {
                 let bytes =
@@ -184,6 +388,7 @@ impl Settings {
             }
             apps.push(App {
                 name: a.name,
+                kind,
                 upstream,
                 listen,
                 priority: a.priority,
@@ -191,6 +396,9 @@ impl Settings {
                 evict_pinned: a.evict_pinned,
                 context_length: a.context_length,
                 size_overrides,
+                models,
+                drain_limit,
+                aging,
             });
         }
         if apps.is_empty() {
@@ -248,7 +456,7 @@ priority = 0
         let a = &s.apps[0];
         assert_eq!(a.name, "ollama");
         assert_eq!(a.upstream, "http://127.0.0.1:11434");
-        assert_eq!(a.listen, "127.0.0.1:11435".parse().unwrap());
+        assert_eq!(a.listen, Some("127.0.0.1:11435".parse().unwrap()));
         assert_eq!(a.wait_limit, None);
         assert!(!a.evict_pinned);
     }
@@ -263,7 +471,7 @@ priority = 0
         let e = Settings::parse(Path::new("g.toml"), &openai)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("not supported yet"), "{e}");
+        assert!(e.contains("at least one [[app.model]]"), "{e}");
         let https = FIRST.replace("http://127.0.0.1:11434", "https://127.0.0.1:11434");
         let e = Settings::parse(Path::new("g.toml"), &https)
             .unwrap_err()
@@ -276,11 +484,126 @@ priority = 0
         assert!(e.contains("sizes.llama3"), "{e}");
     }
 
+    const OPENAI: &str = r#"
+[[app]]
+name = "llm"
+kind = "openai"
+listen = "127.0.0.1:8001"
+upstream = "http://127.0.0.1:8000"
+
+[[app.model]]
+name = "qwen"
+size = "16GiB"
+unload = { path = "/sleep", body = "{\"level\":1}" }
+load = { path = "wake_up" }
+
+[[app.model]]
+name = "embed"
+upstream = "http://127.0.0.1:8002/"
+size = "1GiB"
+unload = { method = "delete", url = "http://127.0.0.1:9000/models/embed" }
+"#;
+
+    #[test]
+    fn openai_models_get_their_upstreams_sizes_and_calls() {
+        let s = Settings::parse(Path::new("g.toml"), OPENAI).unwrap();
+        let a = &s.apps[0];
+        assert_eq!(a.kind, Kind::OpenAi);
+        let q = a.model("qwen").unwrap();
+        assert_eq!(q.upstream, "http://127.0.0.1:8000");
+        assert_eq!(q.size_bytes, Some(16 << 30));
+        assert_eq!(
+            q.unload,
+            Some(Call {
+                method: "POST".into(),
+                url: "http://127.0.0.1:8000/sleep".into(),
+                body: Some("{\"level\":1}".into()),
+            })
+        );
+        assert_eq!(
+            q.load.as_ref().unwrap().url,
+            "http://127.0.0.1:8000/wake_up"
+        );
+        let e = a.model("embed").unwrap();
+        assert_eq!(e.upstream, "http://127.0.0.1:8002");
+        assert_eq!(e.unload.as_ref().unwrap().method, "DELETE");
+        assert_eq!(
+            e.unload.as_ref().unwrap().url,
+            "http://127.0.0.1:9000/models/embed"
+        );
+        assert!(a.model("Qwen").is_none(), "names match exactly");
+    }
+
+    #[test]
+    fn openai_mistakes_name_the_app_the_model_and_the_key() {
+        let cases = [
+            (
+                OPENAI.replace(
+                    "load = { path = \"wake_up\" }",
+                    "load = { path = \"/a\", url = \"http://x\" }",
+                ),
+                "model \"qwen\": load: give exactly one of path and url",
+            ),
+            (
+                OPENAI.replace("upstream = \"http://127.0.0.1:8000\"\n", ""),
+                "model \"qwen\": upstream: required",
+            ),
+            (
+                OPENAI.replace("name = \"embed\"", "name = \"qwen\""),
+                "model \"qwen\": name: declared twice",
+            ),
+            (
+                OPENAI.replace("listen = \"127.0.0.1:8001\"\n", ""),
+                "app \"llm\": listen: required for kind \"openai\"",
+            ),
+            (
+                OPENAI.replace("size = \"1GiB\"", "size = \"1\""),
+                "model \"embed\": size",
+            ),
+            (
+                OPENAI.replace("method = \"delete\"", "method = \"DE LETE\""),
+                "unload.method",
+            ),
+            (
+                format!("{OPENAI}\n[app.sizes]\nqwen = \"1GiB\"\n"),
+                "sizes: not for kind",
+            ),
+            (
+                format!("{FIRST}\n[[app.model]]\nname = \"x\"\n"),
+                "is for kind \"openai\"",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = Settings::parse(Path::new("g.toml"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "want {want:?} in {e}");
+        }
+    }
+
+    #[test]
+    fn an_app_without_listen_is_watched() {
+        let t = FIRST.replace("listen = \"127.0.0.1:11435\"", "");
+        let s = Settings::parse(Path::new("g.toml"), &t).unwrap();
+        assert_eq!(s.apps[0].listen, None);
+    }
+
     #[test]
     fn size_overrides_are_keyed_by_the_normalized_name() {
         let t = format!("{FIRST}wait_limit = \"2m\"\n[app.sizes]\n\"llama3\" = \"6GiB\"\n");
         let s = Settings::parse(Path::new("g.toml"), &t).unwrap();
         assert_eq!(s.apps[0].size_overrides["llama3:latest"], 6 << 30);
         assert_eq!(s.apps[0].wait_limit, Some(Duration::from_secs(120)));
+        assert_eq!(s.apps[0].drain_limit, Duration::from_secs(30));
+        assert_eq!(s.apps[0].aging, Duration::from_secs(10));
+        let t = format!("aging = \"5s\"\n{FIRST}drain_limit = \"2s\"\n");
+        let s = Settings::parse(Path::new("g.toml"), &t).unwrap();
+        assert_eq!(s.apps[0].drain_limit, Duration::from_secs(2));
+        assert_eq!(s.apps[0].aging, Duration::from_secs(5));
+        let t = format!("{FIRST}drain_limit = \"soon\"\n");
+        let e = Settings::parse(Path::new("g.toml"), &t)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("drain_limit"), "{e}");
     }
 }

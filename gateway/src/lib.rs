@@ -1,5 +1,5 @@
 //! vramd-gateway: an HTTP gateway in front of apps that load models on
-//! their own (Ollama), which reserves a model's memory through vramd's
+//! their own (Ollama, OpenAI-compatible servers: [`openai`]), which reserves a model's memory through vramd's
 //! queue *before* forwarding a request that will load it, keeps one
 //! reservation per resident model (busy while requests run, idle and
 //! evictable between them), unloads a model through the app's API when
@@ -7,8 +7,10 @@
 //! itself. See docs/gateway.md.
 //!
 //! Lifecycle: [`run`] binds every listen address (failing fast), then runs
-//! one server per app, the admin server, one `/api/ps` poller per app and a
-//! vramd watcher that reconnects by itself, until SIGINT or SIGTERM.
+//! one server per app that has a `listen` (an app without one is only
+//! watched: see `models::watch`), the admin server, one `/api/ps` poller per
+//! app and a vramd watcher that reconnects by itself, until SIGINT or
+//! SIGTERM.
 
 pub mod admin;
 pub mod config;
@@ -17,6 +19,7 @@ mod error;
 pub mod metrics;
 pub mod models;
 pub mod ollama;
+pub mod openai;
 pub mod proxy;
 pub mod sizes;
 
@@ -30,6 +33,19 @@ pub use error::Error;
 pub async fn run(settings: Settings) -> Result<(), Error> {
     let daemon = Arc::new(daemon::Daemon::new(settings.socket.clone()));
     let sizes = Arc::new(sizes::SizeStore::load(&settings.state_file));
+    for app in &settings.apps {
+        for m in &app.models {
+            if m.size_bytes.is_none() && sizes.get(&format!("{}/{}", app.name, m.name)).is_none() {
+                return Err(Error::Config {
+                    file: settings.state_file.clone(),
+                    message: format!(
+                        "app {:?}: model {:?}: size: required (the state file has no observed size for it)",
+                        app.name, m.name
+                    ),
+                });
+            }
+        }
+    }
     let metrics = Arc::new(metrics::Metrics::new());
     let http = reqwest::Client::builder()
         .no_proxy()
@@ -49,7 +65,10 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let mut apps = Vec::new();
     let mut servers = tokio::task::JoinSet::new();
     for cfg in &settings.apps {
-        let listener = bind(cfg.listen).await?;
+        let listener = match cfg.listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         let app = Arc::new(models::AppState::new(
             cfg.clone(),
             http.clone(),
@@ -57,9 +76,16 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             sizes.clone(),
             metrics.clone(),
         ));
-        tracing::info!(app = %cfg.name, listen = %cfg.listen, upstream = %cfg.upstream, "serving");
-        let router = proxy::router(app.clone());
-        servers.spawn(serve(listener, router));
+        if let Some(listener) = listener {
+            tracing::info!(app = %cfg.name, listen = ?cfg.listen, upstream = %cfg.upstream, "serving");
+            let router = match cfg.kind {
+                config::Kind::Ollama => proxy::router(app.clone()),
+                config::Kind::OpenAi => openai::router(app.clone()),
+            };
+            servers.spawn(serve(listener, router));
+        } else {
+            tracing::info!(app = %cfg.name, upstream = %cfg.upstream, "watching (no listen: resident models are mirrored as idle reservations)");
+        }
         let poller = app.clone();
         every(settings.poll_interval, move || {
             let poller = poller.clone();

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 
 /// An HTTP gateway that reserves GPU memory through vramd before an app
-/// (Ollama) loads a model.
+/// (Ollama, an OpenAI-compatible server) loads a model.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {

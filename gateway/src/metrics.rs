@@ -1,4 +1,4 @@
-//! Prometheus metrics: per model requests, waits, evictions and sizes; per
+//! Prometheus metrics: per model requests, waits, evictions, drains and sizes; per
 //! device the daemon's total, used, reserved and available memory.
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -29,6 +29,7 @@ pub struct Metrics {
     waits: Family<ModelLabels, Counter>,
     wait_seconds: Family<ModelLabels, Counter<f64, AtomicU64>>,
     evictions: Family<ModelLabels, Counter>,
+    drains: Family<ModelLabels, Counter>,
     size: Family<ModelLabels, Gauge>,
     device_total: Family<DeviceLabels, Gauge>,
     device_used: Family<DeviceLabels, Gauge>,
@@ -52,6 +53,7 @@ impl Metrics {
             waits: Family::default(),
             wait_seconds: Family::default(),
             evictions: Family::default(),
+            drains: Family::default(),
             size: Family::default(),
             device_total: Family::default(),
             device_used: Family::default(),
@@ -79,6 +81,11 @@ impl Metrics {
             "model_evictions",
             "Times vramd asked for the model's reservation back",
             m.evictions.clone(),
+        );
+        registry.register(
+            "model_drains",
+            "Times new requests for the model were held back because a waiter outranked it past the drain limit",
+            m.drains.clone(),
         );
         registry.register(
             "model_size_bytes",
@@ -142,6 +149,11 @@ impl Metrics {
         self.evictions
             .get_or_create(&Self::labels(app, model))
             .inc();
+    }
+
+    /// The model started draining (see the drain limit).
+    pub fn drain(&self, app: &str, model: &str) {
+        self.drains.get_or_create(&Self::labels(app, model)).inc();
     }
 
     /// The model's observed size.

@@ -12,6 +12,9 @@
 //!
 //! Each slot has an epoch; a request's [`ModelUse`] guard touches only the
 //! slot it was counted in, never a later one for the same model.
+//!
+//! A watched app (no `listen`) gets its slots from `/api/ps` instead of
+//! from requests: see [`watch`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,11 +24,14 @@ use tokio::sync::Notify;
 use vramd_client::{Error as SdkError, Request};
 
 use crate::Error;
-use crate::config::App;
+use crate::config::{App, Kind};
 use crate::daemon::Daemon;
 use crate::metrics::Metrics;
 use crate::ollama::{ModelCall, Running, Upstream, estimate_bytes};
 use crate::sizes::SizeStore;
+
+pub mod drain;
+pub mod watch;
 
 /// How often an eviction re-reads `/api/ps` while it waits for the unload.
 const UNLOAD_POLL: Duration = Duration::from_millis(100);
@@ -58,6 +64,8 @@ struct Slot {
     pinned: bool,
     loaded: bool,
     idle_sent: Arc<tokio::sync::Mutex<Option<bool>>>,
+    /// A waiter outranked it past the drain limit: new requests wait.
+    draining: bool,
 }
 
 /// One model in `/status`.
@@ -81,6 +89,8 @@ pub struct ModelStatus {
     pub pinned: bool,
     /// Seen in `/api/ps` since the grant.
     pub loaded: bool,
+    /// New requests wait: a waiter has outranked it past the drain limit.
+    pub draining: bool,
 }
 
 /// One app: its upstream, its models' reservations, its poller.
@@ -101,6 +111,7 @@ pub struct AppState {
     next_epoch: std::sync::atomic::AtomicU64,
     last_ps: Mutex<Option<Vec<Running>>>,
     runtime: tokio::runtime::Handle,
+    watch: Mutex<watch::Watch>,
 }
 
 /// How long a model stays busy in vramd after its last request ended, so
@@ -136,9 +147,25 @@ impl Drop for ModelUse {
             let model = self.model.clone();
             self.app.runtime.spawn(async move {
                 tokio::time::sleep(IDLE_LINGER).await;
-                app.sync_idle(&model).await
+                // A request that came and went meanwhile spawned its own
+                // check, IDLE_LINGER after it: this one is stale.
+                let recent = app
+                    .lock()
+                    .get(&model)
+                    .is_some_and(|s| s.last_busy.elapsed() < IDLE_LINGER);
+                if !recent {
+                    app.sync_idle(&model).await
+                }
             });
         }
+    }
+}
+
+impl ModelUse {
+    /// The epoch of the slot it counts in: a new reservation of the same
+    /// model has a new epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 }
 
@@ -184,6 +211,7 @@ impl AppState {
             next_epoch: std::sync::atomic::AtomicU64::new(1),
             last_ps: Mutex::new(None),
             runtime: tokio::runtime::Handle::current(),
+            watch: Mutex::new(watch::Watch::default()),
         }
     }
 
@@ -225,7 +253,7 @@ impl AppState {
             let next = {
                 let mut slots = self.lock();
                 match slots.get_mut(model) {
-                    Some(s) if s.phase == Phase::Held => {
+                    Some(s) if s.phase == Phase::Held && !s.draining => {
                         s.in_flight += 1;
                         s.last_busy = Instant::now();
                         if let Some(k) = call.keep_alive_secs {
@@ -252,6 +280,7 @@ impl AppState {
                                 pinned: false,
                                 loaded: false,
                                 idle_sent: Arc::new(tokio::sync::Mutex::new(None)),
+                                draining: false,
                             },
                         );
                         Next::Reserve(epoch)
@@ -454,6 +483,9 @@ impl AppState {
         if let Some(b) = self.sizes.get(&self.label(&call.model)) {
             return Ok(Some(b));
         }
+        if self.cfg.kind == Kind::OpenAi {
+            return Ok(self.cfg.model(&call.model).and_then(|m| m.size_bytes));
+        }
         if let Some(b) = self.cfg.size_overrides.get(&call.model) {
             return Ok(Some(*b));
         }
@@ -477,7 +509,7 @@ impl AppState {
             return;
         };
         let mut sent = lock.lock().await;
-        let Some(want) = self.lock().get(model).map(|s| self.wants_idle(s)) else {
+        let Some(want) = self.lock().get(model).map(|s| self.wants_idle(model, s)) else {
             return;
         };
         if *sent == Some(want) {
@@ -492,8 +524,20 @@ impl AppState {
         }
     }
 
-    fn wants_idle(&self, s: &Slot) -> bool {
-        s.phase == Phase::Held && s.in_flight == 0 && (!s.pinned || self.cfg.evict_pinned)
+    fn wants_idle(&self, model: &str, s: &Slot) -> bool {
+        s.phase == Phase::Held
+            && s.in_flight == 0
+            && (!s.pinned || self.cfg.evict_pinned)
+            && self.can_unload(model)
+    }
+
+    /// Whether the gateway has a way to unload `model` (an `openai` model
+    /// without an `unload` request has none, so it is never idle in vramd).
+    fn can_unload(&self, model: &str) -> bool {
+        match self.cfg.kind {
+            Kind::Ollama => true,
+            Kind::OpenAi => self.cfg.model(model).is_some_and(|m| m.unload.is_some()),
+        }
     }
 
     /// The daemon asked for `model`'s reservation back (runs on an SDK
@@ -524,10 +568,28 @@ impl AppState {
             }
             let _ = tokio::time::timeout_at(until.into(), notified).await;
         }
+        match self.cfg.kind {
+            // Nothing to watch: the unload request answering is all the
+            // gateway can know; vramd grants only on its readings.
+            Kind::OpenAi => crate::openai::unload(self, model).await,
+            Kind::Ollama => self.unload_ollama(model, until).await,
+        }
+        {
+            let mut slots = self.lock();
+            if slots.get(model).is_some_and(|s| s.epoch == epoch) {
+                slots.remove(model);
+            }
+        }
+        tracing::info!(app = %self.cfg.name, model, "evicted: releasing");
+        self.changed.notify_waiters();
+    }
+
+    /// Asks Ollama to unload `model` and waits (until `until`) until
+    /// `/api/ps` no longer lists it.
+    async fn unload_ollama(&self, model: &str, until: Instant) {
         if let Err(e) = self.upstream.unload(model).await {
             tracing::warn!(app = %self.cfg.name, model, error = %e, "unload request failed");
         }
-        // Wait until Ollama no longer lists it.
         loop {
             match self.upstream.ps().await {
                 Ok(ps)
@@ -546,20 +608,16 @@ impl AppState {
             }
             tokio::time::sleep(UNLOAD_POLL).await;
         }
-        {
-            let mut slots = self.lock();
-            if slots.get(model).is_some_and(|s| s.epoch == epoch) {
-                slots.remove(model);
-            }
-        }
-        tracing::info!(app = %self.cfg.name, model, "evicted: releasing");
-        self.changed.notify_waiters();
     }
 
     /// One poll: reads `/api/ps`, records sizes, and releases reservations
     /// of models Ollama unloaded by itself or that a lost vramd connection
-    /// took with it.
-    pub async fn poll(&self) {
+    /// took with it; for a watched app, mirrors the resident models.
+    pub async fn poll(self: &Arc<Self>) {
+        if self.cfg.kind == Kind::OpenAi {
+            self.release_lost();
+            return self.update_drain();
+        }
         let started = Instant::now();
         let ps = self.upstream.ps().await;
         let mut released = Vec::new();
@@ -605,12 +663,35 @@ impl AppState {
                         }
                     }
                 }
+                if self.cfg.listen.is_none() {
+                    self.mirror_resident(&ps);
+                }
                 *self.last_ps.lock().unwrap_or_else(|p| p.into_inner()) = Some(ps);
             }
             Err(e) => {
                 tracing::debug!(app = %self.cfg.name, error = %e, "polling /api/ps");
                 *self.last_ps.lock().unwrap_or_else(|p| p.into_inner()) = None;
             }
+        }
+        self.update_drain();
+    }
+
+    /// Forgets the reservations a lost vramd connection took with it.
+    fn release_lost(&self) {
+        let generation = self.daemon.generation();
+        let mut lost = Vec::new();
+        self.lock().retain(|model, s| {
+            let keep = !(s.phase == Phase::Held && s.generation != generation);
+            if !keep {
+                lost.push(model.clone());
+            }
+            keep
+        });
+        for model in &lost {
+            tracing::info!(app = %self.cfg.name, model, why = "the connection to vramd was lost", "released");
+        }
+        if !lost.is_empty() {
+            self.changed.notify_waiters();
         }
     }
 
@@ -626,9 +707,10 @@ impl AppState {
                 device: s.device,
                 reservation_id: s.reservation.as_ref().map(|r| r.id().0),
                 in_flight: s.in_flight,
-                idle: self.wants_idle(s),
+                idle: self.wants_idle(m, s),
                 pinned: s.pinned,
                 loaded: s.loaded,
+                draining: s.draining,
             })
             .collect();
         v.sort_by(|a, b| a.model.cmp(&b.model));

@@ -41,7 +41,14 @@ async fn handle(app: Arc<AppState>, req: Request<Body>) -> Result<Response, Erro
     let path = parts.uri.path().to_string();
     if !loads_model(&parts.method, &path) {
         let stream = body.into_data_stream().map_err(std::io::Error::other);
-        return send(&app, parts, reqwest::Body::wrap_stream(stream), None).await;
+        return send(
+            &app,
+            &app.cfg.upstream,
+            parts,
+            reqwest::Body::wrap_stream(stream),
+            None,
+        )
+        .await;
     }
     let bytes = axum::body::to_bytes(body, MAX_MODEL_BODY_BYTES)
         .await
@@ -61,7 +68,14 @@ async fn handle(app: Arc<AppState>, req: Request<Body>) -> Result<Response, Erro
     } else {
         app.acquire(&call, priority).await?
     };
-    send(&app, parts, reqwest::Body::from(bytes), hold).await
+    send(
+        &app,
+        &app.cfg.upstream,
+        parts,
+        reqwest::Body::from(bytes),
+        hold,
+    )
+    .await
 }
 
 /// Hop-by-hop headers, never forwarded (RFC 9110 §7.6.1), plus those the
@@ -89,14 +103,17 @@ fn hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
         )
 }
 
-async fn send(
+/// Forwards a request to `upstream` (a base URL) and streams the answer
+/// back; `hold` lives as long as the answer's body.
+pub(crate) async fn send(
     app: &Arc<AppState>,
+    upstream: &str,
     parts: axum::http::request::Parts,
     body: reqwest::Body,
     hold: Option<crate::models::ModelUse>,
 ) -> Result<Response, Error> {
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let url = format!("{}{pq}", app.cfg.upstream);
+    let url = format!("{upstream}{pq}");
     let mut headers = HeaderMap::new();
     for (k, v) in &parts.headers {
         if !hop_by_hop(k, &parts.headers) {
@@ -111,7 +128,7 @@ async fn send(
         .send()
         .await
         .map_err(|e| Error::Upstream {
-            upstream: app.cfg.upstream.clone(),
+            upstream: upstream.to_string(),
             message: error_chain(&e),
         })?;
     let mut out = Response::builder().status(resp.status());

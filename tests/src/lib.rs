@@ -15,6 +15,8 @@ use vramd_client::Client;
 pub mod fake_gpu;
 pub mod fake_http;
 pub mod fake_ollama;
+pub mod fake_openai;
+pub mod gateway_rig;
 
 /// Longest any single wait in a test may take.
 pub const WAIT: Duration = Duration::from_secs(10);

@@ -414,7 +414,7 @@ fn an_https_consumer_url_is_refused_at_start() {
     let path = dir.path().join("vramd.toml");
     std::fs::write(
         &path,
-        "[[consumer]]\nname = \"chat\"\nkind = \"ollama\"\nurl = \"https://127.0.0.1:11434\"\n",
+        "[[consumer]]\nname = \"images\"\nkind = \"comfyui\"\nurl = \"https://127.0.0.1:8188\"\n",
     )
     .unwrap();
     let out = vramd(
@@ -428,6 +428,34 @@ fn an_https_consumer_url_is_refused_at_start() {
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn an_ollama_consumer_stops_the_start_with_how_to_move_it_to_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vramd.toml");
+    std::fs::write(
+        &path,
+        "[[consumer]]\nname = \"chat\"\nkind = \"ollama\"\nurl = \"http://127.0.0.1:11434\"\n",
+    )
+    .unwrap();
+    let out = vramd(
+        &["--simulate", "24GiB", "--config", path.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    for want in [
+        path.to_str().unwrap(),
+        "consumer \"chat\"",
+        "kind \"ollama\" is no longer a vramd consumer",
+        "vramd-gateway",
+        "no listen",
+        "docs/gateway.md",
+    ] {
+        assert!(err.contains(want), "missing {want:?}: {err}");
+    }
 }
 
 #[test]

@@ -1,139 +1,46 @@
 //! Eviction end to end: idle SDK holders asked through their callback, and
-//! external apps (fake Ollama, ComfyUI, an HTTP app, a command) unloaded
-//! through their APIs — granted only once the fake GPU's readings show the
-//! memory free.
+//! external apps (fake ComfyUI, an HTTP app, a command) unloaded through
+//! their APIs — granted only once the fake GPU's readings show the memory
+//! free. (Ollama is watched by vramd-gateway: tests/tests/gateway_watch.rs.)
 
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use vramd_client::{Error, GIB, MIB, Progress, Request, StatusReport};
+use vramd_client::{Error, GIB, Progress, Request, StatusReport};
 use vramd_tests::fake_gpu::FakeGpu;
-use vramd_tests::fake_http::{Behaviour, FakeComfyUi, FakeHttpApp, FakeOllama, HttpRoutes, Route};
+use vramd_tests::fake_http::{Behaviour, FakeComfyUi, FakeHttpApp, HttpRoutes, Route};
 use vramd_tests::{Daemon, WAIT, fake_nvml_lib, wait_until};
 
 const UUID: &str = "GPU-00000000-1111-2222-3333-444444444444";
 const CARD: u64 = 24 * GIB;
 
-fn me() -> u32 {
-    std::process::id()
-}
-
 fn wait_status(d: &Daemon, what: &str, f: impl Fn(&StatusReport) -> bool) -> StatusReport {
     d.wait_status(what, f)
 }
 
-fn kill(mut c: std::process::Child) {
-    let _ = c.kill();
-    let _ = c.wait();
-}
-
-fn ollama_config(url: &str, extra: &str) -> String {
+fn comfyui_config(url: &str, extra: &str) -> String {
     format!(
-        "[eviction]\ndeadline = \"5s\"\nconsumer_poll_interval = \"100ms\"\n\n[[consumer]]\nname = \"ollama\"\nkind = \"ollama\"\nurl = \"{url}\"\nmin_residency = \"0s\"\ntimeout = \"1s\"\n{extra}\n"
+        "[eviction]\ndeadline = \"5s\"\nconsumer_poll_interval = \"100ms\"\n\n[[consumer]]\nname = \"comfyui\"\nkind = \"comfyui\"\nurl = \"{url}\"\nmin_residency = \"0s\"\ntimeout = \"1s\"\n{extra}\n"
     )
 }
 
-/// The OOM that started the project: a chat server keeps 9.4 GiB of idle
-/// models resident and an image model cannot load. vramd unloads the chat
-/// models and grants the image request once the card shows the room — and the
-/// card never holds more than it has.
-#[test]
-fn seed_scenario_idle_ollama_models_make_room_for_an_image_model() {
-    let dir = tempfile::tempdir().unwrap();
-    let gpu = FakeGpu::create(&dir.path().join("state.json"), &[(UUID, CARD)]);
-    let chat = 9_400 * MIB;
-    let ollama = FakeOllama::start(
-        gpu.clone(),
-        0,
-        3_000_001,
-        &[("llama3:8b", chat)],
-        Duration::from_millis(600),
-    );
-    let d = rig_with(
-        &dir,
-        &gpu,
-        &ollama_config(&ollama.url(), "coexist_with = [\"tts\"]"),
-    );
-    // A busy TTS server holds 2.8 GiB through a reservation.
-    let tts = d.hold("2.8GiB");
-    gpu.set_process(0, tts.id(), vramd_client::parse_size("2.8GiB").unwrap());
-    let s = wait_status(&d, "Ollama seen", |s| {
-        s.consumers
-            .first()
-            .is_some_and(|c| c.reachable && c.resident_bytes == chat)
-            && s.devices[0].unattributed_bytes == chat
-    });
-    assert_eq!(s.consumers[0].models, ["llama3:8b"]);
-    assert!(s.devices[0].available_bytes < 13 * GIB);
-
-    // The image request arrives.
-    let c = d.client();
-    let asked = Instant::now();
-    let image = c
-        .reserve(Request::new(13 * GIB).label("flux").timeout(WAIT))
-        .unwrap();
-    let waited = asked.elapsed();
-    // Granted only after the fake freed the memory (600 ms after the unload call).
-    assert!(
-        gpu.process_bytes(0, 3_000_001) == 0,
-        "granted while Ollama still held its models"
-    );
-    assert!(
-        waited >= Duration::from_millis(600),
-        "granted after {waited:?}, before the memory was free"
-    );
-    // The image model loads.
-    gpu.set_process(0, me(), 13 * GIB);
-    assert!(
-        gpu.peak_used(0) <= CARD,
-        "the card held {} > {CARD}",
-        gpu.peak_used(0)
-    );
-    let reqs = ollama.requests();
-    assert!(
-        reqs.iter().any(|(m, p, b)| m == "POST"
-            && p == "/api/generate"
-            && b.contains("llama3:8b")
-            && b.contains("keep_alive")),
-        "{reqs:?}"
-    );
-    let s = wait_status(&d, "counters", |s| s.counters.evictions_completed == 1);
-    assert_eq!(s.counters.evictions_requested, 1);
-    assert_eq!(s.counters.evictions_failed, 0);
-    assert!(s.consumers[0].last_eviction_ms.is_some());
-    // The whole flow is in the log, in order.
-    let log = d.log();
-    let at = |needle: &str| {
-        log.find(needle)
-            .unwrap_or_else(|| panic!("log lacks {needle:?}:\n{log}"))
-    };
-    assert!(
-        at("asking consumer to unload") < at("label=\"flux\" waited_ms"),
-        "{log}"
-    );
-    drop(image);
-    kill(tts);
-}
+// The seed scenario with Ollama (9.4 GiB of idle chat models making room for
+// an image job) moved with the Ollama consumer to vramd-gateway's watched
+// apps: tests/tests/gateway_watch.rs.
 
 #[test]
 fn the_requests_a_consumer_coexists_with_never_evict_it() {
     let dir = tempfile::tempdir().unwrap();
     let gpu = FakeGpu::create(&dir.path().join("state.json"), &[(UUID, CARD)]);
-    let ollama = FakeOllama::start(
-        gpu.clone(),
-        0,
-        3_000_002,
-        &[("llama3:8b", 20 * GIB)],
-        Duration::ZERO,
-    );
+    let comfy = FakeComfyUi::start(gpu.clone(), 0, 3_000_002, 20 * GIB, Duration::ZERO);
     let d = rig_with(
         &dir,
         &gpu,
-        &ollama_config(&ollama.url(), "coexist_with = [\"tts\"]"),
+        &comfyui_config(&comfy.url(), "coexist_with = [\"tts\"]"),
     );
-    wait_status(&d, "Ollama seen", |s| {
+    wait_status(&d, "ComfyUI seen", |s| {
         s.consumers[0].reachable && s.consumers[0].resident_bytes > 0
     });
     let c = d.client();
@@ -145,11 +52,11 @@ fn the_requests_a_consumer_coexists_with_never_evict_it() {
         )
         .unwrap_err();
     assert!(matches!(e, Error::WaitTimeout(_)), "{e}");
-    assert_eq!(ollama.unload_count(), 0);
+    assert_eq!(comfy.unload_count(), 0);
     let r = c
         .reserve(Request::new(6 * GIB).label("image").timeout(WAIT))
         .unwrap();
-    assert_eq!(ollama.unload_count(), 1);
+    assert_eq!(comfy.unload_count(), 1);
     drop(r);
 }
 
@@ -274,14 +181,8 @@ fn an_http_app_and_a_command_are_unloaded_lowest_priority_first() {
 fn consumers_that_are_down_slow_or_garbled_are_reported_and_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let gpu = FakeGpu::create(&dir.path().join("state.json"), &[(UUID, CARD)]);
-    let ollama = FakeOllama::start(
-        gpu.clone(),
-        0,
-        3_000_006,
-        &[("m", 20 * GIB)],
-        Duration::ZERO,
-    );
-    let d = rig_with(&dir, &gpu, &ollama_config(&ollama.url(), ""));
+    let comfy = FakeComfyUi::start(gpu.clone(), 0, 3_000_006, 20 * GIB, Duration::ZERO);
+    let d = rig_with(&dir, &gpu, &comfyui_config(&comfy.url(), ""));
     wait_status(&d, "reachable", |s| s.consumers[0].reachable);
     for (b, want) in [
         (Behaviour::Down, "cannot connect"),
@@ -289,7 +190,7 @@ fn consumers_that_are_down_slow_or_garbled_are_reported_and_skipped() {
         (Behaviour::Error500, "500"),
         (Behaviour::Slow(Duration::from_secs(3)), "timed out"),
     ] {
-        ollama.set_behaviour(b);
+        comfy.set_behaviour(b);
         let s = wait_status(&d, &format!("{b:?} reported"), |s| {
             !s.consumers[0].reachable
                 && s.consumers[0]
@@ -303,21 +204,21 @@ fn consumers_that_are_down_slow_or_garbled_are_reported_and_skipped() {
         // A slow consumer (3 s) must not hold the daemon up.
         assert!(t.elapsed() < Duration::from_millis(2500));
         assert_eq!(s.counters.evictions_requested, 0);
-        ollama.set_behaviour(Behaviour::Normal);
+        comfy.set_behaviour(Behaviour::Normal);
         wait_status(&d, "reachable again", |s| s.consumers[0].reachable);
     }
     // Reachable at the last poll but down when asked: the failure is counted,
     // and the waiter keeps waiting (here until its own limit).
     let slow_poll = format!(
-        "[eviction]\nconsumer_poll_interval = \"60s\"\n[[consumer]]\nname = \"ollama\"\nkind = \"ollama\"\nurl = \"{}\"\nmin_residency = \"0s\"\ntimeout = \"1s\"\n",
-        ollama.url()
+        "[eviction]\nconsumer_poll_interval = \"60s\"\n[[consumer]]\nname = \"comfyui\"\nkind = \"comfyui\"\nurl = \"{}\"\nmin_residency = \"0s\"\ntimeout = \"1s\"\n",
+        comfy.url()
     );
     drop(d);
     let d = rig_with(&dir, &gpu, &slow_poll);
     wait_status(&d, "reachable", |s| {
         s.consumers[0].reachable && s.consumers[0].resident_bytes > 0
     });
-    ollama.set_behaviour(Behaviour::Down);
+    comfy.set_behaviour(Behaviour::Down);
     let e = d
         .client()
         .reserve(Request::new(10 * GIB).timeout(Duration::from_secs(2)))
