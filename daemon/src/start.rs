@@ -240,6 +240,7 @@ impl Args {
             cushion_bytes: self.cushion.unwrap_or(d.cushion_bytes),
             aging: self.aging.unwrap_or(d.aging).max(Duration::from_millis(1)),
             starvation_guard: self.starvation_guard.unwrap_or(d.starvation_guard),
+            priority_window: d.priority_window,
             placement: self.placement.unwrap_or(d.placement),
             eviction_deadline: self
                 .eviction_deadline

@@ -199,6 +199,10 @@ impl Ledger {
         now: Instant,
     ) -> Self {
         let devices_len = devices.len();
+        let queue = match config.priority_window {
+            Some(window) => Queue::with_window(devices_len, window, now, config.aging),
+            None => Queue::new(devices_len),
+        };
         Self {
             config,
             identity: Identity::default(),
@@ -212,7 +216,7 @@ impl Ledger {
                     reservations: BTreeSet::new(),
                 })
                 .collect(),
-            queue: Queue::new(devices_len),
+            queue,
             reservations: BTreeMap::new(),
             held_by: HashMap::new(),
             held_by_uid: HashMap::new(),
@@ -368,16 +372,11 @@ impl Ledger {
     }
 
     /// Where a waiter of `priority` that arrived at `arrived` stands in the
-    /// grant order (see `queue`).
+    /// aging order (see `queue`): without a priority window, its key in the
+    /// grant order for as long as it waits.
     fn order_key(&self, priority: i32, arrived: Instant, id: ReservationId) -> OrderKey {
-        let since_epoch = if arrived >= self.epoch {
-            arrived.duration_since(self.epoch).as_nanos() as i128
-        } else {
-            -(self.epoch.duration_since(arrived).as_nanos() as i128)
-        };
-        let aging = self.config.aging.as_nanos().max(1) as i128;
         OrderKey {
-            rank: since_epoch - i128::from(priority) * aging,
+            rank: queue::aging_rank(self.epoch, self.config.aging, priority, arrived),
             id,
         }
     }
@@ -477,7 +476,9 @@ impl Ledger {
     ) {
         let id = ReservationId(self.next_id);
         self.next_id += 1;
-        let key = self.order_key(req.priority, now, id);
+        let key = self
+            .queue
+            .key_of(self.order_key(req.priority, now, id), req.priority, now);
         self.fresh.push(key);
         self.untold.push(key);
         self.queue.insert(

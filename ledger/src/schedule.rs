@@ -15,7 +15,9 @@ impl Ledger {
     /// When the daemon should next apply [`Input::Tick`](crate::Input::Tick): the earliest wait limit
     /// or eviction deadline, or the moment an idle holder becomes evictable
     /// while requests wait — it passes its minimum residency, or a waiter
-    /// ages up to its priority. (The grant order does not change with time.)
+    /// ages up to its priority — or, with a priority window, the moment the
+    /// next waiter has waited the window (it moves ahead of younger ones).
+    /// (Without a window the grant order does not change with time.)
     pub fn next_wakeup(&self, now: Instant) -> Option<Instant> {
         let plans = self.queue.planned().into_iter().filter_map(|k| {
             self.queue
@@ -29,12 +31,20 @@ impl Ledger {
             .chain(plans)
             .chain(self.next_eviction_eligibility(now))
             .chain(self.next_outranking(now))
+            .chain(self.queue.next_promotion())
             .min()
     }
 
     /// Runs a scheduling pass, expires waiters past their limit, and tells
     /// the rest their new positions.
     pub(crate) fn settle(&mut self, now: Instant, effects: &mut Vec<Effect>) {
+        if self.queue.promote(now) {
+            // Promoted waiters moved ahead of younger ones: one may now be
+            // ahead of the starved waiter that held it back, and positions
+            // changed.
+            self.clean = false;
+            self.positions_dirty = true;
+        }
         self.schedule(now, effects);
         if self.expire(now, effects) {
             // An expired waiter may have held devices for itself (starvation

@@ -100,6 +100,12 @@ pub struct LedgerConfig {
     /// After waiting this long, a request stops smaller ones from being
     /// granted ahead of it on its devices.
     pub starvation_guard: Duration,
+    /// `None`: waiters are ordered by effective priority (priority + aging).
+    /// `Some(window)`: by strict priority (then arrival) while they have
+    /// waited less than `window`, and past it by arrival, ahead of every
+    /// younger waiter (see `queue`). Aging then only lifts a waiter's
+    /// priority for choosing eviction victims.
+    pub priority_window: Option<Duration>,
     /// How a request for any device is placed.
     pub placement: Placement,
     /// How long an evicted holder or consumer has to free its memory before
@@ -123,6 +129,7 @@ impl Default for LedgerConfig {
             cushion_bytes: 0,
             aging: Duration::from_secs(10),
             starvation_guard: Duration::from_secs(30),
+            priority_window: None,
             placement: Placement::Spread,
             eviction_deadline: Duration::from_secs(30),
             min_residency: Duration::from_secs(10),
