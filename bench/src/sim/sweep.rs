@@ -44,19 +44,24 @@ pub fn reference() -> LedgerConfig {
     }
 }
 
-/// Parses a candidate such as `aging=30s,guard=2m`: keys `aging` and
-/// `guard` (the starvation guard); the rest as in [`LedgerConfig::default`].
+/// Parses a candidate such as `aging=30s,guard=2m,window=5m`: keys `aging`,
+/// `guard` (the starvation guard) and `window` (the priority window, `none`
+/// for none); the rest as in [`LedgerConfig::default`].
 pub fn parse_candidate(spec: &str) -> Result<Candidate, String> {
     let mut config = LedgerConfig::default();
     for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
         let (key, value) = part
             .split_once('=')
-            .ok_or_else(|| format!("{part:?}: use key=value (aging, guard)"))?;
+            .ok_or_else(|| format!("{part:?}: use key=value (aging, guard, window)"))?;
         let duration = || vramd_protocol::parse_duration(value).map_err(|e| e.to_string());
         match key.trim() {
             "aging" => config.aging = duration()?.max(Duration::from_millis(1)),
             "guard" => config.starvation_guard = duration()?,
-            other => return Err(format!("unknown key {other:?}: use aging or guard")),
+            "window" if value.trim() == "none" => config.priority_window = None,
+            "window" => config.priority_window = Some(duration()?),
+            other => {
+                return Err(format!("unknown key {other:?}: use aging, guard or window"));
+            }
         }
     }
     Ok(Candidate {
@@ -236,6 +241,17 @@ pub fn sweep(candidates: &[Candidate], loads: &[f64], seeds: u64, jobs: usize) -
                 "strictly_better_on_the_mean": strictly,
                 "longest_s": longest,
                 "makespan_over_bound_max": ratio,
+                "per_trace": figs.iter().enumerate().map(|(i, f)| json!({
+                    "top_mean_s": f.top_mean_s,
+                    "top_p99_s": f.top_p99_s,
+                    "longest_s": f.longest_s,
+                    "makespan_s": f.makespan_s,
+                    "best_baseline_top_mean_s": best(i, |x| x.top_mean_s),
+                    "best_baseline_top_p99_s": best(i, |x| x.top_p99_s),
+                    "best_baseline_makespan_s": best(i, |x| x.makespan_s),
+                    "reference_longest_s": reference[i].longest_s,
+                    "makespan_lower_bound_s": traces[i].makespan_lower_bound_ms() / 1e3,
+                })).collect::<Vec<_>>(),
             }));
         }
         json_groups.push(json!({
