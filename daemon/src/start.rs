@@ -72,6 +72,11 @@ pub struct Args {
     /// granted ahead of it.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub starvation_guard: Option<Duration>,
+    /// Order requests by strict priority while they have waited less than
+    /// this, and by arrival past it, ahead of every younger request (aging
+    /// then only decides what a waiter may evict). Off by default.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub priority_window: Option<Duration>,
     /// Where requests for any device go: spread (most room) or pack (least room that fits).
     #[arg(long, value_parser = clap::value_parser!(Placement))]
     pub placement: Option<Placement>,
@@ -240,7 +245,7 @@ impl Args {
             cushion_bytes: self.cushion.unwrap_or(d.cushion_bytes),
             aging: self.aging.unwrap_or(d.aging).max(Duration::from_millis(1)),
             starvation_guard: self.starvation_guard.unwrap_or(d.starvation_guard),
-            priority_window: d.priority_window,
+            priority_window: self.priority_window.or(d.priority_window),
             placement: self.placement.unwrap_or(d.placement),
             eviction_deadline: self
                 .eviction_deadline
@@ -561,8 +566,11 @@ mod tests {
             "1m",
             "--placement",
             "pack",
+            "--priority-window",
+            "50m",
         ])
         .ledger_config(&file);
+        assert_eq!(config.priority_window, Some(Duration::from_secs(3000)));
         assert_eq!(config.eviction_deadline, Duration::from_secs(2));
         assert_eq!(config.min_residency, Duration::from_secs(7));
         assert_eq!(config.aging, Duration::from_secs(60));
