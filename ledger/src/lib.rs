@@ -46,6 +46,10 @@
 //! may be granted ahead of a larger one that does not fit (backfill) — until
 //! the larger one has waited past the starvation guard; from then on its
 //! devices take no further grants until it is granted.
+//!
+//! With a priority window ([`LedgerConfig::priority_window`]) the order
+//! changes with time: strict priority, then arrival, for waiters younger
+//! than the window, and arrival ahead of them for the rest (see `queue`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};

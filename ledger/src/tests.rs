@@ -1770,7 +1770,7 @@ fn window_step(
             _ => {}
         }
     }
-    check_invariants(&l, now)?;
+    check_invariants(l, now)?;
     // The queue is in the window's order at every moment the
     // ledger sees.
     let order: Vec<ReservationId> = l.queue.iter().map(|(_, w)| w.id).collect();
