@@ -1919,3 +1919,26 @@ fn pairs_per_second_with_and_without_a_window() {
         }
     }
 }
+
+#[test]
+fn with_a_window_aging_still_decides_what_a_waiter_may_evict() {
+    let t0 = Instant::now();
+    let config = LedgerConfig {
+        priority_window: Some(Duration::from_secs(3000)),
+        aging: Duration::from_secs(10),
+        min_residency: Duration::ZERO,
+        ..LedgerConfig::default()
+    };
+    let mut l = Ledger::new(config, vec![spec(0, 24 * G)], ReadingSource::Simulated, t0);
+    let hi = grant_id(&l.reserve(ConnId(1), peer(1), idle_req(1, 20 * G, 3), t0));
+    // Two waiters: a priority-2 one ranks first by the window's order, but
+    // the priority-0 one is older and reaches 3 first by aging (30 s after
+    // it arrived, against 10 s after the other one arrived 25 s later).
+    let arrived = ms(t0, 100);
+    l.reserve(ConnId(2), peer(2), req(1, 10 * G), arrived);
+    l.reserve(ConnId(3), peer(3), prio_req(1, 10 * G, 2), ms(t0, 25_100));
+    let at = arrived + Duration::from_secs(30);
+    assert_eq!(l.next_wakeup(ms(t0, 25_100)), Some(at));
+    assert!(evicted(&l.tick(at - Duration::from_millis(1))).is_empty());
+    assert_eq!(evicted(&l.tick(at)), vec![hi]);
+}
