@@ -68,8 +68,9 @@ pub mod types;
 
 pub use status::{STATUS_PROCESS_LIMIT, STATUS_QUEUE_LIMIT, redact};
 pub use types::{
-    ConnId, ConsumerReading, ConsumerSpec, DeviceSpec, Effect, Identity, Input, LedgerConfig,
-    LedgerError, LogEvent, Peer, Placement, ProcessUsage, Reading, ReadingSource, Released,
+    AdaptiveGuard, ConnId, ConsumerReading, ConsumerSpec, DeviceSpec, Effect, Identity, Input,
+    LedgerConfig, LedgerError, LogEvent, Peer, Placement, ProcessUsage, Reading, ReadingSource,
+    Released,
 };
 
 use accounting::Ghost;
@@ -145,6 +146,8 @@ struct Waiter {
     label: Option<String>,
     peer: Peer,
     arrived: Instant,
+    /// From then on it is starved: its devices keep their room for it.
+    starved_at: Instant,
     deadline: Option<Instant>,
     /// Last position told to the client (0: none yet).
     told_position: u32,
@@ -189,6 +192,8 @@ pub struct Ledger {
     /// A waiter that was told its position left, or one arrived ahead of
     /// others: every position must be recomputed.
     positions_dirty: bool,
+    /// Waits of the last grants (for an adaptive starvation guard).
+    recent_waits: schedule::RecentWaits,
     next_id: u64,
     counters: Counters,
 }
@@ -233,6 +238,7 @@ impl Ledger {
             fresh: Vec::new(),
             untold: Vec::new(),
             positions_dirty: false,
+            recent_waits: schedule::RecentWaits::default(),
             next_id: 1,
             counters: Counters::default(),
         }
@@ -498,6 +504,7 @@ impl Ledger {
                 label: req.label,
                 peer,
                 arrived: now,
+                starved_at: now + self.guard_for_new(),
                 deadline: req
                     .timeout_ms
                     .map(|ms| now.checked_add(Duration::from_millis(ms)).unwrap_or(now)),

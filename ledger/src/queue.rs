@@ -67,8 +67,8 @@ pub(super) struct Queue {
     /// Each connection's waiting requests, for cancel and disconnect.
     by_conn: HashMap<ConnId, BTreeSet<OrderKey>>,
     /// Per device (index into the ledger's devices): the waiters that may use
-    /// it, by id (so by arrival), with their arrival time.
-    per_device: Vec<BTreeMap<ReservationId, Instant>>,
+    /// it, by the moment they are starved (the starvation guard).
+    per_device: Vec<BTreeSet<(Instant, ReservationId)>>,
     /// Per device: the same waiters by size, to tell at once whether any
     /// could fit.
     sizes: Vec<BTreeSet<(u64, ReservationId)>>,
@@ -82,7 +82,7 @@ impl Queue {
     /// An empty queue for `devices` devices.
     pub fn new(devices: usize) -> Self {
         Self {
-            per_device: vec![BTreeMap::new(); devices],
+            per_device: vec![BTreeSet::new(); devices],
             sizes: vec![BTreeSet::new(); devices],
             ..Self::default()
         }
@@ -166,7 +166,7 @@ impl Queue {
         }
         self.by_conn.entry(w.conn).or_default().insert(key);
         for &d in &w.candidates {
-            self.per_device[d].insert(w.id, w.arrived);
+            self.per_device[d].insert((w.starved_at, w.id));
             self.sizes[d].insert((w.bytes, w.id));
         }
         let u = self.per_uid.entry(w.peer.uid).or_default();
@@ -199,7 +199,7 @@ impl Queue {
             }
         }
         for &d in &w.candidates {
-            self.per_device[d].remove(&w.id);
+            self.per_device[d].remove(&(w.starved_at, w.id));
             self.sizes[d].remove(&(w.bytes, w.id));
         }
         if let Some(u) = self.per_uid.get_mut(&w.peer.uid) {
@@ -277,9 +277,9 @@ impl Queue {
         self.deadlines.first().map(|(d, _)| *d)
     }
 
-    /// Arrival of the oldest waiter that may use device `d`.
-    pub fn oldest_for(&self, d: usize) -> Option<Instant> {
-        self.per_device[d].first_key_value().map(|(_, &a)| a)
+    /// The first moment a waiter that may use device `d` is starved.
+    pub fn first_starved_for(&self, d: usize) -> Option<Instant> {
+        self.per_device[d].first().map(|&(t, _)| t)
     }
 
     /// The smallest request that may use device `d`.

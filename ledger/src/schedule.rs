@@ -2,13 +2,14 @@
 //! starvation guard, placement, wait limits, and the queue positions told to
 //! waiters.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vramd_protocol::{ErrorKind, Grant, format_size};
 
 use crate::queue::OrderKey;
 use crate::{
-    Effect, Ledger, POSITION_PUSH_LIMIT, Placement, ReadingSource, Reservation, Waiter, millis,
+    AdaptiveGuard, Effect, Ledger, POSITION_PUSH_LIMIT, Placement, ReadingSource, Reservation,
+    Waiter, millis,
 };
 
 impl Ledger {
@@ -80,18 +81,14 @@ impl Ledger {
         }
         let mut avail: Vec<u64> = (0..self.devices.len()).map(|d| self.available(d)).collect();
         let mut granted: Vec<(OrderKey, usize)> = Vec::new();
-        let fast = self.clean && {
-            let guard = self.config.starvation_guard;
-            self.fresh.iter().all(|k| {
+        let fast = self.clean
+            && self.fresh.iter().all(|k| {
                 self.queue.get(k).is_none_or(|w| {
-                    w.candidates.iter().all(|&d| {
-                        self.queue
-                            .oldest_for(d)
-                            .is_none_or(|a| now.saturating_duration_since(a) < guard)
-                    })
+                    w.candidates
+                        .iter()
+                        .all(|&d| self.queue.first_starved_for(d).is_none_or(|s| now < s))
                 })
-            })
-        };
+            });
         if fast {
             let mut fresh = std::mem::take(&mut self.fresh);
             fresh.sort_unstable();
@@ -118,9 +115,7 @@ impl Ledger {
                         avail[d] -= w.bytes;
                         granted.push((*key, d));
                     }
-                    None if now.saturating_duration_since(w.arrived)
-                        >= self.config.starvation_guard =>
-                    {
+                    None if now >= w.starved_at => {
                         // Starved: its devices keep their room for it.
                         for &d in &w.candidates {
                             if self.capacity(d) >= w.bytes {
@@ -160,7 +155,23 @@ impl Ledger {
         }
     }
 
+    /// The starvation guard of a request arriving now (see
+    /// [`LedgerConfig::adaptive_guard`](crate::LedgerConfig)).
+    pub(crate) fn guard_for_new(&self) -> Duration {
+        let floor = self.config.starvation_guard;
+        match self.config.adaptive_guard {
+            None => floor,
+            Some(g) => self
+                .recent_waits
+                .mean()
+                .saturating_mul(g.factor)
+                .clamp(floor, g.cap.max(floor)),
+        }
+    }
+
     fn grant(&mut self, w: Waiter, d: usize, now: Instant, effects: &mut Vec<Effect>) {
+        self.recent_waits
+            .push(now.saturating_duration_since(w.arrived));
         let grant = Grant {
             id: w.id,
             device: self.devices[d].spec.index,
@@ -262,4 +273,28 @@ fn tell(w: &mut Waiter, position: u32, effects: &mut Vec<Effect>) {
         id: w.id,
         position,
     });
+}
+
+/// The waits of the last [`AdaptiveGuard::GRANTS`] grants and their sum.
+#[derive(Debug, Default)]
+pub(crate) struct RecentWaits {
+    waits: std::collections::VecDeque<Duration>,
+    sum: Duration,
+}
+
+impl RecentWaits {
+    fn push(&mut self, wait: Duration) {
+        if self.waits.len() == AdaptiveGuard::GRANTS {
+            if let Some(old) = self.waits.pop_front() {
+                self.sum = self.sum.saturating_sub(old);
+            }
+        }
+        self.waits.push_back(wait);
+        self.sum = self.sum.saturating_add(wait);
+    }
+
+    /// The mean wait of the last grants (zero before any).
+    pub fn mean(&self) -> Duration {
+        self.sum / self.waits.len().max(1) as u32
+    }
 }

@@ -824,12 +824,15 @@ pub(crate) fn check_invariants(l: &Ledger, now: Instant) -> Result<(), TestCaseE
             "stale position of {:?}",
             w.id
         );
+        // A waiter is starved from `arrived + starvation_guard` (with an
+        // adaptive guard, its own guard: checked by its property test).
+        if l.config.adaptive_guard.is_none() {
+            prop_assert_eq!(w.starved_at, w.arrived + l.config.starvation_guard);
+        }
         for &d in &w.candidates {
             if l.available(d) >= w.bytes {
                 let held_back = order[..pos].iter().any(|s| {
-                    now.saturating_duration_since(s.arrived) >= l.config.starvation_guard
-                        && s.candidates.contains(&d)
-                        && l.capacity(d) >= s.bytes
+                    now >= s.starved_at && s.candidates.contains(&d) && l.capacity(d) >= s.bytes
                 });
                 prop_assert!(held_back, "waiter {:?} fits on {d} but waits", w.id);
             }
@@ -1749,8 +1752,7 @@ fn window_step(
                 let (p, arrived) = arrivals[&grant.id];
                 let granted_rank = window_rank(window, now, p, arrived, grant.id);
                 for (_, s) in l.queue.iter() {
-                    let starved =
-                        now.saturating_duration_since(s.arrived) >= l.config.starvation_guard;
+                    let starved = now >= s.starved_at;
                     let ahead =
                         window_rank(window, now, s.priority, s.arrived, s.id) < granted_rank;
                     prop_assert!(
@@ -1941,4 +1943,206 @@ fn with_a_window_aging_still_decides_what_a_waiter_may_evict() {
     assert_eq!(l.next_wakeup(ms(t0, 25_100)), Some(at));
     assert!(evicted(&l.tick(at - Duration::from_millis(1))).is_empty());
     assert_eq!(evicted(&l.tick(at)), vec![hi]);
+}
+
+// ---- adaptive starvation guard -----------------------------------------------
+
+#[test]
+fn an_adaptive_guard_follows_the_recent_waits_between_its_floor_and_cap() {
+    let t0 = Instant::now();
+    let config = LedgerConfig {
+        adaptive_guard: Some(AdaptiveGuard {
+            factor: 4,
+            cap: Duration::from_secs(100),
+        }),
+        ..LedgerConfig::default()
+    };
+    let mut l = Ledger::new(config, vec![spec(0, 24 * G)], ReadingSource::Simulated, t0);
+    // No grant yet: the floor (30 s).
+    let a = grant_id(&l.reserve(ConnId(1), peer(1), req(1, 20 * G), t0));
+    // One grant, at once: the mean wait is 0, the guard the floor.
+    let big = ms(t0, 1_000);
+    l.reserve(ConnId(2), peer(2), req(1, 10 * G), big);
+    assert_eq!(
+        l.queue.iter().next().unwrap().1.starved_at,
+        big + Duration::from_secs(30)
+    );
+    // It waits 10 s: the mean over two grants is 5 s, so the next guard is
+    // 4 × 5 s = 20 s → the floor, 30 s; then one more that waits 40 s.
+    l.release(ConnId(1), a, ms(t0, 11_000)).unwrap();
+    let b = l.reservations.keys().copied().last().unwrap();
+    let c_at = ms(t0, 12_000);
+    l.reserve(ConnId(3), peer(3), req(1, 20 * G), c_at);
+    assert_eq!(
+        l.queue.iter().next().unwrap().1.starved_at,
+        c_at + Duration::from_secs(30)
+    );
+    l.release(ConnId(2), b, ms(t0, 52_000)).unwrap();
+    // Waits 0, 10 and 40 s: mean 50/3 s, × 4 = 66.67 s.
+    let d_at = ms(t0, 53_000);
+    l.reserve(ConnId(4), peer(4), req(1, 10 * G), d_at);
+    let d = l.queue.iter().next().unwrap().1;
+    assert_eq!(d.starved_at, d_at + Duration::from_secs(50) / 3 * 4);
+    // And the cap: after a grant that waited an hour, 4 × the mean is far
+    // above 100 s.
+    let mut l = Ledger::new(
+        LedgerConfig {
+            adaptive_guard: Some(AdaptiveGuard {
+                factor: 4,
+                cap: Duration::from_secs(100),
+            }),
+            ..LedgerConfig::default()
+        },
+        vec![spec(0, 24 * G)],
+        ReadingSource::Simulated,
+        t0,
+    );
+    let a = grant_id(&l.reserve(ConnId(1), peer(1), req(1, 24 * G), t0));
+    l.reserve(ConnId(2), peer(2), req(1, 24 * G), t0);
+    l.release(ConnId(1), a, ms(t0, 3_600_000)).unwrap();
+    let e_at = ms(t0, 3_600_001);
+    l.reserve(ConnId(3), peer(3), req(1, 24 * G), e_at);
+    assert_eq!(
+        l.queue.iter().next().unwrap().1.starved_at,
+        e_at + Duration::from_secs(100)
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_histories_keep_the_adaptive_guard(
+        totals in proptest::collection::vec(8u64..40, 1..3),
+        factor in 1u32..8,
+        floor_s in 0u64..40,
+        cap_s in 0u64..200,
+        ops in proptest::collection::vec((arb_op(), 0u64..20_000), 1..60),
+    ) {
+        let t0 = Instant::now();
+        let mut now = t0;
+        let guard = AdaptiveGuard { factor, cap: Duration::from_secs(cap_s) };
+        let floor = Duration::from_secs(floor_s);
+        let config = LedgerConfig {
+            starvation_guard: floor,
+            adaptive_guard: Some(guard),
+            ..LedgerConfig::default()
+        };
+        let devices = totals.iter().enumerate().map(|(i, t)| spec(i as u32, t * G)).collect();
+        let mut l = Ledger::new(config, devices, ReadingSource::Simulated, t0);
+        // The test's own record of the last grants' waits, and of each
+        // request's arrival, priority and expected guard.
+        let mut recent: std::collections::VecDeque<Duration> = Default::default();
+        let mut expected: BTreeMap<ReservationId, (i32, Instant, Instant)> = BTreeMap::new();
+        let mut held: BTreeMap<ReservationId, u64> = BTreeMap::new();
+        let mut next_tag = 1u64;
+        for (op, advance_ms) in ops {
+            now += Duration::from_millis(advance_ms);
+            let effects = match op {
+                Op::Reserve { conn, bytes, device, priority, timeout_ms, evictable } => {
+                    let tag = next_tag;
+                    next_tag += 1;
+                    let mean = recent.iter().sum::<Duration>() / recent.len().max(1) as u32;
+                    let g = (mean * factor).clamp(floor, guard.cap.max(floor));
+                    expected.insert(ReservationId(l.next_id), (priority, now, now + g));
+                    let r = ReserveRequest {
+                        tag, bytes,
+                        device: device.map_or(DeviceSelector::Any, DeviceSelector::Index),
+                        priority, label: None, timeout_ms, evictable,
+                    };
+                    l.reserve(ConnId(conn), peer(conn as u32 + 100), r, now)
+                }
+                Op::Release { conn, nth } => {
+                    let mine: Vec<ReservationId> =
+                        held.iter().filter(|(_, c)| **c == conn).map(|(id, _)| *id).collect();
+                    match mine.get(nth) {
+                        Some(id) => {
+                            held.remove(id);
+                            l.release(ConnId(conn), *id, now).expect("held").1
+                        }
+                        None => l.tick(now),
+                    }
+                }
+                Op::Cancel { conn, .. } => l.cancel(ConnId(conn), u64::MAX, now).1,
+                Op::Disconnect { conn } => {
+                    held.retain(|_, c| *c != conn);
+                    l.disconnect(ConnId(conn), now).1
+                }
+                Op::Tick => l.tick(now),
+            };
+            for e in &effects {
+                if let Effect::Granted { conn, grant, waited, .. } = e {
+                    held.insert(grant.id, conn.0);
+                    let (p, arrived, _) = expected[&grant.id];
+                    prop_assert_eq!(*waited, now.saturating_duration_since(arrived));
+                    if recent.len() == AdaptiveGuard::GRANTS {
+                        recent.pop_front();
+                    }
+                    recent.push_back(*waited);
+                    // No grant jumps a starved waiter ahead of it (aging
+                    // order) on its device.
+                    let d = l.devices.iter().position(|x| x.spec.index == grant.device).unwrap();
+                    let granted_key = l.order_key(p, arrived, grant.id);
+                    for (_, s) in l.queue.iter() {
+                        let ahead = l.order_key(s.priority, s.arrived, s.id) < granted_key;
+                        prop_assert!(!(now >= s.starved_at && ahead && s.candidates.contains(&d)
+                            && l.capacity(d) >= s.bytes),
+                            "grant {:?} jumped starved waiter {:?}", grant.id, s.id);
+                    }
+                }
+            }
+            // Every waiter's guard is the one the rule gives at its arrival.
+            for (_, w) in l.queue.iter() {
+                prop_assert_eq!(w.starved_at, expected[&w.id].2, "guard of {:?}", w.id);
+                prop_assert!(w.starved_at <= w.arrived + guard.cap.max(floor));
+            }
+            check_invariants(&l, now)?;
+            prop_assert_eq!(held.len(), l.reservation_count());
+        }
+    }
+}
+
+#[test]
+fn with_an_adaptive_guard_backfill_goes_on_until_the_request_s_own_guard() {
+    let t0 = Instant::now();
+    let config = LedgerConfig {
+        adaptive_guard: Some(AdaptiveGuard {
+            factor: 6,
+            cap: Duration::from_secs(100),
+        }),
+        ..LedgerConfig::default()
+    };
+    let mut l = Ledger::new(config, vec![spec(0, 24 * G)], ReadingSource::Simulated, t0);
+    let a = grant_id(&l.reserve(ConnId(1), peer(1), req(1, 20 * G), t0));
+    let x = grant_id(&l.reserve(ConnId(9), peer(9), req(1, 2 * G), t0));
+    l.reserve(ConnId(2), peer(2), req(1, 20 * G), t0);
+    // Waits 0, 0 and 40 s: the next request's guard is 6 × 40/3 s ≈ 80 s.
+    assert_eq!(
+        granted(&l.release(ConnId(1), a, ms(t0, 40_000)).unwrap().1).len(),
+        1
+    );
+    let c_at = ms(t0, 41_000);
+    l.reserve(ConnId(3), peer(3), req(1, 20 * G), c_at);
+    let d = l.reserve(
+        ConnId(4),
+        peer(4),
+        req(1, 3 * G),
+        c_at + Duration::from_secs(50),
+    );
+    assert!(granted(&d).is_empty());
+    // 59 s after it arrived it is past the fixed 30 s but not its own 80 s:
+    // the pass a release starts lets the small request behind it go ahead.
+    let e = l
+        .release(ConnId(9), x, c_at + Duration::from_secs(59))
+        .unwrap()
+        .1;
+    assert_eq!(granted(&e), vec![(ConnId(4), 1, 0)], "{e:?}");
+    // Past 80 s its device keeps the room for it.
+    let e = l.reserve(
+        ConnId(5),
+        peer(5),
+        req(1, G),
+        c_at + Duration::from_secs(81),
+    );
+    assert!(granted(&e).is_empty(), "{e:?}");
 }

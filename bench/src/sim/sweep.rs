@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use vramd_ledger::LedgerConfig;
+use vramd_ledger::{AdaptiveGuard, LedgerConfig};
 
 use super::policy::{Arbiter, Discipline, LedgerArbiter, QueueArbiter};
 use super::trace::{self, Trace};
@@ -44,23 +44,48 @@ pub fn reference() -> LedgerConfig {
     }
 }
 
-/// Parses a candidate such as `aging=30s,guard=2m,window=5m`: keys `aging`,
-/// `guard` (the starvation guard) and `window` (the priority window, `none`
-/// for none); the rest as in [`LedgerConfig::default`].
+/// Parses a candidate such as `aging=30s,guard=2m,window=5m,adaptive=3h`:
+/// keys `aging`, `guard` (the starvation guard, or the adaptive guard's
+/// floor), `window` (the priority window, `none` for none), `adaptive` (the
+/// adaptive guard's cap, `none` for a fixed guard) and `factor` (its
+/// factor, default 4); the rest as in [`LedgerConfig::default`].
 pub fn parse_candidate(spec: &str) -> Result<Candidate, String> {
     let mut config = LedgerConfig::default();
     for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
-        let (key, value) = part
-            .split_once('=')
-            .ok_or_else(|| format!("{part:?}: use key=value (aging, guard, window)"))?;
+        let (key, value) = part.split_once('=').ok_or_else(|| {
+            format!("{part:?}: use key=value (aging, guard, window, adaptive, factor)")
+        })?;
         let duration = || vramd_protocol::parse_duration(value).map_err(|e| e.to_string());
         match key.trim() {
             "aging" => config.aging = duration()?.max(Duration::from_millis(1)),
             "guard" => config.starvation_guard = duration()?,
+            "adaptive" if value.trim() == "none" => config.adaptive_guard = None,
+            "adaptive" => {
+                let factor = config
+                    .adaptive_guard
+                    .map_or(AdaptiveGuard::DEFAULT_FACTOR, |g| g.factor);
+                config.adaptive_guard = Some(AdaptiveGuard {
+                    factor,
+                    cap: duration()?,
+                });
+            }
+            "factor" => {
+                let factor: u32 = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("factor {value:?}: a whole number"))?;
+                let g = config.adaptive_guard.get_or_insert(AdaptiveGuard {
+                    factor,
+                    cap: Duration::from_secs(3 * 3600),
+                });
+                g.factor = factor;
+            }
             "window" if value.trim() == "none" => config.priority_window = None,
             "window" => config.priority_window = Some(duration()?),
             other => {
-                return Err(format!("unknown key {other:?}: use aging, guard or window"));
+                return Err(format!(
+                    "unknown key {other:?}: use aging, guard, window, adaptive or factor"
+                ));
             }
         }
     }
@@ -88,6 +113,11 @@ pub fn candidates() -> Vec<Candidate> {
         "window=1000s",
         "window=3000s",
         "window=10000s",
+        "adaptive=3h,factor=2",
+        "adaptive=3h",
+        "adaptive=3h,factor=6",
+        "adaptive=1h",
+        "adaptive=3h,window=1000s",
     ] {
         out.push(parse_candidate(spec).expect("a valid built-in candidate"));
     }
@@ -288,6 +318,25 @@ mod tests {
             parse_candidate("window=later")
                 .unwrap_err()
                 .contains("later")
+        );
+        let c = parse_candidate("adaptive=3h").unwrap();
+        assert_eq!(
+            c.config.adaptive_guard,
+            Some(AdaptiveGuard {
+                factor: 4,
+                cap: Duration::from_secs(3 * 3600)
+            })
+        );
+        let c = parse_candidate("adaptive=1h,factor=2").unwrap();
+        assert_eq!(c.config.adaptive_guard.unwrap().factor, 2);
+        assert_eq!(
+            c.config.adaptive_guard.unwrap().cap,
+            Duration::from_secs(3600)
+        );
+        assert!(
+            parse_candidate("factor=x")
+                .unwrap_err()
+                .contains("whole number")
         );
         assert!(parse_candidate("aging=soon").unwrap_err().contains("soon"));
         assert!(
