@@ -50,6 +50,8 @@
 //! With a priority window ([`LedgerConfig::priority_window`]) the order
 //! changes with time: strict priority, then arrival, for waiters younger
 //! than the window, and arrival ahead of them for the rest (see `queue`).
+//! With an adaptive guard ([`LedgerConfig::adaptive_guard`]) each waiter's
+//! guard, fixed when it arrives, follows the mean wait of the last grants.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};

@@ -170,8 +170,10 @@ impl Ledger {
     }
 
     fn grant(&mut self, w: Waiter, d: usize, now: Instant, effects: &mut Vec<Effect>) {
-        self.recent_waits
-            .push(now.saturating_duration_since(w.arrived));
+        if self.config.adaptive_guard.is_some() {
+            self.recent_waits
+                .push(now.saturating_duration_since(w.arrived));
+        }
         let grant = Grant {
             id: w.id,
             device: self.devices[d].spec.index,
