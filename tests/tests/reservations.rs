@@ -317,3 +317,43 @@ fn with_a_priority_window_a_request_that_waited_it_goes_ahead_by_arrival() {
             .is_none()
     );
 }
+
+#[test]
+fn with_an_adaptive_guard_a_busy_card_keeps_backfilling_past_the_fixed_guard() {
+    // Fixed guard 1 s; each request's own guard is 10 × the recent mean wait.
+    let d = Daemon::start(&[
+        "--starvation-guard",
+        "1s",
+        "--adaptive-guard",
+        "1h",
+        "--adaptive-guard-factor",
+        "10",
+    ]);
+    let holder = d.client();
+    let first = holder.reserve(Request::new(20 * GIB)).unwrap();
+    let w_c = d.client();
+    let mut w = w_c.submit(Request::new(20 * GIB)).unwrap();
+    assert!(matches!(
+        w.next(Some(WAIT)).unwrap(),
+        Some(Progress::Queued { position: 1, .. })
+    ));
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(first);
+    let granted = w.next(Some(WAIT)).unwrap();
+    assert!(matches!(granted, Some(Progress::Granted(_))), "{granted:?}");
+    // Waits so far: 0 and ≥ 1.5 s, so a new request's guard is ≥ 7.5 s.
+    let big_c = d.client();
+    let mut big = big_c.submit(Request::new(20 * GIB)).unwrap();
+    assert!(matches!(
+        big.next(Some(WAIT)).unwrap(),
+        Some(Progress::Queued { position: 1, .. })
+    ));
+    std::thread::sleep(Duration::from_millis(2500));
+    // Past the fixed 1 s guard, well within its own: a small request that
+    // fits beside the holder is granted ahead of it.
+    let small_c = d.client();
+    let small = small_c
+        .reserve(Request::new(2 * GIB).timeout(Duration::ZERO))
+        .unwrap();
+    drop(small);
+}
