@@ -97,8 +97,8 @@ pub fn parse_candidate(spec: &str) -> Result<Candidate, String> {
 
 /// The candidates compared by default: the ledger's default; aging 9 s and
 /// 11 s (how much the per-trace longest-wait target moves when nothing but
-/// noise changes); slower aging; and priority windows (the ones
-/// docs/benchmarks.md reports).
+/// noise changes); slower aging; priority windows; and adaptive guards (the
+/// ones docs/benchmarks.md reports).
 pub fn candidates() -> Vec<Candidate> {
     let mut out = vec![Candidate {
         name: "default".into(),
@@ -115,7 +115,9 @@ pub fn candidates() -> Vec<Candidate> {
         "window=10000s",
         "adaptive=3h,factor=2",
         "adaptive=3h",
+        "adaptive=3h,factor=5",
         "adaptive=3h,factor=6",
+        "adaptive=3h,guard=60s",
         "adaptive=1h",
         "adaptive=3h,window=1000s",
     ] {
