@@ -506,7 +506,7 @@ impl Ledger {
                 label: req.label,
                 peer,
                 arrived: now,
-                starved_at: now + self.guard_for_new(),
+                starved_at: self.starved_at_for_new(now),
                 deadline: req
                     .timeout_ms
                     .map(|ms| now.checked_add(Duration::from_millis(ms)).unwrap_or(now)),

@@ -149,7 +149,7 @@ impl Queue {
     pub fn next_promotion(&self) -> Option<Instant> {
         let win = self.window.as_ref()?;
         let (_, &(arrived, _)) = win.young.first_key_value()?;
-        Some(arrived + win.length)
+        arrived.checked_add(win.length)
     }
 
     pub fn len(&self) -> usize {

@@ -155,9 +155,17 @@ impl Ledger {
         }
     }
 
-    /// The starvation guard of a request arriving now (see
-    /// [`LedgerConfig::adaptive_guard`](crate::LedgerConfig)).
-    pub(crate) fn guard_for_new(&self) -> Duration {
+    /// The moment a request arriving `now` is starved: `now` + its guard
+    /// (see [`LedgerConfig::adaptive_guard`](crate::LedgerConfig)); a guard
+    /// past what an `Instant` can hold means never.
+    pub(crate) fn starved_at_for_new(&self, now: Instant) -> Instant {
+        now.checked_add(self.guard_for_new())
+            .or_else(|| now.checked_add(NEVER))
+            .unwrap_or(now)
+    }
+
+    /// The starvation guard of a request arriving now.
+    fn guard_for_new(&self) -> Duration {
         let floor = self.config.starvation_guard;
         match self.config.adaptive_guard {
             None => floor,
@@ -276,6 +284,10 @@ fn tell(w: &mut Waiter, position: u32, effects: &mut Vec<Effect>) {
         position,
     });
 }
+
+/// A guard this long (about a century) stands for "never starved" when a
+/// configured one does not fit in an `Instant`.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// The waits of the last [`AdaptiveGuard::GRANTS`] grants and their sum.
 #[derive(Debug, Default)]

@@ -2146,3 +2146,32 @@ fn with_an_adaptive_guard_backfill_goes_on_until_the_request_s_own_guard() {
     );
     assert!(granted(&e).is_empty(), "{e:?}");
 }
+
+#[test]
+fn huge_guards_and_windows_mean_never_and_do_not_panic() {
+    let t0 = Instant::now();
+    for adaptive in [None, Some(Duration::MAX)] {
+        let config = LedgerConfig {
+            starvation_guard: Duration::MAX,
+            priority_window: Some(Duration::MAX),
+            adaptive_guard: adaptive.map(|cap| AdaptiveGuard {
+                factor: u32::MAX,
+                cap,
+            }),
+            ..LedgerConfig::default()
+        };
+        let mut l = Ledger::new(config, vec![spec(0, 24 * G)], ReadingSource::Simulated, t0);
+        let a = grant_id(&l.reserve(ConnId(1), peer(1), req(1, 20 * G), t0));
+        l.reserve(ConnId(2), peer(2), req(1, 20 * G), t0);
+        assert_eq!(l.next_wakeup(t0), None);
+        // Never starved: backfill goes on a day later.
+        let later = t0 + Duration::from_secs(86_400);
+        assert_eq!(
+            granted(&l.reserve(ConnId(3), peer(3), req(1, G), later)).len(),
+            1
+        );
+        l.release(ConnId(1), a, later).unwrap();
+        let e = l.reserve(ConnId(4), peer(4), req(1, G), later);
+        assert_eq!(granted(&e).len(), 1, "{e:?}");
+    }
+}
