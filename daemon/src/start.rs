@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
-use vramd_ledger::{ConsumerSpec, Identity, Ledger, LedgerConfig, Placement};
+use vramd_ledger::{AdaptiveGuard, ConsumerSpec, Identity, Ledger, LedgerConfig, Placement};
 use vramd_protocol::{
     format_duration, format_size, format_size_exact, parse_duration, parse_size, paths,
 };
@@ -72,6 +72,20 @@ pub struct Args {
     /// granted ahead of it.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub starvation_guard: Option<Duration>,
+    /// Order requests by strict priority while they have waited less than
+    /// this, and by arrival past it, ahead of every younger request (aging
+    /// then only decides what a waiter may evict). Off by default.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub priority_window: Option<Duration>,
+    /// Make each request's starvation guard its own: the recent mean wait
+    /// times `--adaptive-guard-factor`, at least `--starvation-guard` and at
+    /// most this. Off by default.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub adaptive_guard: Option<Duration>,
+    /// With `--adaptive-guard`: a request's guard is this many times the
+    /// mean wait of the last 64 grants.
+    #[arg(long, value_name = "N", default_value_t = AdaptiveGuard::DEFAULT_FACTOR, requires = "adaptive_guard")]
+    pub adaptive_guard_factor: u32,
     /// Where requests for any device go: spread (most room) or pack (least room that fits).
     #[arg(long, value_parser = clap::value_parser!(Placement))]
     pub placement: Option<Placement>,
@@ -240,6 +254,14 @@ impl Args {
             cushion_bytes: self.cushion.unwrap_or(d.cushion_bytes),
             aging: self.aging.unwrap_or(d.aging).max(Duration::from_millis(1)),
             starvation_guard: self.starvation_guard.unwrap_or(d.starvation_guard),
+            priority_window: self.priority_window.or(d.priority_window),
+            adaptive_guard: self
+                .adaptive_guard
+                .map(|cap| AdaptiveGuard {
+                    factor: self.adaptive_guard_factor,
+                    cap,
+                })
+                .or(d.adaptive_guard),
             placement: self.placement.unwrap_or(d.placement),
             eviction_deadline: self
                 .eviction_deadline
@@ -560,8 +582,20 @@ mod tests {
             "1m",
             "--placement",
             "pack",
+            "--priority-window",
+            "50m",
+            "--adaptive-guard",
+            "3h",
         ])
         .ledger_config(&file);
+        assert_eq!(config.priority_window, Some(Duration::from_secs(3000)));
+        assert_eq!(
+            config.adaptive_guard,
+            Some(AdaptiveGuard {
+                factor: AdaptiveGuard::DEFAULT_FACTOR,
+                cap: Duration::from_secs(3 * 3600)
+            })
+        );
         assert_eq!(config.eviction_deadline, Duration::from_secs(2));
         assert_eq!(config.min_residency, Duration::from_secs(7));
         assert_eq!(config.aging, Duration::from_secs(60));
@@ -570,5 +604,8 @@ mod tests {
             config.starvation_guard,
             LedgerConfig::default().starvation_guard
         );
+        let factor2 =
+            parse(&["--adaptive-guard", "1h", "--adaptive-guard-factor", "2"]).ledger_config(&file);
+        assert_eq!(factor2.adaptive_guard.map(|g| g.factor), Some(2));
     }
 }

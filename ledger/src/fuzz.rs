@@ -107,8 +107,8 @@ fn arb_step() -> impl Strategy<Value = Step> {
     ]
 }
 
-fn ledger(measured: bool, small_limits: bool) -> Ledger {
-    let config = if small_limits {
+fn ledger(measured: bool, small_limits: bool, policy: u8) -> Ledger {
+    let mut config = if small_limits {
         LedgerConfig {
             max_queued_per_uid: 3,
             max_reservations_per_uid: 4,
@@ -118,6 +118,17 @@ fn ledger(measured: bool, small_limits: bool) -> Ledger {
     } else {
         LedgerConfig::default()
     };
+    // The optional scheduling rules: a priority window, an adaptive guard.
+    match policy {
+        1 => config.priority_window = Some(Duration::from_secs(60)),
+        2 => {
+            config.adaptive_guard = Some(crate::AdaptiveGuard {
+                factor: 4,
+                cap: Duration::from_secs(600),
+            })
+        }
+        _ => {}
+    }
     let source = if measured {
         ReadingSource::Measured(Reading {
             used_bytes: 0,
@@ -153,9 +164,10 @@ proptest! {
     fn random_input_sequences_keep_every_invariant(
         measured in any::<bool>(),
         small_limits in any::<bool>(),
+        policy in 0u8..3,
         steps in proptest::collection::vec((arb_step(), prop_oneof![Just(0u64), 0u64..5_000, 0u64..120_000]), 1..MAX_INPUTS),
     ) {
-        let mut l = ledger(measured, small_limits);
+        let mut l = ledger(measured, small_limits, policy);
         let t0 = Instant::now();
         let mut now = t0;
         for (step, advance_ms) in steps {

@@ -46,6 +46,12 @@
 //! may be granted ahead of a larger one that does not fit (backfill) — until
 //! the larger one has waited past the starvation guard; from then on its
 //! devices take no further grants until it is granted.
+//!
+//! With a priority window ([`LedgerConfig::priority_window`]) the order
+//! changes with time: strict priority, then arrival, for waiters younger
+//! than the window, and arrival ahead of them for the rest (see `queue`).
+//! With an adaptive guard ([`LedgerConfig::adaptive_guard`]) each waiter's
+//! guard, fixed when it arrives, follows the mean wait of the last grants.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -64,8 +70,9 @@ pub mod types;
 
 pub use status::{STATUS_PROCESS_LIMIT, STATUS_QUEUE_LIMIT, redact};
 pub use types::{
-    ConnId, ConsumerReading, ConsumerSpec, DeviceSpec, Effect, Identity, Input, LedgerConfig,
-    LedgerError, LogEvent, Peer, Placement, ProcessUsage, Reading, ReadingSource, Released,
+    AdaptiveGuard, ConnId, ConsumerReading, ConsumerSpec, DeviceSpec, Effect, Identity, Input,
+    LedgerConfig, LedgerError, LogEvent, Peer, Placement, ProcessUsage, Reading, ReadingSource,
+    Released,
 };
 
 use accounting::Ghost;
@@ -141,6 +148,8 @@ struct Waiter {
     label: Option<String>,
     peer: Peer,
     arrived: Instant,
+    /// From then on it is starved: its devices keep their room for it.
+    starved_at: Instant,
     deadline: Option<Instant>,
     /// Last position told to the client (0: none yet).
     told_position: u32,
@@ -185,6 +194,8 @@ pub struct Ledger {
     /// A waiter that was told its position left, or one arrived ahead of
     /// others: every position must be recomputed.
     positions_dirty: bool,
+    /// Waits of the last grants (for an adaptive starvation guard).
+    recent_waits: schedule::RecentWaits,
     next_id: u64,
     counters: Counters,
 }
@@ -199,6 +210,10 @@ impl Ledger {
         now: Instant,
     ) -> Self {
         let devices_len = devices.len();
+        let queue = match config.priority_window {
+            Some(window) => Queue::with_window(devices_len, window, now, config.aging),
+            None => Queue::new(devices_len),
+        };
         Self {
             config,
             identity: Identity::default(),
@@ -212,7 +227,7 @@ impl Ledger {
                     reservations: BTreeSet::new(),
                 })
                 .collect(),
-            queue: Queue::new(devices_len),
+            queue,
             reservations: BTreeMap::new(),
             held_by: HashMap::new(),
             held_by_uid: HashMap::new(),
@@ -225,6 +240,7 @@ impl Ledger {
             fresh: Vec::new(),
             untold: Vec::new(),
             positions_dirty: false,
+            recent_waits: schedule::RecentWaits::default(),
             next_id: 1,
             counters: Counters::default(),
         }
@@ -368,16 +384,11 @@ impl Ledger {
     }
 
     /// Where a waiter of `priority` that arrived at `arrived` stands in the
-    /// grant order (see `queue`).
+    /// aging order (see `queue`): without a priority window, its key in the
+    /// grant order for as long as it waits.
     fn order_key(&self, priority: i32, arrived: Instant, id: ReservationId) -> OrderKey {
-        let since_epoch = if arrived >= self.epoch {
-            arrived.duration_since(self.epoch).as_nanos() as i128
-        } else {
-            -(self.epoch.duration_since(arrived).as_nanos() as i128)
-        };
-        let aging = self.config.aging.as_nanos().max(1) as i128;
         OrderKey {
-            rank: since_epoch - i128::from(priority) * aging,
+            rank: queue::aging_rank(self.epoch, self.config.aging, priority, arrived),
             id,
         }
     }
@@ -477,7 +488,9 @@ impl Ledger {
     ) {
         let id = ReservationId(self.next_id);
         self.next_id += 1;
-        let key = self.order_key(req.priority, now, id);
+        let key = self
+            .queue
+            .key_of(self.order_key(req.priority, now, id), req.priority, now);
         self.fresh.push(key);
         self.untold.push(key);
         self.queue.insert(
@@ -493,6 +506,7 @@ impl Ledger {
                 label: req.label,
                 peer,
                 arrived: now,
+                starved_at: self.starved_at_for_new(now),
                 deadline: req
                     .timeout_ms
                     .map(|ms| now.checked_add(Duration::from_millis(ms)).unwrap_or(now)),

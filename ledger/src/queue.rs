@@ -6,9 +6,19 @@
 //! two of them at any `t` is comparing `arrived − priority × aging` (the `t`
 //! cancels). That value, with the id to break ties by arrival, is the
 //! [`OrderKey`]; the queue is a `BTreeMap` on it and is never sorted.
+//!
+//! With a priority window ([`LedgerConfig::priority_window`](crate::LedgerConfig)),
+//! the order changes with time alone, once per waiter: a waiter younger
+//! than the window ranks by strict priority, then arrival (rank
+//! `−priority`); once it has waited the window it is *promoted*
+//! ([`Queue::promote`]) to rank `OLD_BASE + arrived`, ahead of every
+//! younger waiter and behind the older ones. Promotions happen in arrival
+//! order (one index by id), each costs one removal and one insertion, and
+//! an index of the aging ranks keeps [`Queue::first_from_rank`] (eviction's
+//! "when does a waiter reach priority p") exact.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vramd_protocol::ReservationId;
 
@@ -23,17 +33,42 @@ pub(super) struct OrderKey {
     pub id: ReservationId,
 }
 
+/// Ranks of promoted waiters (priority window) start here: below every rank
+/// of a waiter inside the window (`−priority`, at least `−2³¹`) whatever
+/// its arrival (nanoseconds from the epoch, within ±2⁶⁴).
+const OLD_BASE: i128 = -(1 << 100);
+
+/// A waiter's aging rank: `arrived − priority × aging`, in nanoseconds from
+/// `epoch` (comparing two of them compares effective priorities at any time).
+pub(super) fn aging_rank(epoch: Instant, aging: Duration, priority: i32, arrived: Instant) -> i128 {
+    since(epoch, arrived) - i128::from(priority) * aging.as_nanos().max(1) as i128
+}
+
+/// The priority window's state (see the module docs).
+#[derive(Debug)]
+struct Window {
+    length: Duration,
+    epoch: Instant,
+    aging: Duration,
+    /// Waiters still inside the window, by id (so by arrival).
+    young: BTreeMap<ReservationId, (Instant, OrderKey)>,
+    /// Every waiter's aging rank.
+    by_aging: BTreeSet<(i128, ReservationId)>,
+}
+
 /// Waiting requests and their indices.
 #[derive(Debug, Default)]
 pub(super) struct Queue {
+    /// Set when the order has a priority window.
+    window: Option<Window>,
     by_key: BTreeMap<OrderKey, Waiter>,
     /// Wait limits, for expiry without a scan.
     deadlines: BTreeSet<(Instant, OrderKey)>,
     /// Each connection's waiting requests, for cancel and disconnect.
     by_conn: HashMap<ConnId, BTreeSet<OrderKey>>,
     /// Per device (index into the ledger's devices): the waiters that may use
-    /// it, by id (so by arrival), with their arrival time.
-    per_device: Vec<BTreeMap<ReservationId, Instant>>,
+    /// it, by the moment they are starved (the starvation guard).
+    per_device: Vec<BTreeSet<(Instant, ReservationId)>>,
     /// Per device: the same waiters by size, to tell at once whether any
     /// could fit.
     sizes: Vec<BTreeSet<(u64, ReservationId)>>,
@@ -47,10 +82,74 @@ impl Queue {
     /// An empty queue for `devices` devices.
     pub fn new(devices: usize) -> Self {
         Self {
-            per_device: vec![BTreeMap::new(); devices],
+            per_device: vec![BTreeSet::new(); devices],
             sizes: vec![BTreeSet::new(); devices],
             ..Self::default()
         }
+    }
+
+    /// An empty queue whose order has a priority window of `length`
+    /// (aging ranks from `epoch` at `aging` per level, for eviction).
+    pub fn with_window(devices: usize, length: Duration, epoch: Instant, aging: Duration) -> Self {
+        Self {
+            window: Some(Window {
+                length,
+                epoch,
+                aging,
+                young: BTreeMap::new(),
+                by_aging: BTreeSet::new(),
+            }),
+            ..Self::new(devices)
+        }
+    }
+
+    /// The key of a waiter arriving at `now`: its aging rank without a
+    /// window (`aging_rank` gives it), else by its priority (or, with a
+    /// zero window, its arrival).
+    pub fn key_of(&self, aging_key: OrderKey, priority: i32, now: Instant) -> OrderKey {
+        match &self.window {
+            None => aging_key,
+            Some(win) if win.length.is_zero() => OrderKey {
+                rank: OLD_BASE + since(win.epoch, now),
+                id: aging_key.id,
+            },
+            Some(_) => OrderKey {
+                rank: -i128::from(priority),
+                id: aging_key.id,
+            },
+        }
+    }
+
+    /// Promotes the waiters that have waited the priority window by `now`
+    /// (see the module docs); returns whether any moved.
+    pub fn promote(&mut self, now: Instant) -> bool {
+        let mut moved = false;
+        loop {
+            let Some(win) = &self.window else {
+                return false;
+            };
+            let Some((_, &(arrived, key))) = win.young.first_key_value() else {
+                break;
+            };
+            if now.saturating_duration_since(arrived) < win.length {
+                break;
+            }
+            let promoted = OrderKey {
+                rank: OLD_BASE + since(win.epoch, arrived),
+                id: key.id,
+            };
+            let w = self.remove(&key).expect("a young waiter is queued");
+            self.insert(promoted, w);
+            moved = true;
+        }
+        moved
+    }
+
+    /// When the next waiter will have waited the priority window.
+    pub fn next_promotion(&self) -> Option<Instant> {
+        let win = self.window.as_ref()?;
+        let (_, &(arrived, _)) = win.young.first_key_value()?;
+        arrived.checked_add(win.length)
     }
 
     pub fn len(&self) -> usize {
@@ -67,7 +166,7 @@ impl Queue {
         }
         self.by_conn.entry(w.conn).or_default().insert(key);
         for &d in &w.candidates {
-            self.per_device[d].insert(w.id, w.arrived);
+            self.per_device[d].insert((w.starved_at, w.id));
             self.sizes[d].insert((w.bytes, w.id));
         }
         let u = self.per_uid.entry(w.peer.uid).or_default();
@@ -75,6 +174,15 @@ impl Queue {
         u.1 = u.1.saturating_add(w.bytes);
         if w.plan.is_some() {
             self.planned.insert(key);
+        }
+        if let Some(win) = &mut self.window {
+            win.by_aging.insert((
+                aging_rank(win.epoch, win.aging, w.priority, w.arrived),
+                w.id,
+            ));
+            if key.rank > OLD_BASE / 2 {
+                win.young.insert(w.id, (w.arrived, key));
+            }
         }
         self.by_key.insert(key, w);
     }
@@ -91,7 +199,7 @@ impl Queue {
             }
         }
         for &d in &w.candidates {
-            self.per_device[d].remove(&w.id);
+            self.per_device[d].remove(&(w.starved_at, w.id));
             self.sizes[d].remove(&(w.bytes, w.id));
         }
         if let Some(u) = self.per_uid.get_mut(&w.peer.uid) {
@@ -102,6 +210,13 @@ impl Queue {
             }
         }
         self.planned.remove(key);
+        if let Some(win) = &mut self.window {
+            win.by_aging.remove(&(
+                aging_rank(win.epoch, win.aging, w.priority, w.arrived),
+                w.id,
+            ));
+            win.young.remove(&w.id);
+        }
         Some(w)
     }
 
@@ -162,9 +277,9 @@ impl Queue {
         self.deadlines.first().map(|(d, _)| *d)
     }
 
-    /// Arrival of the oldest waiter that may use device `d`.
-    pub fn oldest_for(&self, d: usize) -> Option<Instant> {
-        self.per_device[d].first_key_value().map(|(_, &a)| a)
+    /// The first moment a waiter that may use device `d` is starved.
+    pub fn first_starved_for(&self, d: usize) -> Option<Instant> {
+        self.per_device[d].first().map(|&(t, _)| t)
     }
 
     /// The smallest request that may use device `d`.
@@ -192,8 +307,16 @@ impl Queue {
         })
     }
 
-    /// The first key in grant order whose rank is at least `rank`.
+    /// The waiter with the smallest aging rank at least `rank` (its key
+    /// carries that aging rank; without a window, keys are aging ranks).
     pub fn first_from_rank(&self, rank: i128) -> Option<OrderKey> {
+        if let Some(win) = &self.window {
+            return win
+                .by_aging
+                .range((rank, ReservationId(0))..)
+                .next()
+                .map(|&(rank, id)| OrderKey { rank, id });
+        }
         let from = OrderKey {
             rank,
             id: ReservationId(0),
@@ -206,5 +329,14 @@ impl Queue {
         let mut v: Vec<OrderKey> = self.by_key.keys().rev().take(n).copied().collect();
         v.reverse();
         v
+    }
+}
+
+/// Nanoseconds from `epoch` to `t` (negative before it).
+fn since(epoch: Instant, t: Instant) -> i128 {
+    if t >= epoch {
+        t.duration_since(epoch).as_nanos() as i128
+    } else {
+        -(epoch.duration_since(t).as_nanos() as i128)
     }
 }

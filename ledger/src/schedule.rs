@@ -2,20 +2,23 @@
 //! starvation guard, placement, wait limits, and the queue positions told to
 //! waiters.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vramd_protocol::{ErrorKind, Grant, format_size};
 
 use crate::queue::OrderKey;
 use crate::{
-    Effect, Ledger, POSITION_PUSH_LIMIT, Placement, ReadingSource, Reservation, Waiter, millis,
+    AdaptiveGuard, Effect, Ledger, POSITION_PUSH_LIMIT, Placement, ReadingSource, Reservation,
+    Waiter, millis,
 };
 
 impl Ledger {
     /// When the daemon should next apply [`Input::Tick`](crate::Input::Tick): the earliest wait limit
     /// or eviction deadline, or the moment an idle holder becomes evictable
     /// while requests wait — it passes its minimum residency, or a waiter
-    /// ages up to its priority. (The grant order does not change with time.)
+    /// ages up to its priority — or, with a priority window, the moment the
+    /// next waiter has waited the window (it moves ahead of younger ones).
+    /// (Without a window the grant order does not change with time.)
     pub fn next_wakeup(&self, now: Instant) -> Option<Instant> {
         let plans = self.queue.planned().into_iter().filter_map(|k| {
             self.queue
@@ -29,12 +32,20 @@ impl Ledger {
             .chain(plans)
             .chain(self.next_eviction_eligibility(now))
             .chain(self.next_outranking(now))
+            .chain(self.queue.next_promotion())
             .min()
     }
 
     /// Runs a scheduling pass, expires waiters past their limit, and tells
     /// the rest their new positions.
     pub(crate) fn settle(&mut self, now: Instant, effects: &mut Vec<Effect>) {
+        if self.queue.promote(now) {
+            // Promoted waiters moved ahead of younger ones: one may now be
+            // ahead of the starved waiter that held it back, and positions
+            // changed.
+            self.clean = false;
+            self.positions_dirty = true;
+        }
         self.schedule(now, effects);
         if self.expire(now, effects) {
             // An expired waiter may have held devices for itself (starvation
@@ -70,18 +81,14 @@ impl Ledger {
         }
         let mut avail: Vec<u64> = (0..self.devices.len()).map(|d| self.available(d)).collect();
         let mut granted: Vec<(OrderKey, usize)> = Vec::new();
-        let fast = self.clean && {
-            let guard = self.config.starvation_guard;
-            self.fresh.iter().all(|k| {
+        let fast = self.clean
+            && self.fresh.iter().all(|k| {
                 self.queue.get(k).is_none_or(|w| {
-                    w.candidates.iter().all(|&d| {
-                        self.queue
-                            .oldest_for(d)
-                            .is_none_or(|a| now.saturating_duration_since(a) < guard)
-                    })
+                    w.candidates
+                        .iter()
+                        .all(|&d| self.queue.first_starved_for(d).is_none_or(|s| now < s))
                 })
-            })
-        };
+            });
         if fast {
             let mut fresh = std::mem::take(&mut self.fresh);
             fresh.sort_unstable();
@@ -108,9 +115,7 @@ impl Ledger {
                         avail[d] -= w.bytes;
                         granted.push((*key, d));
                     }
-                    None if now.saturating_duration_since(w.arrived)
-                        >= self.config.starvation_guard =>
-                    {
+                    None if now >= w.starved_at => {
                         // Starved: its devices keep their room for it.
                         for &d in &w.candidates {
                             if self.capacity(d) >= w.bytes {
@@ -150,7 +155,33 @@ impl Ledger {
         }
     }
 
+    /// The moment a request arriving `now` is starved: `now` + its guard
+    /// (see [`LedgerConfig::adaptive_guard`](crate::LedgerConfig)); a guard
+    /// past what an `Instant` can hold means never.
+    pub(crate) fn starved_at_for_new(&self, now: Instant) -> Instant {
+        now.checked_add(self.guard_for_new())
+            .or_else(|| now.checked_add(NEVER))
+            .unwrap_or(now)
+    }
+
+    /// The starvation guard of a request arriving now.
+    fn guard_for_new(&self) -> Duration {
+        let floor = self.config.starvation_guard;
+        match self.config.adaptive_guard {
+            None => floor,
+            Some(g) => self
+                .recent_waits
+                .mean()
+                .saturating_mul(g.factor)
+                .clamp(floor, g.cap.max(floor)),
+        }
+    }
+
     fn grant(&mut self, w: Waiter, d: usize, now: Instant, effects: &mut Vec<Effect>) {
+        if self.config.adaptive_guard.is_some() {
+            self.recent_waits
+                .push(now.saturating_duration_since(w.arrived));
+        }
         let grant = Grant {
             id: w.id,
             device: self.devices[d].spec.index,
@@ -252,4 +283,32 @@ fn tell(w: &mut Waiter, position: u32, effects: &mut Vec<Effect>) {
         id: w.id,
         position,
     });
+}
+
+/// A guard this long (about a century) stands for "never starved" when a
+/// configured one does not fit in an `Instant`.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// The waits of the last [`AdaptiveGuard::GRANTS`] grants and their sum.
+#[derive(Debug, Default)]
+pub(crate) struct RecentWaits {
+    waits: std::collections::VecDeque<Duration>,
+    sum: Duration,
+}
+
+impl RecentWaits {
+    fn push(&mut self, wait: Duration) {
+        if self.waits.len() == AdaptiveGuard::GRANTS {
+            if let Some(old) = self.waits.pop_front() {
+                self.sum = self.sum.saturating_sub(old);
+            }
+        }
+        self.waits.push_back(wait);
+        self.sum = self.sum.saturating_add(wait);
+    }
+
+    /// The mean wait of the last grants (zero before any).
+    pub fn mean(&self) -> Duration {
+        self.sum / self.waits.len().max(1) as u32
+    }
 }

@@ -824,12 +824,15 @@ pub(crate) fn check_invariants(l: &Ledger, now: Instant) -> Result<(), TestCaseE
             "stale position of {:?}",
             w.id
         );
+        // A waiter is starved from `arrived + starvation_guard` (with an
+        // adaptive guard, its own guard: checked by its property test).
+        if l.config.adaptive_guard.is_none() {
+            prop_assert_eq!(w.starved_at, w.arrived + l.config.starvation_guard);
+        }
         for &d in &w.candidates {
             if l.available(d) >= w.bytes {
                 let held_back = order[..pos].iter().any(|s| {
-                    now.saturating_duration_since(s.arrived) >= l.config.starvation_guard
-                        && s.candidates.contains(&d)
-                        && l.capacity(d) >= s.bytes
+                    now >= s.starved_at && s.candidates.contains(&d) && l.capacity(d) >= s.bytes
                 });
                 prop_assert!(held_back, "waiter {:?} fits on {d} but waits", w.id);
             }
@@ -1615,4 +1618,560 @@ fn a_grantee_that_already_used_memory_leaves_room_granted_in_the_same_event() {
     let e = l.set_reading(0, outside(), ms(t0, 4), ms(t0, 4));
     assert_eq!(granted(&e), vec![(ConnId(2), 1, 0), (ConnId(3), 1, 0)]);
     assert_eq!(l.available(0), 0);
+}
+
+// ---- priority window ----------------------------------------------------------
+
+fn windowed(totals: &[u64], window: Duration) -> Ledger {
+    let mut config = LedgerConfig {
+        priority_window: Some(window),
+        ..LedgerConfig::default()
+    };
+    // Aging still lifts priorities for eviction, never the grant order.
+    config.aging = Duration::from_millis(1);
+    Ledger::new(
+        config,
+        totals
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| spec(i as u32, t))
+            .collect(),
+        ReadingSource::Simulated,
+        Instant::now(),
+    )
+}
+
+fn prio_req(tag: u64, bytes: u64, priority: i32) -> ReserveRequest {
+    let mut r = req(tag, bytes);
+    r.priority = priority;
+    r
+}
+
+fn queued_position(effects: &[Effect], conn: ConnId) -> Option<u32> {
+    effects.iter().rev().find_map(|e| match e {
+        Effect::Queued {
+            conn: c, position, ..
+        } if *c == conn => Some(*position),
+        _ => None,
+    })
+}
+
+#[test]
+fn inside_the_window_priority_is_strict_and_past_it_arrival_goes_first() {
+    let t0 = Instant::now();
+    let window = Duration::from_secs(100);
+    let mut l = windowed(&[24 * G], window);
+    let holder = grant_id(&l.reserve(ConnId(1), peer(1), req(1, 24 * G), t0));
+    // A low-priority request, then a top one 50 s later: strict priority
+    // (with aging at 1 ms per level it would be far ahead of the top one).
+    l.reserve(ConnId(2), peer(2), prio_req(1, 4 * G, 0), t0);
+    let e = l.reserve(ConnId(3), peer(3), prio_req(1, 4 * G, 10), ms(t0, 50_000));
+    assert_eq!(queued_position(&e, ConnId(3)), Some(1), "{e:?}");
+    assert_eq!(queued_position(&e, ConnId(2)), Some(2), "{e:?}");
+    // The daemon is woken when the low one has waited the window...
+    assert_eq!(l.next_wakeup(ms(t0, 50_000)), Some(t0 + window));
+    // ...and then it goes first, and is told so.
+    let e = l.tick(t0 + window);
+    assert_eq!(queued_position(&e, ConnId(2)), Some(1), "{e:?}");
+    assert_eq!(queued_position(&e, ConnId(3)), Some(2), "{e:?}");
+    // A new top-priority request stays behind it.
+    let e = l.reserve(ConnId(4), peer(4), prio_req(1, 20 * G, 10), ms(t0, 100_001));
+    assert_eq!(queued_position(&e, ConnId(4)), Some(3), "{e:?}");
+    // 24 GiB free: the promoted one, then the top one that arrived first;
+    // the 20 GiB one no longer fits.
+    let e = l.release(ConnId(1), holder, ms(t0, 100_002)).unwrap().1;
+    assert_eq!(
+        granted(&e),
+        vec![(ConnId(2), 1, 0), (ConnId(3), 1, 0)],
+        "{e:?}"
+    );
+}
+
+#[test]
+fn a_promotion_can_grant_what_a_younger_starved_waiter_held_back() {
+    let t0 = Instant::now();
+    let window = Duration::from_secs(60);
+    let mut l = windowed(&[24 * G], window);
+    l.config.starvation_guard = Duration::from_secs(30);
+    grant_id(&l.reserve(ConnId(1), peer(1), req(1, 19 * G), t0));
+    let five = grant_id(&l.reserve(ConnId(9), peer(9), req(1, 5 * G), t0));
+    l.reserve(ConnId(2), peer(2), prio_req(1, 3 * G, 0), t0);
+    // A top-priority 10 GiB request 10 s later goes ahead of the small one.
+    l.reserve(ConnId(3), peer(3), prio_req(1, 10 * G, 10), ms(t0, 10_000));
+    // 5 GiB free at 45 s: the top one is starved, does not fit and keeps
+    // the device's room; the small one behind it waits.
+    let e = l.release(ConnId(9), five, ms(t0, 45_000)).unwrap().1;
+    assert!(granted(&e).is_empty(), "{e:?}");
+    assert_eq!(l.next_wakeup(ms(t0, 45_000)), Some(t0 + window));
+    // At 60 s the small one has waited the window: it moves ahead of the
+    // starved one and the tick alone grants it.
+    let e = l.tick(t0 + window);
+    assert_eq!(granted(&e), vec![(ConnId(2), 1, 0)], "{e:?}");
+}
+
+/// The grant order with a priority window as docs/architecture.md states it:
+/// waiters that have waited the window first, by arrival; then the others
+/// by priority (higher first), then arrival.
+fn window_rank(
+    window: Duration,
+    now: Instant,
+    priority: i32,
+    arrived: Instant,
+    id: ReservationId,
+) -> (bool, i64, ReservationId) {
+    let old = now.saturating_duration_since(arrived) >= window;
+    (!old, if old { 0 } else { -i64::from(priority) }, id)
+}
+
+/// The checks of `random_histories_keep_the_priority_window` after the
+/// effects of one event at `now`.
+fn window_step(
+    l: &Ledger,
+    window: Duration,
+    arrivals: &BTreeMap<ReservationId, (i32, Instant)>,
+    held: &mut BTreeMap<ReservationId, u64>,
+    waiting: &mut BTreeSet<(u64, u64)>,
+    effects: &[Effect],
+    now: Instant,
+) -> Result<(), TestCaseError> {
+    for e in effects {
+        match e {
+            Effect::Granted {
+                conn, tag, grant, ..
+            } => {
+                waiting.remove(&(conn.0, *tag));
+                held.insert(grant.id, conn.0);
+                // No starved waiter that ranks ahead of the grantee
+                // (by the window's rule, now) and could use its
+                // device is still waiting.
+                let d = l
+                    .devices
+                    .iter()
+                    .position(|x| x.spec.index == grant.device)
+                    .unwrap();
+                let (p, arrived) = arrivals[&grant.id];
+                let granted_rank = window_rank(window, now, p, arrived, grant.id);
+                for (_, s) in l.queue.iter() {
+                    let starved = now >= s.starved_at;
+                    let ahead =
+                        window_rank(window, now, s.priority, s.arrived, s.id) < granted_rank;
+                    prop_assert!(
+                        !(starved
+                            && ahead
+                            && s.candidates.contains(&d)
+                            && l.capacity(d) >= s.bytes),
+                        "grant {:?} jumped starved waiter {:?}",
+                        grant.id,
+                        s.id
+                    );
+                }
+            }
+            Effect::Failed { conn, tag, .. } => {
+                waiting.remove(&(conn.0, *tag));
+            }
+            _ => {}
+        }
+    }
+    check_invariants(l, now)?;
+    // The queue is in the window's order at every moment the
+    // ledger sees.
+    let order: Vec<ReservationId> = l.queue.iter().map(|(_, w)| w.id).collect();
+    let mut expected = order.clone();
+    expected.sort_by_key(|id| {
+        let (p, arrived) = arrivals[id];
+        window_rank(window, now, p, arrived, *id)
+    });
+    prop_assert_eq!(order, expected);
+    // The daemon is woken for the next promotion.
+    let next_promotion = l
+        .queue
+        .iter()
+        .map(|(_, w)| w.arrived + window)
+        .filter(|&t| t > now)
+        .min();
+    if let Some(t) = next_promotion {
+        prop_assert!(l.next_wakeup(now).is_some_and(|w| w <= t));
+    }
+    prop_assert_eq!(waiting.len(), l.waiter_count());
+    prop_assert_eq!(held.len(), l.reservation_count());
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_histories_keep_the_priority_window(
+        totals in proptest::collection::vec(8u64..40, 1..3),
+        window_s in 0u64..90,
+        ops in proptest::collection::vec((arb_op(), 0u64..20_000), 1..60),
+    ) {
+        let window = Duration::from_secs(window_s);
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut l = windowed(&totals.iter().map(|t| t * G).collect::<Vec<_>>(), window);
+        let mut arrivals: BTreeMap<ReservationId, (i32, Instant)> = BTreeMap::new();
+        let mut held: BTreeMap<ReservationId, u64> = BTreeMap::new();
+        let mut waiting: BTreeSet<(u64, u64)> = BTreeSet::new();
+        let mut next_tag = 1u64;
+        for (op, advance_ms) in ops {
+            let before = now;
+            now += Duration::from_millis(advance_ms);
+            // The daemon ticks at every wakeup the ledger asks for.
+            let mut at = before;
+            for _ in 0..1000 {
+                match l.next_wakeup(at) {
+                    Some(t) if t <= now => {
+                        at = t.max(at);
+                        let effects = l.tick(at);
+                        window_step(&l, window, &arrivals, &mut held, &mut waiting, &effects, at)?;
+                    }
+                    _ => break,
+                }
+            }
+            let effects = match op {
+                Op::Reserve { conn, bytes, device, priority, timeout_ms, evictable } => {
+                    let tag = next_tag;
+                    next_tag += 1;
+                    waiting.insert((conn, tag));
+                    arrivals.insert(ReservationId(l.next_id), (priority, now));
+                    let r = ReserveRequest {
+                        tag, bytes,
+                        device: device.map_or(DeviceSelector::Any, DeviceSelector::Index),
+                        priority, label: None, timeout_ms, evictable,
+                    };
+                    l.reserve(ConnId(conn), peer(conn as u32 + 100), r, now)
+                }
+                Op::Release { conn, nth } => {
+                    let mine: Vec<ReservationId> =
+                        held.iter().filter(|(_, c)| **c == conn).map(|(id, _)| *id).collect();
+                    match mine.get(nth) {
+                        Some(id) => {
+                            held.remove(id);
+                            l.release(ConnId(conn), *id, now).expect("held").1
+                        }
+                        None => l.tick(now),
+                    }
+                }
+                Op::Cancel { conn, nth } => {
+                    let tags: Vec<u64> =
+                        waiting.iter().filter(|(c, _)| *c == conn).map(|(_, t)| *t).collect();
+                    let tag = tags.get(nth).copied().unwrap_or(u64::MAX);
+                    waiting.remove(&(conn, tag));
+                    l.cancel(ConnId(conn), tag, now).1
+                }
+                Op::Disconnect { conn } => {
+                    held.retain(|_, c| *c != conn);
+                    waiting.retain(|(c, _)| *c != conn);
+                    l.disconnect(ConnId(conn), now).1
+                }
+                Op::Tick => l.tick(now),
+            };
+            window_step(&l, window, &arrivals, &mut held, &mut waiting, &effects, now)?;
+        }
+    }
+}
+
+/// Grant+release pairs per second in the ledger alone, with `queued`
+/// requests waiting on a full device while the pairs use another one (as
+/// docs/architecture.md, "Scheduling", reports). Run with
+/// `cargo test --release -p vramd-ledger --lib pairs_per_second -- --ignored --nocapture`.
+fn pairs_per_second(window: Option<Duration>, queued: u64) -> f64 {
+    let t0 = Instant::now();
+    let mut l = sim(&[24 * G, 24 * G]);
+    l.config.priority_window = window;
+    if let Some(w) = window {
+        l.queue = queue::Queue::with_window(2, w, t0, l.config.aging);
+    }
+    let on = |d: u32, tag: u64, bytes: u64, priority: i32| ReserveRequest {
+        device: DeviceSelector::Index(d),
+        ..prio_req(tag, bytes, priority)
+    };
+    grant_id(&l.reserve(ConnId(0), peer(1), on(0, 0, 24 * G, 0), t0));
+    for i in 0..queued {
+        let admin = Peer {
+            admin: true,
+            ..peer(2)
+        };
+        l.reserve(ConnId(1), admin, on(0, i, G, 0), t0);
+    }
+    let pairs = 200_000u64;
+    let start = Instant::now();
+    for i in 0..pairs {
+        let now = t0 + Duration::from_micros(i);
+        let other = Peer {
+            uid: 2000,
+            ..peer(3)
+        };
+        let id = grant_id(&l.reserve(ConnId(2), other, on(1, i, G, 0), now));
+        l.release(ConnId(2), id, now).expect("held");
+    }
+    pairs as f64 / start.elapsed().as_secs_f64()
+}
+
+#[test]
+#[ignore = "a measurement: run in release mode"]
+fn pairs_per_second_with_and_without_a_window() {
+    for window in [None, Some(Duration::from_secs(300))] {
+        for queued in [0, 100_000] {
+            println!(
+                "window {window:?}, {queued} queued: {:.0} grant+release pairs/s",
+                pairs_per_second(window, queued)
+            );
+        }
+    }
+}
+
+#[test]
+fn with_a_window_aging_still_decides_what_a_waiter_may_evict() {
+    let t0 = Instant::now();
+    let config = LedgerConfig {
+        priority_window: Some(Duration::from_secs(3000)),
+        aging: Duration::from_secs(10),
+        min_residency: Duration::ZERO,
+        ..LedgerConfig::default()
+    };
+    let mut l = Ledger::new(config, vec![spec(0, 24 * G)], ReadingSource::Simulated, t0);
+    let hi = grant_id(&l.reserve(ConnId(1), peer(1), idle_req(1, 20 * G, 3), t0));
+    // Two waiters: a priority-2 one ranks first by the window's order, but
+    // the priority-0 one is older and reaches 3 first by aging (30 s after
+    // it arrived, against 10 s after the other one arrived 25 s later).
+    let arrived = ms(t0, 100);
+    l.reserve(ConnId(2), peer(2), req(1, 10 * G), arrived);
+    l.reserve(ConnId(3), peer(3), prio_req(1, 10 * G, 2), ms(t0, 25_100));
+    let at = arrived + Duration::from_secs(30);
+    assert_eq!(l.next_wakeup(ms(t0, 25_100)), Some(at));
+    assert!(evicted(&l.tick(at - Duration::from_millis(1))).is_empty());
+    assert_eq!(evicted(&l.tick(at)), vec![hi]);
+}
+
+// ---- adaptive starvation guard -----------------------------------------------
+
+#[test]
+fn an_adaptive_guard_follows_the_recent_waits_between_its_floor_and_cap() {
+    let t0 = Instant::now();
+    let config = LedgerConfig {
+        adaptive_guard: Some(AdaptiveGuard {
+            factor: 4,
+            cap: Duration::from_secs(100),
+        }),
+        ..LedgerConfig::default()
+    };
+    let mut l = Ledger::new(config, vec![spec(0, 24 * G)], ReadingSource::Simulated, t0);
+    // No grant yet: the floor (30 s).
+    let a = grant_id(&l.reserve(ConnId(1), peer(1), req(1, 20 * G), t0));
+    // One grant, at once: the mean wait is 0, the guard the floor.
+    let big = ms(t0, 1_000);
+    l.reserve(ConnId(2), peer(2), req(1, 10 * G), big);
+    assert_eq!(
+        l.queue.iter().next().unwrap().1.starved_at,
+        big + Duration::from_secs(30)
+    );
+    // It waits 10 s: the mean over two grants is 5 s, so the next guard is
+    // 4 × 5 s = 20 s → the floor, 30 s; then one more that waits 40 s.
+    l.release(ConnId(1), a, ms(t0, 11_000)).unwrap();
+    let b = l.reservations.keys().copied().last().unwrap();
+    let c_at = ms(t0, 12_000);
+    l.reserve(ConnId(3), peer(3), req(1, 20 * G), c_at);
+    assert_eq!(
+        l.queue.iter().next().unwrap().1.starved_at,
+        c_at + Duration::from_secs(30)
+    );
+    l.release(ConnId(2), b, ms(t0, 52_000)).unwrap();
+    // Waits 0, 10 and 40 s: mean 50/3 s, × 4 = 66.67 s.
+    let d_at = ms(t0, 53_000);
+    l.reserve(ConnId(4), peer(4), req(1, 10 * G), d_at);
+    let d = l.queue.iter().next().unwrap().1;
+    assert_eq!(d.starved_at, d_at + Duration::from_secs(50) / 3 * 4);
+    // And the cap: after a grant that waited an hour, 4 × the mean is far
+    // above 100 s.
+    let mut l = Ledger::new(
+        LedgerConfig {
+            adaptive_guard: Some(AdaptiveGuard {
+                factor: 4,
+                cap: Duration::from_secs(100),
+            }),
+            ..LedgerConfig::default()
+        },
+        vec![spec(0, 24 * G)],
+        ReadingSource::Simulated,
+        t0,
+    );
+    let a = grant_id(&l.reserve(ConnId(1), peer(1), req(1, 24 * G), t0));
+    l.reserve(ConnId(2), peer(2), req(1, 24 * G), t0);
+    l.release(ConnId(1), a, ms(t0, 3_600_000)).unwrap();
+    let e_at = ms(t0, 3_600_001);
+    l.reserve(ConnId(3), peer(3), req(1, 24 * G), e_at);
+    assert_eq!(
+        l.queue.iter().next().unwrap().1.starved_at,
+        e_at + Duration::from_secs(100)
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_histories_keep_the_adaptive_guard(
+        totals in proptest::collection::vec(8u64..40, 1..3),
+        factor in 1u32..8,
+        floor_s in 0u64..40,
+        cap_s in 0u64..200,
+        ops in proptest::collection::vec((arb_op(), 0u64..20_000), 1..60),
+    ) {
+        let t0 = Instant::now();
+        let mut now = t0;
+        let guard = AdaptiveGuard { factor, cap: Duration::from_secs(cap_s) };
+        let floor = Duration::from_secs(floor_s);
+        let config = LedgerConfig {
+            starvation_guard: floor,
+            adaptive_guard: Some(guard),
+            ..LedgerConfig::default()
+        };
+        let devices = totals.iter().enumerate().map(|(i, t)| spec(i as u32, t * G)).collect();
+        let mut l = Ledger::new(config, devices, ReadingSource::Simulated, t0);
+        // The test's own record of the last grants' waits, and of each
+        // request's arrival, priority and expected guard.
+        let mut recent: std::collections::VecDeque<Duration> = Default::default();
+        let mut expected: BTreeMap<ReservationId, (i32, Instant, Instant)> = BTreeMap::new();
+        let mut held: BTreeMap<ReservationId, u64> = BTreeMap::new();
+        let mut next_tag = 1u64;
+        for (op, advance_ms) in ops {
+            now += Duration::from_millis(advance_ms);
+            let effects = match op {
+                Op::Reserve { conn, bytes, device, priority, timeout_ms, evictable } => {
+                    let tag = next_tag;
+                    next_tag += 1;
+                    let mean = recent.iter().sum::<Duration>() / recent.len().max(1) as u32;
+                    let g = (mean * factor).clamp(floor, guard.cap.max(floor));
+                    expected.insert(ReservationId(l.next_id), (priority, now, now + g));
+                    let r = ReserveRequest {
+                        tag, bytes,
+                        device: device.map_or(DeviceSelector::Any, DeviceSelector::Index),
+                        priority, label: None, timeout_ms, evictable,
+                    };
+                    l.reserve(ConnId(conn), peer(conn as u32 + 100), r, now)
+                }
+                Op::Release { conn, nth } => {
+                    let mine: Vec<ReservationId> =
+                        held.iter().filter(|(_, c)| **c == conn).map(|(id, _)| *id).collect();
+                    match mine.get(nth) {
+                        Some(id) => {
+                            held.remove(id);
+                            l.release(ConnId(conn), *id, now).expect("held").1
+                        }
+                        None => l.tick(now),
+                    }
+                }
+                Op::Cancel { conn, .. } => l.cancel(ConnId(conn), u64::MAX, now).1,
+                Op::Disconnect { conn } => {
+                    held.retain(|_, c| *c != conn);
+                    l.disconnect(ConnId(conn), now).1
+                }
+                Op::Tick => l.tick(now),
+            };
+            for e in &effects {
+                if let Effect::Granted { conn, grant, waited, .. } = e {
+                    held.insert(grant.id, conn.0);
+                    let (p, arrived, _) = expected[&grant.id];
+                    prop_assert_eq!(*waited, now.saturating_duration_since(arrived));
+                    if recent.len() == AdaptiveGuard::GRANTS {
+                        recent.pop_front();
+                    }
+                    recent.push_back(*waited);
+                    // No grant jumps a starved waiter ahead of it (aging
+                    // order) on its device.
+                    let d = l.devices.iter().position(|x| x.spec.index == grant.device).unwrap();
+                    let granted_key = l.order_key(p, arrived, grant.id);
+                    for (_, s) in l.queue.iter() {
+                        let ahead = l.order_key(s.priority, s.arrived, s.id) < granted_key;
+                        prop_assert!(!(now >= s.starved_at && ahead && s.candidates.contains(&d)
+                            && l.capacity(d) >= s.bytes),
+                            "grant {:?} jumped starved waiter {:?}", grant.id, s.id);
+                    }
+                }
+            }
+            // Every waiter's guard is the one the rule gives at its arrival.
+            for (_, w) in l.queue.iter() {
+                prop_assert_eq!(w.starved_at, expected[&w.id].2, "guard of {:?}", w.id);
+                prop_assert!(w.starved_at <= w.arrived + guard.cap.max(floor));
+            }
+            check_invariants(&l, now)?;
+            prop_assert_eq!(held.len(), l.reservation_count());
+        }
+    }
+}
+
+#[test]
+fn with_an_adaptive_guard_backfill_goes_on_until_the_request_s_own_guard() {
+    let t0 = Instant::now();
+    let config = LedgerConfig {
+        adaptive_guard: Some(AdaptiveGuard {
+            factor: 6,
+            cap: Duration::from_secs(100),
+        }),
+        ..LedgerConfig::default()
+    };
+    let mut l = Ledger::new(config, vec![spec(0, 24 * G)], ReadingSource::Simulated, t0);
+    let a = grant_id(&l.reserve(ConnId(1), peer(1), req(1, 20 * G), t0));
+    let x = grant_id(&l.reserve(ConnId(9), peer(9), req(1, 2 * G), t0));
+    l.reserve(ConnId(2), peer(2), req(1, 20 * G), t0);
+    // Waits 0, 0 and 40 s: the next request's guard is 6 × 40/3 s ≈ 80 s.
+    assert_eq!(
+        granted(&l.release(ConnId(1), a, ms(t0, 40_000)).unwrap().1).len(),
+        1
+    );
+    let c_at = ms(t0, 41_000);
+    l.reserve(ConnId(3), peer(3), req(1, 20 * G), c_at);
+    let d = l.reserve(
+        ConnId(4),
+        peer(4),
+        req(1, 3 * G),
+        c_at + Duration::from_secs(50),
+    );
+    assert!(granted(&d).is_empty());
+    // 59 s after it arrived it is past the fixed 30 s but not its own 80 s:
+    // the pass a release starts lets the small request behind it go ahead.
+    let e = l
+        .release(ConnId(9), x, c_at + Duration::from_secs(59))
+        .unwrap()
+        .1;
+    assert_eq!(granted(&e), vec![(ConnId(4), 1, 0)], "{e:?}");
+    // Past 80 s its device keeps the room for it.
+    let e = l.reserve(
+        ConnId(5),
+        peer(5),
+        req(1, G),
+        c_at + Duration::from_secs(81),
+    );
+    assert!(granted(&e).is_empty(), "{e:?}");
+}
+
+#[test]
+fn huge_guards_and_windows_mean_never_and_do_not_panic() {
+    let t0 = Instant::now();
+    for adaptive in [None, Some(Duration::MAX)] {
+        let config = LedgerConfig {
+            starvation_guard: Duration::MAX,
+            priority_window: Some(Duration::MAX),
+            adaptive_guard: adaptive.map(|cap| AdaptiveGuard {
+                factor: u32::MAX,
+                cap,
+            }),
+            ..LedgerConfig::default()
+        };
+        let mut l = Ledger::new(config, vec![spec(0, 24 * G)], ReadingSource::Simulated, t0);
+        let a = grant_id(&l.reserve(ConnId(1), peer(1), req(1, 20 * G), t0));
+        l.reserve(ConnId(2), peer(2), req(1, 20 * G), t0);
+        assert_eq!(l.next_wakeup(t0), None);
+        // Never starved: backfill goes on a day later.
+        let later = t0 + Duration::from_secs(86_400);
+        assert_eq!(
+            granted(&l.reserve(ConnId(3), peer(3), req(1, G), later)).len(),
+            1
+        );
+        l.release(ConnId(1), a, later).unwrap();
+        let e = l.reserve(ConnId(4), peer(4), req(1, G), later);
+        assert_eq!(granted(&e).len(), 1, "{e:?}");
+    }
 }

@@ -100,6 +100,20 @@ pub struct LedgerConfig {
     /// After waiting this long, a request stops smaller ones from being
     /// granted ahead of it on its devices.
     pub starvation_guard: Duration,
+    /// `None`: waiters are ordered by effective priority (priority + aging).
+    /// `Some(window)`: by strict priority (then arrival) while they have
+    /// waited less than `window`, and past it by arrival, ahead of every
+    /// younger waiter (see `queue`). Aging then only lifts a waiter's
+    /// priority for choosing eviction victims.
+    pub priority_window: Option<Duration>,
+    /// `None`: every request is starved (its devices keep their room for
+    /// it) once it has waited `starvation_guard`. `Some(g)`: each request's
+    /// guard, fixed when it arrives, is `g.factor` × the mean wait of the
+    /// last [`AdaptiveGuard::GRANTS`] grants, at least `starvation_guard`
+    /// and at most `g.cap`: on a busy card, where everyone waits, a large
+    /// request stops others from going ahead of it only once it has waited
+    /// well past what others wait.
+    pub adaptive_guard: Option<AdaptiveGuard>,
     /// How a request for any device is placed.
     pub placement: Placement,
     /// How long an evicted holder or consumer has to free its memory before
@@ -123,6 +137,8 @@ impl Default for LedgerConfig {
             cushion_bytes: 0,
             aging: Duration::from_secs(10),
             starvation_guard: Duration::from_secs(30),
+            priority_window: None,
+            adaptive_guard: None,
             placement: Placement::Spread,
             eviction_deadline: Duration::from_secs(30),
             min_residency: Duration::from_secs(10),
@@ -131,6 +147,22 @@ impl Default for LedgerConfig {
             max_reservations_per_uid: 4096,
         }
     }
+}
+
+/// The adaptive starvation guard (see [`LedgerConfig::adaptive_guard`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdaptiveGuard {
+    /// A request's guard is this many times the recent mean wait.
+    pub factor: u32,
+    /// The longest guard.
+    pub cap: Duration,
+}
+
+impl AdaptiveGuard {
+    /// How many of the last grants the mean wait is taken over.
+    pub const GRANTS: usize = 64;
+    /// The factor chosen by the policy sweep (docs/benchmarks.md).
+    pub const DEFAULT_FACTOR: u32 = 4;
 }
 
 /// Placement of a request for any device.

@@ -266,3 +266,94 @@ fn status_of_a_long_queue_lists_the_head_and_counts_the_rest() {
     drop(c);
     drop(pendings);
 }
+
+#[test]
+fn with_a_priority_window_a_request_that_waited_it_goes_ahead_by_arrival() {
+    let d = Daemon::start(&["--priority-window", "1s"]);
+    let holder = d.client();
+    let full = holder.reserve(Request::new(24 * GIB)).unwrap();
+    let low_c = d.client();
+    let high_c = d.client();
+    let mut low = low_c
+        .submit(Request::new(16 * GIB).priority(0).label("low"))
+        .unwrap();
+    assert!(matches!(
+        low.next(Some(WAIT)).unwrap(),
+        Some(Progress::Queued { position: 1, .. })
+    ));
+    let mut high = high_c
+        .submit(Request::new(16 * GIB).priority(5).label("high"))
+        .unwrap();
+    // Inside the window: strict priority.
+    assert!(matches!(
+        high.next(Some(WAIT)).unwrap(),
+        Some(Progress::Queued { position: 1, .. })
+    ));
+    assert!(matches!(
+        low.next(Some(WAIT)).unwrap(),
+        Some(Progress::Queued { position: 2, .. })
+    ));
+    // A second later, with no other event, the daemon's timer promotes the
+    // low one: it is ahead by arrival, and both are told.
+    assert!(matches!(
+        low.next(Some(WAIT)).unwrap(),
+        Some(Progress::Queued { position: 1, .. })
+    ));
+    assert!(matches!(
+        high.next(Some(WAIT)).unwrap(),
+        Some(Progress::Queued { position: 2, .. })
+    ));
+    drop(full);
+    let granted = low.next(Some(WAIT)).unwrap();
+    assert!(matches!(granted, Some(Progress::Granted(_))), "{granted:?}");
+    // The high one moves up but does not fit beside it.
+    assert!(matches!(
+        high.next(Some(WAIT)).unwrap(),
+        Some(Progress::Queued { position: 1, .. })
+    ));
+    assert!(
+        high.next(Some(Duration::from_millis(200)))
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[test]
+fn with_an_adaptive_guard_a_busy_card_keeps_backfilling_past_the_fixed_guard() {
+    // Fixed guard 1 s; each request's own guard is 10 × the recent mean wait.
+    let d = Daemon::start(&[
+        "--starvation-guard",
+        "1s",
+        "--adaptive-guard",
+        "1h",
+        "--adaptive-guard-factor",
+        "10",
+    ]);
+    let holder = d.client();
+    let first = holder.reserve(Request::new(20 * GIB)).unwrap();
+    let w_c = d.client();
+    let mut w = w_c.submit(Request::new(20 * GIB)).unwrap();
+    assert!(matches!(
+        w.next(Some(WAIT)).unwrap(),
+        Some(Progress::Queued { position: 1, .. })
+    ));
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(first);
+    let granted = w.next(Some(WAIT)).unwrap();
+    assert!(matches!(granted, Some(Progress::Granted(_))), "{granted:?}");
+    // Waits so far: 0 and ≥ 1.5 s, so a new request's guard is ≥ 7.5 s.
+    let big_c = d.client();
+    let mut big = big_c.submit(Request::new(20 * GIB)).unwrap();
+    assert!(matches!(
+        big.next(Some(WAIT)).unwrap(),
+        Some(Progress::Queued { position: 1, .. })
+    ));
+    std::thread::sleep(Duration::from_millis(2500));
+    // Past the fixed 1 s guard, well within its own: a small request that
+    // fits beside the holder is granted ahead of it.
+    let small_c = d.client();
+    let small = small_c
+        .reserve(Request::new(2 * GIB).timeout(Duration::ZERO))
+        .unwrap();
+    drop(small);
+}

@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use vramd_ledger::LedgerConfig;
+use vramd_ledger::{AdaptiveGuard, LedgerConfig};
 
 use super::policy::{Arbiter, Discipline, LedgerArbiter, QueueArbiter};
 use super::trace::{self, Trace};
@@ -44,19 +44,49 @@ pub fn reference() -> LedgerConfig {
     }
 }
 
-/// Parses a candidate such as `aging=30s,guard=2m`: keys `aging` and
-/// `guard` (the starvation guard); the rest as in [`LedgerConfig::default`].
+/// Parses a candidate such as `aging=30s,guard=2m,window=5m,adaptive=3h`:
+/// keys `aging`, `guard` (the starvation guard, or the adaptive guard's
+/// floor), `window` (the priority window, `none` for none), `adaptive` (the
+/// adaptive guard's cap, `none` for a fixed guard) and `factor` (its
+/// factor, default 4); the rest as in [`LedgerConfig::default`].
 pub fn parse_candidate(spec: &str) -> Result<Candidate, String> {
     let mut config = LedgerConfig::default();
     for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
-        let (key, value) = part
-            .split_once('=')
-            .ok_or_else(|| format!("{part:?}: use key=value (aging, guard)"))?;
+        let (key, value) = part.split_once('=').ok_or_else(|| {
+            format!("{part:?}: use key=value (aging, guard, window, adaptive, factor)")
+        })?;
         let duration = || vramd_protocol::parse_duration(value).map_err(|e| e.to_string());
         match key.trim() {
             "aging" => config.aging = duration()?.max(Duration::from_millis(1)),
             "guard" => config.starvation_guard = duration()?,
-            other => return Err(format!("unknown key {other:?}: use aging or guard")),
+            "adaptive" if value.trim() == "none" => config.adaptive_guard = None,
+            "adaptive" => {
+                let factor = config
+                    .adaptive_guard
+                    .map_or(AdaptiveGuard::DEFAULT_FACTOR, |g| g.factor);
+                config.adaptive_guard = Some(AdaptiveGuard {
+                    factor,
+                    cap: duration()?,
+                });
+            }
+            "factor" => {
+                let factor: u32 = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("factor {value:?}: a whole number"))?;
+                let g = config.adaptive_guard.get_or_insert(AdaptiveGuard {
+                    factor,
+                    cap: Duration::from_secs(3 * 3600),
+                });
+                g.factor = factor;
+            }
+            "window" if value.trim() == "none" => config.priority_window = None,
+            "window" => config.priority_window = Some(duration()?),
+            other => {
+                return Err(format!(
+                    "unknown key {other:?}: use aging, guard, window, adaptive or factor"
+                ));
+            }
         }
     }
     Ok(Candidate {
@@ -65,23 +95,31 @@ pub fn parse_candidate(spec: &str) -> Result<Candidate, String> {
     })
 }
 
-/// The candidates compared by default: the ledger's default, then
-/// variations of aging and of the guard (the ones docs/benchmarks.md
-/// reports).
+/// The candidates compared by default: the ledger's default; aging 9 s and
+/// 11 s (how much the per-trace longest-wait target moves when nothing but
+/// noise changes); slower aging; priority windows; and adaptive guards (the
+/// ones docs/benchmarks.md reports).
 pub fn candidates() -> Vec<Candidate> {
     let mut out = vec![Candidate {
         name: "default".into(),
         config: LedgerConfig::default(),
     }];
     for spec in [
-        "aging=10s,guard=2m",
-        "aging=10s,guard=5m",
-        "aging=30s",
-        "aging=60s",
+        "aging=9s",
+        "aging=11s",
         "aging=100s",
-        "aging=300s",
         "aging=1000s",
-        "aging=3000s",
+        "window=300s",
+        "window=1000s",
+        "window=3000s",
+        "window=10000s",
+        "adaptive=3h,factor=2",
+        "adaptive=3h",
+        "adaptive=3h,factor=5",
+        "adaptive=3h,factor=6",
+        "adaptive=3h,guard=60s",
+        "adaptive=1h",
+        "adaptive=3h,window=1000s",
     ] {
         out.push(parse_candidate(spec).expect("a valid built-in candidate"));
     }
@@ -183,8 +221,8 @@ pub fn sweep(candidates: &[Candidate], loads: &[f64], seeds: u64, jobs: usize) -
         let base_top_p99 = best_mean_of(|f| f.top_p99_s);
         md.push_str(&format!(
             "\n#### {group} ({} trace{})\n\nBest baseline over the traces: top-priority mean {:.0} s, p99 {:.0} s.\n\n\
-             | policy | top p99 ≤ best | top mean ≤ best | longest ≤ reference | makespan | 0 overcommits | top mean / p99 (mean over traces) | longest (max) | makespan ÷ bound (max) |\n\
-             |---|---|---|---|---|---|---|---|---|\n",
+             | policy | top p99 ≤ best | top mean ≤ best | longest ≤ reference | makespan | 0 overcommits | top mean / p99 (mean over traces) | longest (max) | longest ÷ reference's (max) | makespan ÷ bound (max) |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n",
             traces.len(),
             if traces.len() == 1 { "" } else { "s" },
             base_top_mean,
@@ -213,13 +251,18 @@ pub fn sweep(candidates: &[Candidate], loads: &[f64], seeds: u64, jobs: usize) -
             let top_p99 = mean(&figs.iter().map(|f| f.top_p99_s).collect::<Vec<_>>());
             let strictly = top_mean < base_top_mean && top_p99 < base_top_p99;
             let longest = figs.iter().map(|f| f.longest_s).fold(0.0, f64::max);
+            let longest_ratio = figs
+                .iter()
+                .zip(&reference)
+                .map(|(f, r)| f.longest_s / r.longest_s.max(1e-9))
+                .fold(0.0, f64::max);
             let ratio = figs
                 .iter()
                 .zip(traces)
                 .map(|(f, t)| f.makespan_s / (t.makespan_lower_bound_ms() / 1e3).max(1e-9))
                 .fold(0.0, f64::max);
             md.push_str(&format!(
-                "| {} | {p99_ok}/{n} | {mean_ok}/{n} | {longest_ok}/{n} | {makespan_ok}/{n} | {over_ok}/{n} | {top_mean:.0} / {top_p99:.0} s{} | {longest:.0} s | {ratio:.3} |\n",
+                "| {} | {p99_ok}/{n} | {mean_ok}/{n} | {longest_ok}/{n} | {makespan_ok}/{n} | {over_ok}/{n} | {top_mean:.0} / {top_p99:.0} s{} | {longest:.0} s | {longest_ratio:.2} | {ratio:.3} |\n",
                 c.name,
                 if strictly { " (better)" } else { "" },
             ));
@@ -235,7 +278,19 @@ pub fn sweep(candidates: &[Candidate], loads: &[f64], seeds: u64, jobs: usize) -
                 "top_p99_s": top_p99,
                 "strictly_better_on_the_mean": strictly,
                 "longest_s": longest,
+                "longest_over_reference_max": longest_ratio,
                 "makespan_over_bound_max": ratio,
+                "per_trace": figs.iter().enumerate().map(|(i, f)| json!({
+                    "top_mean_s": f.top_mean_s,
+                    "top_p99_s": f.top_p99_s,
+                    "longest_s": f.longest_s,
+                    "makespan_s": f.makespan_s,
+                    "best_baseline_top_mean_s": best(i, |x| x.top_mean_s),
+                    "best_baseline_top_p99_s": best(i, |x| x.top_p99_s),
+                    "best_baseline_makespan_s": best(i, |x| x.makespan_s),
+                    "reference_longest_s": reference[i].longest_s,
+                    "makespan_lower_bound_s": traces[i].makespan_lower_bound_ms() / 1e3,
+                })).collect::<Vec<_>>(),
             }));
         }
         json_groups.push(json!({
@@ -257,6 +312,34 @@ mod tests {
         let c = parse_candidate("aging=30s,guard=2m").unwrap();
         assert_eq!(c.config.aging, Duration::from_secs(30));
         assert_eq!(c.config.starvation_guard, Duration::from_secs(120));
+        assert_eq!(c.config.priority_window, None);
+        let c = parse_candidate("window=50m").unwrap();
+        assert_eq!(c.config.priority_window, Some(Duration::from_secs(3000)));
+        assert_eq!(c.config.aging, LedgerConfig::default().aging);
+        assert!(
+            parse_candidate("window=later")
+                .unwrap_err()
+                .contains("later")
+        );
+        let c = parse_candidate("adaptive=3h").unwrap();
+        assert_eq!(
+            c.config.adaptive_guard,
+            Some(AdaptiveGuard {
+                factor: 4,
+                cap: Duration::from_secs(3 * 3600)
+            })
+        );
+        let c = parse_candidate("adaptive=1h,factor=2").unwrap();
+        assert_eq!(c.config.adaptive_guard.unwrap().factor, 2);
+        assert_eq!(
+            c.config.adaptive_guard.unwrap().cap,
+            Duration::from_secs(3600)
+        );
+        assert!(
+            parse_candidate("factor=x")
+                .unwrap_err()
+                .contains("whole number")
+        );
         assert!(parse_candidate("aging=soon").unwrap_err().contains("soon"));
         assert!(
             parse_candidate("colour=red")
@@ -271,13 +354,14 @@ mod tests {
         let cands = vec![
             parse_candidate("aging=10s").unwrap(),
             parse_candidate("aging=1000s").unwrap(),
+            parse_candidate("window=100s").unwrap(),
         ];
         let (v, md) = sweep(&cands, &[0.5], 2, 60);
         let groups = v["groups"].as_array().unwrap();
         assert_eq!(groups.len(), 2, "home lab and one load");
         for g in groups {
             let rows = g["candidates"].as_array().unwrap();
-            assert_eq!(rows.len(), 2);
+            assert_eq!(rows.len(), 3);
             for r in rows {
                 // The simulator never overcommits under the ledger.
                 assert_eq!(r["no_overcommit"], r["traces"]);
@@ -285,6 +369,17 @@ mod tests {
         }
         // The reference is the first candidate here: it meets its own bound.
         assert_eq!(groups[1]["candidates"][0]["longest_ok"], 2);
+        assert_eq!(
+            groups[1]["candidates"][0]["longest_over_reference_max"],
+            1.0
+        );
+        assert_eq!(
+            groups[1]["candidates"][2]["per_trace"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
         assert!(md.contains("#### load 0.5 (2 traces)"));
     }
 }
