@@ -24,6 +24,7 @@ use crate::gpu::Backend;
 use crate::gpu::nvml::NvmlStartError;
 use crate::mps::{MpsGuard, MpsWatch};
 use crate::server::{ServerConfig, ServerError, bind_socket, serve};
+use crate::state::StateFile;
 
 /// How often consumers are asked what they hold, unless the config says.
 const CONSUMER_POLL_INTERVAL: Duration = Duration::from_secs(2);
@@ -133,6 +134,15 @@ pub struct Args {
     /// pipe or socket is live).
     #[arg(long, value_name = "DIR")]
     pub mps_pipe_dir: Option<PathBuf>,
+    /// Directory of the state file (<socket file name>.state) where
+    /// reservations are saved so that a restart loses none [default: the
+    /// socket's directory].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// After a start, how long saved reservations are held for their
+    /// holders to reclaim; what is not reclaimed by then is dropped.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub grace: Duration,
 }
 
 /// How log lines are written.
@@ -387,6 +397,7 @@ pub fn run(args: Args) -> Result<(), StartError> {
             .unwrap_or(CONSUMER_POLL_INTERVAL)
             .max(Duration::from_millis(10)),
         mps: args.mps_pipe_dir.clone().map(MpsWatch::external),
+        state_file: None,
     };
     let identity = Identity {
         daemon_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -398,7 +409,8 @@ pub fn run(args: Args) -> Result<(), StartError> {
         backend.source.clone(),
         std::time::Instant::now(),
     )
-    .with_identity(identity);
+    .with_identity(identity)
+    .with_reclaim(crate::state::random_key(), args.grace);
     for d in &backend.devices {
         tracing::info!(index = d.index, uuid = %d.uuid, name = %d.name, total_bytes = d.total_bytes,
             size = %format_size(d.total_bytes), backend = backend.name, "device");
@@ -447,6 +459,11 @@ pub fn run(args: Args) -> Result<(), StartError> {
             Some(l) => l,
             None => bind_socket(&config)?,
         };
+        // Read once the socket is ours: a second vramd refused above never
+        // touches the first one's state.
+        let state = StateFile::for_socket(&config.socket_path, args.state_dir.as_deref());
+        restore(&mut ledger, &state, args.grace);
+        config.state_file = Some(state);
         // Started once the socket is ours (a second vramd on the same path
         // stops above and leaves the first one's server alone); stopped when
         // the guard drops, on every way out.
@@ -480,6 +497,31 @@ pub fn run(args: Args) -> Result<(), StartError> {
         .await
         .map_err(io("server failed"))
     })
+}
+
+/// Holds the reservations saved in `state` for their holders (see
+/// [`crate::state`]); a corrupt or foreign file is logged and set aside, and
+/// the daemon starts empty.
+fn restore(ledger: &mut Ledger, state: &StateFile, grace: Duration) {
+    let path = state.path().display();
+    match state.load() {
+        Ok(None) => tracing::info!(path = %path, "no saved reservations (first start)"),
+        Ok(Some(snapshot)) => {
+            let report = ledger.restore(snapshot, std::time::Instant::now());
+            for why in &report.dropped {
+                tracing::warn!(path = %path, reason = %why, "saved reservation not restored");
+            }
+            tracing::info!(path = %path, reservations = report.held, bytes = report.held_bytes,
+                size = %format_size(report.held_bytes), grace_ms = grace.as_millis() as u64,
+                "saved reservations held for their holders to reclaim");
+        }
+        Err(why) => {
+            let aside = state.set_aside();
+            tracing::error!(path = %path, reason = %why,
+                moved_to = %aside.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+                "state file unusable; starting with no saved reservations");
+        }
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.

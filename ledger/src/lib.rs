@@ -58,10 +58,12 @@ use vramd_protocol::{
 mod accounting;
 mod eviction;
 mod queue;
+pub mod restart;
 mod schedule;
 mod status;
 pub mod types;
 
+pub use restart::{NO_CONN, RestoreReport, SavedReservation, Snapshot};
 pub use status::{STATUS_PROCESS_LIMIT, STATUS_QUEUE_LIMIT, redact};
 pub use types::{
     ConnId, ConsumerReading, ConsumerSpec, DeviceSpec, Effect, Identity, Input, LedgerConfig,
@@ -187,6 +189,8 @@ pub struct Ledger {
     positions_dirty: bool,
     next_id: u64,
     counters: Counters,
+    /// Reclaim tokens, reservations held for reclaim, the grace period.
+    restart: restart::Restart,
 }
 
 impl Ledger {
@@ -227,6 +231,7 @@ impl Ledger {
             positions_dirty: false,
             next_id: 1,
             counters: Counters::default(),
+            restart: restart::Restart::default(),
         }
     }
 
@@ -283,7 +288,9 @@ impl Ledger {
     /// must do about it, in order.
     pub fn apply(&mut self, input: Input, now: Instant) -> Vec<Effect> {
         let mut fx = Vec::new();
-        let settle = match input {
+        let grace_ended = self.end_grace(now, &mut fx);
+        let settle = grace_ended
+            | match input {
             Input::Request { conn, peer, msg } => self.on_request(conn, peer, msg, now, &mut fx),
             Input::Disconnect { conn } => self.on_disconnect(conn, now, &mut fx),
             Input::Reading {
@@ -338,6 +345,13 @@ impl Ledger {
             }
             ClientMessage::AttachPids { tag, id, pids } => {
                 self.on_attach_pids(conn, tag, id, &pids, fx)
+            }
+            ClientMessage::EnableReclaim { tag } => {
+                self.on_enable_reclaim(conn, tag, fx);
+                false
+            }
+            ClientMessage::Reclaim { tag, id, token } => {
+                self.on_reclaim(conn, peer, tag, id, &token, now, fx)
             }
         }
     }
@@ -690,6 +704,7 @@ impl Ledger {
 
     /// Drops everything `conn` held or waited for.
     fn on_disconnect(&mut self, conn: ConnId, now: Instant, fx: &mut Vec<Effect>) -> bool {
+        self.forget_reclaim(conn);
         let keys = self.queue.keys_of(conn);
         for k in &keys {
             self.take_waiter(k);

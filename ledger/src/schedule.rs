@@ -29,6 +29,7 @@ impl Ledger {
             .chain(plans)
             .chain(self.next_eviction_eligibility(now))
             .chain(self.next_outranking(now))
+            .chain(self.grace_until())
             .min()
     }
 
@@ -179,6 +180,7 @@ impl Ledger {
             label: w.label,
             waited: now.saturating_duration_since(w.arrived),
         });
+        self.push_token(w.conn, w.tag, w.id, effects);
     }
 
     /// Fails waiters whose wait limit passed; returns whether there were any.

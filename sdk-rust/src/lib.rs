@@ -23,6 +23,17 @@
 //! all. With the `tokio` feature, [`AsyncClient`] offers the same from async
 //! code without blocking the executor.
 //!
+//! # Daemon restarts
+//! A restart of the daemon loses no reservation: when the connection
+//! closes under it, a client connects again (for up to
+//! [`RECONNECT_FOR`], see [`Client::set_reconnect`]), reclaims every
+//! reservation it holds with the token the daemon gave at the grant, and
+//! submits again every request still waiting. Callers see nothing but a
+//! pause (calls other than waiting requests that were in flight fail with
+//! [`Error::Disconnected`]). A reservation that cannot be reclaimed is
+//! *lost*: [`Reservation::is_lost`] says so and [`Reservation::on_lost`]
+//! runs.
+//!
 //! [vramd]: https://example.invalid/vramd
 
 mod conn;
@@ -36,7 +47,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use conn::Eviction;
+pub use conn::{Eviction, RECONNECT_FOR};
 use conn::{Conn, EvictState, Slot};
 pub use error::{Error, Result};
 use vramd_protocol::{ClientMessage, ReserveRequest, ServerMessage};
@@ -150,11 +161,19 @@ impl Client {
         self.conn.daemon_version()
     }
 
+    /// Sets how long the client tries to reach the daemon again after its
+    /// connection closed under it ([`RECONNECT_FOR`] by default), reclaiming
+    /// what it held; `None`: never (every reservation is then lost with the
+    /// connection, as the daemon releases them).
+    pub fn set_reconnect(&self, window: Option<Duration>) {
+        self.conn.set_reconnect(window);
+    }
+
     /// Sends a request and returns at once; the [`Pending`] reports queue
     /// positions and the grant.
     pub fn submit(&self, request: Request) -> Result<Pending> {
         let (tag, slot) = self.conn.register();
-        if let Err(e) = self.conn.send(&request.to_wire(tag)) {
+        if let Err(e) = self.conn.submit(tag, request.to_wire(tag)) {
             self.conn.unregister(tag);
             return Err(e);
         }
@@ -434,6 +453,20 @@ impl Reservation {
     /// Whether the daemon evicted it (it is released).
     pub fn is_evicted(&self) -> bool {
         self.evict.evicted()
+    }
+
+    /// Why it was lost, if it was: the connection to the daemon closed and
+    /// it could not be reclaimed (the daemon did not come back within the
+    /// reconnect window, or refused it). A lost reservation no longer
+    /// holds any memory.
+    pub fn is_lost(&self) -> Option<String> {
+        self.evict.lost()
+    }
+
+    /// Sets the callback run (on an SDK thread, with why) when it is lost;
+    /// at once, on this thread, if it already is.
+    pub fn on_lost(&self, f: impl FnOnce(&str) + Send + 'static) {
+        self.evict.set_lost_handler(Box::new(f));
     }
 
     /// Declares more processes whose GPU usage counts against this

@@ -67,6 +67,8 @@ pub struct ServerConfig {
     pub admin_group: Option<String>,
     /// The MPS server reported in status (its health checked each time).
     pub mps: Option<crate::mps::MpsWatch>,
+    /// Where reservations are saved for a restart (`None`: not saved).
+    pub state_file: Option<crate::state::StateFile>,
 }
 
 /// Serves clients on `listener` until `shutdown` completes, then removes the
@@ -134,7 +136,9 @@ pub async fn serve(
         })
         .collect();
     drop(consumer_tx);
-    let mut core = Core::new(ledger, consumers, poller).with_mps(config.mps.clone());
+    let mut core = Core::new(ledger, consumers, poller)
+        .with_mps(config.mps.clone())
+        .with_state(config.state_file.clone());
     if let Some(first) = first {
         for (device, r) in first.results.iter().enumerate() {
             if let Ok(reading) = r {
@@ -149,7 +153,8 @@ pub async fn serve(
         }
         core.readings(first);
     }
-    let core = tokio::spawn(core.run(events_rx, consumer_rx));
+    let (stop_core, stop_rx) = tokio::sync::oneshot::channel();
+    let core = tokio::spawn(core.run(events_rx, consumer_rx, stop_rx));
     let admission = Admission::new(
         config.max_connections,
         config.max_connections_per_uid,
@@ -215,7 +220,12 @@ pub async fn serve(
     }
     info!("shutting down");
     drop(events_tx);
-    core.abort();
+    // The core saves the reservations before it ends; connections are not
+    // closed before (their closing must not release what a restart keeps).
+    let _ = stop_core.send(());
+    if tokio::time::timeout(Duration::from_secs(5), core).await.is_err() {
+        warn!("the core did not stop within 5 s");
+    }
     Ok(())
 }
 

@@ -1,0 +1,428 @@
+//! Reservations across a daemon restart: reclaim tokens, the state the
+//! daemon saves ([`Snapshot`]) and the grace period after a start.
+//!
+//! # Lifecycle
+//! 1. A connection sends `EnableReclaim`; from then on each of its grants is
+//!    followed by a `ReclaimToken`. A token is a keyed hash of the
+//!    reservation's id (the key is the daemon's secret, saved with the
+//!    state), so the ledger stores nothing per reservation for it.
+//! 2. The daemon saves [`Ledger::snapshot`] (at the edge, after grants and
+//!    releases, and when it stops).
+//! 3. A new daemon calls [`Ledger::restore`] before it serves anyone: every
+//!    saved reservation is *held for reclaim* — it belongs to no connection,
+//!    counts on its device like any other (so no new grant takes its room)
+//!    and is never evicted — until the grace period ends.
+//! 4. A client sends `Reclaim { id, token }`: with the right token, from the
+//!    same user (or root), the reservation becomes its connection's again,
+//!    unchanged (id, device, bytes, label, pids, priority, idle state), and
+//!    the answer is `Granted`.
+//! 5. When the grace period ends, what was not reclaimed is dropped as if
+//!    its connection had closed: on a measured device its processes' usage
+//!    still counts (as unattributed) through the readings.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vramd_protocol::{ErrorKind, Grant, ReservationId, ServerMessage};
+
+use crate::{ConnId, Effect, Ledger, LogEvent, Peer, ReadingSource, Reservation, error, millis};
+
+/// The owner of reservations held for reclaim: no connection (the daemon
+/// numbers its connections from 1).
+pub const NO_CONN: ConnId = ConnId(0);
+
+/// What the ledger keeps about restarts.
+#[derive(Debug, Default)]
+pub(crate) struct Restart {
+    /// The secret from which tokens are derived.
+    key: u128,
+    /// How long restored reservations are held.
+    grace: Duration,
+    /// When the grace period ends, while reservations are held.
+    grace_until: Option<Instant>,
+    /// Reservations held for reclaim, with their idle state (they are kept
+    /// busy while held: nobody could be asked to unload them).
+    held: BTreeMap<ReservationId, bool>,
+    /// Connections that asked for tokens.
+    enabled: HashSet<ConnId>,
+}
+
+/// The state a daemon saves so that a restart loses no reservation: plain
+/// data, written and read by the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The next reservation id (ids are never reused across a restart).
+    pub next_id: u64,
+    /// The secret reclaim tokens derive from, as 32 hex digits.
+    pub token_key: String,
+    /// Every granted reservation (including those still held for reclaim).
+    pub reservations: Vec<SavedReservation>,
+}
+
+/// One reservation in a [`Snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedReservation {
+    /// Its id.
+    pub id: ReservationId,
+    /// UUID of its device (it is restored onto the device with this UUID).
+    pub device_uuid: String,
+    /// Bytes reserved.
+    pub bytes: u64,
+    /// Its label.
+    pub label: Option<String>,
+    /// Priority it was requested with.
+    pub priority: i32,
+    /// Process id of the client that made it.
+    pub pid: u32,
+    /// User id of that client: only this user (or root) may reclaim it.
+    pub uid: u32,
+    /// Group id of that client.
+    pub gid: u32,
+    /// Whether that client was an admin.
+    pub admin: bool,
+    /// Processes it speaks for.
+    pub pids: Vec<u32>,
+    /// Whether it was idle (evictable).
+    pub idle: bool,
+    /// How long it had been held when saved, in milliseconds.
+    pub age_ms: u64,
+}
+
+/// What [`Ledger::restore`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// Reservations now held for reclaim.
+    pub held: usize,
+    /// Bytes they hold in all.
+    pub held_bytes: u64,
+    /// Saved reservations that could not be restored, and why.
+    pub dropped: Vec<String>,
+}
+
+/// Formats a token key or token as 32 lowercase hex digits.
+pub fn hex128(v: u128) -> String {
+    format!("{v:032x}")
+}
+
+/// Parses 32 hex digits.
+pub fn parse_hex128(s: &str) -> Option<u128> {
+    (s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| u128::from_str_radix(s, 16).ok())
+        .flatten()
+}
+
+impl Ledger {
+    /// Sets the secret reclaim tokens derive from (random, from the daemon)
+    /// and how long restored reservations are held for their holders.
+    pub fn with_reclaim(mut self, token_key: u128, grace: Duration) -> Self {
+        self.restart.key = token_key;
+        self.restart.grace = grace;
+        self
+    }
+
+    /// The reclaim token of reservation `id`.
+    pub fn reclaim_token(&self, id: ReservationId) -> String {
+        #[allow(deprecated)] // SipHash-2-4 with a 128-bit key, as std still ships it
+        let half = |domain: u64| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::hash::SipHasher::new_with_keys(
+                self.restart.key as u64,
+                (self.restart.key >> 64) as u64,
+            );
+            (domain, id.0).hash(&mut h);
+            h.finish()
+        };
+        hex128((u128::from(half(1)) << 64) | u128::from(half(2)))
+    }
+
+    /// Number of reservations held for reclaim.
+    pub fn held_for_reclaim(&self) -> usize {
+        self.restart.held.len()
+    }
+
+    /// When the grace period ends, while reservations are held for reclaim.
+    pub fn grace_until(&self) -> Option<Instant> {
+        self.restart
+            .grace_until
+            .filter(|_| !self.restart.held.is_empty())
+    }
+
+    /// The state to save so that a restart loses no reservation.
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
+        Snapshot {
+            next_id: self.next_id,
+            token_key: hex128(self.restart.key),
+            reservations: self
+                .reservations
+                .values()
+                .map(|r| SavedReservation {
+                    id: r.id,
+                    device_uuid: self.devices[r.device].spec.uuid.clone(),
+                    bytes: r.bytes,
+                    label: r.label.clone(),
+                    priority: r.priority,
+                    pid: r.peer.pid,
+                    uid: r.peer.uid,
+                    gid: r.peer.gid,
+                    admin: r.peer.admin,
+                    pids: r.pids.clone(),
+                    idle: self.restart.held.get(&r.id).copied().unwrap_or(r.idle),
+                    age_ms: millis(now.saturating_duration_since(r.granted_at)),
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes a saved state at start, before anyone is served: its token key
+    /// (so tokens given before the restart still hold) and its
+    /// reservations, held for reclaim until `now` + the grace period. A
+    /// reservation whose device is gone, or whose id repeats, is dropped
+    /// (and said so in the report).
+    pub fn restore(&mut self, snapshot: Snapshot, now: Instant) -> RestoreReport {
+        let mut report = RestoreReport::default();
+        if let Some(key) = parse_hex128(&snapshot.token_key) {
+            self.restart.key = key;
+        } else {
+            report.dropped.push(format!(
+                "the token key {:?} is not 32 hex digits: no reservation can be reclaimed",
+                snapshot.token_key
+            ));
+            return report;
+        }
+        let mut max_id = 0;
+        for s in snapshot.reservations {
+            max_id = max_id.max(s.id.0);
+            let Some(device) = self
+                .devices
+                .iter()
+                .position(|d| d.spec.uuid.eq_ignore_ascii_case(&s.device_uuid))
+            else {
+                report.dropped.push(format!(
+                    "reservation {}: its device {} is not here",
+                    s.id, s.device_uuid
+                ));
+                continue;
+            };
+            if s.bytes == 0 || self.reservations.contains_key(&s.id) {
+                report.dropped.push(format!(
+                    "reservation {}: empty or repeated",
+                    s.id
+                ));
+                continue;
+            }
+            let granted_at = now
+                .checked_sub(Duration::from_millis(s.age_ms))
+                .unwrap_or(now);
+            let mut pids = s.pids;
+            if pids.is_empty() {
+                pids.push(s.pid);
+            }
+            self.restart.held.insert(s.id, s.idle);
+            report.held += 1;
+            report.held_bytes = report.held_bytes.saturating_add(s.bytes);
+            self.put_reservation(Reservation {
+                id: s.id,
+                conn: NO_CONN,
+                device,
+                bytes: s.bytes,
+                label: s.label,
+                priority: s.priority,
+                peer: Peer {
+                    pid: s.pid,
+                    uid: s.uid,
+                    gid: s.gid,
+                    admin: s.admin,
+                },
+                pids,
+                granted_at,
+                idle: false,
+                last_busy: now,
+                evicting: None,
+            });
+        }
+        self.next_id = self.next_id.max(snapshot.next_id).max(max_id + 1);
+        if !self.restart.held.is_empty() {
+            self.restart.grace_until = Some(now.checked_add(self.restart.grace).unwrap_or(now));
+        }
+        self.clean = false;
+        report
+    }
+
+    /// `EnableReclaim`: tokens from now on, and at once for what `conn`
+    /// already holds.
+    pub(crate) fn on_enable_reclaim(&mut self, conn: ConnId, tag: u64, fx: &mut Vec<Effect>) {
+        self.restart.enabled.insert(conn);
+        fx.push(Effect::Reply {
+            conn,
+            msg: ServerMessage::ReclaimEnabled {
+                tag,
+                grace_ms: millis(self.restart.grace),
+            },
+        });
+        let ids: Vec<ReservationId> = self
+            .held_by
+            .get(&conn)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        for id in ids {
+            fx.push(Effect::Reply {
+                conn,
+                msg: ServerMessage::ReclaimToken {
+                    tag,
+                    id,
+                    token: self.reclaim_token(id),
+                },
+            });
+        }
+    }
+
+    /// After a grant to `conn`: its token, if `conn` asked for tokens.
+    pub(crate) fn push_token(
+        &self,
+        conn: ConnId,
+        tag: u64,
+        id: ReservationId,
+        fx: &mut Vec<Effect>,
+    ) {
+        if self.restart.enabled.contains(&conn) {
+            fx.push(Effect::Reply {
+                conn,
+                msg: ServerMessage::ReclaimToken {
+                    tag,
+                    id,
+                    token: self.reclaim_token(id),
+                },
+            });
+        }
+    }
+
+    /// A connection closed: it asks for nothing any more.
+    pub(crate) fn forget_reclaim(&mut self, conn: ConnId) {
+        self.restart.enabled.remove(&conn);
+    }
+
+    /// `Reclaim`: gives a reservation held for reclaim back to its holder.
+    /// Returns whether a scheduling pass must follow.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn on_reclaim(
+        &mut self,
+        conn: ConnId,
+        peer: Peer,
+        tag: u64,
+        id: ReservationId,
+        token: &str,
+        now: Instant,
+        fx: &mut Vec<Effect>,
+    ) -> bool {
+        let granted = |l: &Ledger, r: &Reservation| ServerMessage::Granted {
+            tag,
+            grant: Grant {
+                id: r.id,
+                device: l.devices[r.device].spec.index,
+                device_uuid: l.devices[r.device].spec.uuid.clone(),
+                bytes: r.bytes,
+            },
+        };
+        match self.reservations.get(&id) {
+            // Already this connection's (a repeated reclaim): same answer.
+            Some(r) if r.conn == conn => {
+                let msg = granted(self, r);
+                fx.push(Effect::Reply { conn, msg });
+                return false;
+            }
+            Some(_) if self.restart.held.contains_key(&id) => {}
+            _ => {
+                fx.push(Effect::Reply {
+                    conn,
+                    msg: error(
+                        tag,
+                        ErrorKind::NotFound,
+                        format!(
+                            "reservation {id} is not held for reclaim (it was never saved, was reclaimed by another connection, or the grace period after the restart is over)"
+                        ),
+                    ),
+                });
+                return false;
+            }
+        }
+        let owner = self.reservations[&id].peer.uid;
+        let token_ok = constant_time_eq(token.as_bytes(), self.reclaim_token(id).as_bytes());
+        if !token_ok || (peer.uid != owner && peer.uid != 0) {
+            fx.push(Effect::Log(LogEvent::ReclaimRefused {
+                conn,
+                id,
+                uid: peer.uid,
+            }));
+            fx.push(Effect::Reply {
+                conn,
+                msg: error(
+                    tag,
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "reservation {id} may be reclaimed only by its holder's user (uid {owner}) or root, with the token given at its grant"
+                    ),
+                ),
+            });
+            return false;
+        }
+        let idle = self.restart.held.remove(&id).unwrap_or(false);
+        let mut r = self.take_reservation(id).expect("checked above");
+        r.conn = conn;
+        r.idle = idle;
+        r.last_busy = now;
+        let msg = granted(self, &r);
+        let bytes = r.bytes;
+        self.put_reservation(r);
+        fx.push(Effect::Reply { conn, msg });
+        fx.push(Effect::Log(LogEvent::Reclaimed { conn, id, bytes }));
+        // An idle one is a possible victim again.
+        self.clean = false;
+        true
+    }
+
+    /// Ends the grace period if it is over at `now`: what was not
+    /// reclaimed is dropped. Returns whether anything was.
+    pub(crate) fn end_grace(&mut self, now: Instant, fx: &mut Vec<Effect>) -> bool {
+        match self.restart.grace_until {
+            Some(t) if now >= t => {}
+            _ => return false,
+        }
+        self.restart.grace_until = None;
+        let held = std::mem::take(&mut self.restart.held);
+        let mut dropped = 0u64;
+        for id in held.into_keys() {
+            let Some(r) = self.take_reservation(id) else {
+                continue;
+            };
+            let measured = matches!(self.devices[r.device].source, ReadingSource::Measured(_));
+            let (pid, uid) = (r.peer.pid, r.peer.uid);
+            let released = self.released(r, now);
+            fx.push(Effect::Log(LogEvent::Unreclaimed {
+                id,
+                pid,
+                uid,
+                bytes: released.bytes,
+                measured,
+            }));
+            fx.push(Effect::Released {
+                conn: NO_CONN,
+                released,
+                disconnected: true,
+            });
+            dropped += 1;
+        }
+        self.counters.releases += dropped;
+        self.counters.disconnect_releases += dropped;
+        if dropped > 0 {
+            fx.push(Effect::RefreshReadings);
+            self.clean = false;
+        }
+        dropped > 0
+    }
+}
+
+/// Compares two byte strings in time that depends only on their lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
