@@ -14,10 +14,10 @@ use vramd_client::{Client, Error, Progress, Request, Reservation, ReservationId}
 use vramd_protocol::format_size;
 
 use crate::blocked::Blocked;
+use crate::cli::OnDaemonLoss;
 use crate::exit::{EXIT_INTERRUPTED, Failure};
 use crate::mps::{MpsServer, Unusable};
 use crate::ps::Local;
-use crate::cli::OnDaemonLoss;
 use crate::signals::{EVICTED, LOST, SignalWatch};
 
 /// How often a waiting `reserve` or `run` looks at what blocks it.

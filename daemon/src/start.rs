@@ -398,6 +398,12 @@ pub fn run(args: Args) -> Result<(), StartError> {
             .max(Duration::from_millis(10)),
         mps: args.mps_pipe_dir.clone().map(MpsWatch::external),
         state_file: None,
+        reload: args.config.clone().map(|path| crate::server::Reload {
+            path,
+            cli_eviction_deadline: args.eviction_deadline,
+            cli_min_residency: args.min_residency,
+            consumers: file.consumers.clone(),
+        }),
     };
     let identity = Identity {
         daemon_version: env!("CARGO_PKG_VERSION").to_string(),

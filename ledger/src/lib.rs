@@ -259,6 +259,14 @@ impl Ledger {
         &self.config
     }
 
+    /// Changes the eviction timing (a config reload): evictions already
+    /// asked keep their deadline; minimum residencies are judged anew.
+    pub fn set_eviction_timing(&mut self, eviction_deadline: Duration, min_residency: Duration) {
+        self.config.eviction_deadline = eviction_deadline;
+        self.config.min_residency = min_residency;
+        self.clean = false;
+    }
+
     /// Event counters since start.
     pub fn counters(&self) -> &Counters {
         &self.counters
@@ -291,19 +299,23 @@ impl Ledger {
         let grace_ended = self.end_grace(now, &mut fx);
         let settle = grace_ended
             | match input {
-            Input::Request { conn, peer, msg } => self.on_request(conn, peer, msg, now, &mut fx),
-            Input::Disconnect { conn } => self.on_disconnect(conn, now, &mut fx),
-            Input::Reading {
-                device,
-                taken_at,
-                result,
-            } => self.on_reading(device, taken_at, result, &mut fx),
-            Input::Tick => true,
-            Input::ConsumerReading { name, result } => self.on_consumer_reading(&name, result, now),
-            Input::ConsumerUnloaded { name, result } => {
-                self.on_consumer_unloaded(name, result, &mut fx)
-            }
-        };
+                Input::Request { conn, peer, msg } => {
+                    self.on_request(conn, peer, msg, now, &mut fx)
+                }
+                Input::Disconnect { conn } => self.on_disconnect(conn, now, &mut fx),
+                Input::Reading {
+                    device,
+                    taken_at,
+                    result,
+                } => self.on_reading(device, taken_at, result, &mut fx),
+                Input::Tick => true,
+                Input::ConsumerReading { name, result } => {
+                    self.on_consumer_reading(&name, result, now)
+                }
+                Input::ConsumerUnloaded { name, result } => {
+                    self.on_consumer_unloaded(name, result, &mut fx)
+                }
+            };
         if settle {
             self.settle(now, &mut fx);
         }

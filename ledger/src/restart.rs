@@ -205,10 +205,9 @@ impl Ledger {
                 continue;
             };
             if s.bytes == 0 || self.reservations.contains_key(&s.id) {
-                report.dropped.push(format!(
-                    "reservation {}: empty or repeated",
-                    s.id
-                ));
+                report
+                    .dropped
+                    .push(format!("reservation {}: empty or repeated", s.id));
                 continue;
             }
             let granted_at = now
@@ -425,4 +424,273 @@ impl Ledger {
 /// Compares two byte strings in time that depends only on their lengths.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DeviceSpec, Input, LedgerConfig, ReadingSource};
+    use vramd_protocol::{ClientMessage, ReserveRequest};
+
+    const GIB: u64 = 1 << 30;
+
+    fn ledger(now: Instant) -> Ledger {
+        Ledger::new(
+            LedgerConfig::default(),
+            vec![DeviceSpec {
+                index: 0,
+                uuid: "SIM-0".into(),
+                name: "sim".into(),
+                total_bytes: 24 * GIB,
+            }],
+            ReadingSource::Simulated,
+            now,
+        )
+        .with_reclaim(0x1234, Duration::from_secs(30))
+    }
+
+    fn peer(uid: u32) -> Peer {
+        Peer {
+            pid: 100 + uid,
+            uid,
+            gid: uid,
+            admin: false,
+        }
+    }
+
+    fn send(l: &mut Ledger, conn: u64, uid: u32, msg: ClientMessage, now: Instant) -> Vec<Effect> {
+        l.apply(
+            Input::Request {
+                conn: ConnId(conn),
+                peer: peer(uid),
+                msg,
+            },
+            now,
+        )
+    }
+
+    fn reserve(tag: u64, bytes: u64) -> ClientMessage {
+        ClientMessage::Reserve(ReserveRequest {
+            tag,
+            bytes,
+            device: Default::default(),
+            priority: 3,
+            label: Some("model".into()),
+            timeout_ms: Some(0),
+            evictable: true,
+        })
+    }
+
+    fn replies(fx: &[Effect]) -> Vec<ServerMessage> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Reply { msg, .. } => Some(msg.clone()),
+                Effect::Granted { tag, grant, .. } => Some(ServerMessage::Granted {
+                    tag: *tag,
+                    grant: grant.clone(),
+                }),
+                Effect::Failed {
+                    tag, kind, message, ..
+                } => Some(ServerMessage::Error {
+                    tag: *tag,
+                    kind: *kind,
+                    message: message.clone(),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn kind(m: &ServerMessage) -> Option<ErrorKind> {
+        match m {
+            ServerMessage::Error { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+
+    /// A ledger holding one 16 GiB reservation of uid 1000 with its token,
+    /// saved and restored into a new ledger.
+    fn restarted(now: Instant) -> (Ledger, ReservationId, String) {
+        let mut old = ledger(now);
+        let fx = send(
+            &mut old,
+            1,
+            1000,
+            ClientMessage::EnableReclaim { tag: 1 },
+            now,
+        );
+        assert!(matches!(
+            replies(&fx)[..],
+            [ServerMessage::ReclaimEnabled {
+                tag: 1,
+                grace_ms: 30_000
+            }]
+        ));
+        let fx = send(&mut old, 1, 1000, reserve(2, 16 * GIB), now);
+        let r = replies(&fx);
+        let (id, token) = match &r[..] {
+            [
+                ServerMessage::Granted { tag: 2, grant },
+                ServerMessage::ReclaimToken { tag: 2, id, token },
+            ] if grant.id == *id => (*id, token.clone()),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(token, old.reclaim_token(id));
+        let snapshot = old.snapshot(now + Duration::from_secs(5));
+        assert_eq!(snapshot.reservations[0].age_ms, 5000);
+        let mut new = ledger(now).with_reclaim(0x9999, Duration::from_secs(30));
+        let report = new.restore(snapshot, now);
+        assert_eq!((report.held, report.held_bytes), (1, 16 * GIB));
+        assert!(report.dropped.is_empty());
+        (new, id, token)
+    }
+
+    #[test]
+    fn held_reservations_keep_their_room_until_reclaimed_or_the_grace_ends() {
+        let now = Instant::now();
+        let (mut l, id, _) = restarted(now);
+        assert_eq!(l.held_for_reclaim(), 1);
+        // A newcomer does not get the room.
+        let fx = send(&mut l, 2, 2000, reserve(1, 16 * GIB), now);
+        assert_eq!(kind(&replies(&fx)[0]), Some(ErrorKind::Timeout));
+        assert_eq!(l.next_wakeup(now), Some(now + Duration::from_secs(30)));
+        // After the grace period it is dropped (logged) and the room is free.
+        let fx = l.apply(Input::Tick, now + Duration::from_secs(30));
+        assert!(fx.iter().any(|e| matches!(
+            e,
+            Effect::Log(LogEvent::Unreclaimed { id: i, bytes, .. }) if *i == id && *bytes == 16 * GIB
+        )));
+        assert_eq!(l.reservation_count(), 0);
+        let fx = send(
+            &mut l,
+            2,
+            2000,
+            reserve(3, 16 * GIB),
+            now + Duration::from_secs(31),
+        );
+        match &replies(&fx)[0] {
+            ServerMessage::Granted { grant, .. } => assert!(grant.id.0 > id.0, "ids not reused"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_the_token_and_the_holders_user_reclaim_and_nothing_changes() {
+        let now = Instant::now();
+        let (mut l, id, token) = restarted(now);
+        let reclaim = |tag, token: &str| ClientMessage::Reclaim {
+            tag,
+            id,
+            token: token.into(),
+        };
+        let fx = send(
+            &mut l,
+            5,
+            1000,
+            reclaim(1, "00000000000000000000000000000000"),
+            now,
+        );
+        assert_eq!(kind(&replies(&fx)[0]), Some(ErrorKind::PermissionDenied));
+        let fx = send(&mut l, 6, 2000, reclaim(2, &token), now);
+        assert_eq!(kind(&replies(&fx)[0]), Some(ErrorKind::PermissionDenied));
+        let fx = send(&mut l, 7, 1000, reclaim(3, &token), now);
+        match &replies(&fx)[0] {
+            ServerMessage::Granted { tag: 3, grant } => {
+                assert_eq!((grant.id, grant.bytes, grant.device), (id, 16 * GIB, 0));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(l.held_for_reclaim(), 0);
+        assert_eq!(l.next_wakeup(now), None);
+        // Taken: nobody else may, not even with the token.
+        let fx = send(&mut l, 8, 1000, reclaim(4, &token), now);
+        assert_eq!(kind(&replies(&fx)[0]), Some(ErrorKind::NotFound));
+        let s = l.reservation_status(now);
+        assert_eq!(s.len(), 1);
+        let r = &s[0];
+        assert_eq!(
+            (r.label.as_deref(), r.priority, r.pid, r.uid),
+            (Some("model"), 3, 1100, 1000)
+        );
+        assert!(r.idle, "its idle state comes back with it");
+        assert!(r.age_ms >= 5000);
+        // The grace period ending drops nothing that was reclaimed.
+        l.apply(Input::Tick, now + Duration::from_secs(60));
+        assert_eq!(l.reservation_count(), 1);
+        // It is the new connection's: released when it closes.
+        l.apply(
+            Input::Disconnect { conn: ConnId(7) },
+            now + Duration::from_secs(61),
+        );
+        assert_eq!(l.reservation_count(), 0);
+    }
+
+    #[test]
+    fn root_may_reclaim_and_a_bad_snapshot_restores_nothing() {
+        let now = Instant::now();
+        let (mut l, id, token) = restarted(now);
+        let fx = send(
+            &mut l,
+            9,
+            0,
+            ClientMessage::Reclaim { tag: 1, id, token },
+            now,
+        );
+        assert!(matches!(replies(&fx)[0], ServerMessage::Granted { .. }));
+
+        let mut l = ledger(now);
+        let report = l.restore(
+            Snapshot {
+                next_id: 1,
+                token_key: "not hex".into(),
+                reservations: vec![],
+            },
+            now,
+        );
+        assert_eq!(report.held, 0);
+        assert_eq!(report.dropped.len(), 1);
+        let mut snap = restarted(now).0.snapshot(now);
+        snap.reservations[0].device_uuid = "GPU-gone".into();
+        let report = l.restore(snap, now);
+        assert_eq!(report.held, 0);
+        assert!(
+            report.dropped[0].contains("GPU-gone"),
+            "{:?}",
+            report.dropped
+        );
+    }
+
+    #[test]
+    fn enabling_late_gives_the_tokens_of_what_is_held() {
+        let now = Instant::now();
+        let mut l = ledger(now);
+        let fx = send(&mut l, 1, 1000, reserve(1, GIB), now);
+        assert_eq!(replies(&fx).len(), 1, "no token unless asked");
+        let fx = send(
+            &mut l,
+            1,
+            1000,
+            ClientMessage::EnableReclaim { tag: 7 },
+            now,
+        );
+        match &replies(&fx)[..] {
+            [
+                ServerMessage::ReclaimEnabled { .. },
+                ServerMessage::ReclaimToken { tag: 7, id, token },
+            ] => {
+                assert_eq!(*token, l.reclaim_token(*id));
+                assert_eq!(token.len(), 32);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_ne!(
+            l.reclaim_token(ReservationId(1)),
+            l.reclaim_token(ReservationId(2))
+        );
+        let other_key = ledger(now).with_reclaim(0x4321, Duration::ZERO);
+        assert_ne!(
+            l.reclaim_token(ReservationId(1)),
+            other_key.reclaim_token(ReservationId(1))
+        );
+    }
 }

@@ -841,7 +841,9 @@ impl Conn {
             match Self::handshake(&self.socket_path) {
                 Ok(s) => break Some(s),
                 Err(_) if Instant::now() < give_up => {
-                    std::thread::sleep(pause.min(give_up.saturating_duration_since(Instant::now())));
+                    std::thread::sleep(
+                        pause.min(give_up.saturating_duration_since(Instant::now())),
+                    );
                     pause = (pause * 2).min(Duration::from_millis(500));
                 }
                 Err(_) => break None,
@@ -977,7 +979,9 @@ impl Conn {
                     lock(&self.tokens).remove(&id);
                     let st = lock(&self.evictions).get(&id).cloned();
                     if let Some(st) = st {
-                        st.mark_lost(&format!("the daemon restarted and refused to give it back: {message}"));
+                        st.mark_lost(&format!(
+                            "the daemon restarted and refused to give it back: {message}"
+                        ));
                     }
                 }
                 return;

@@ -47,8 +47,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use conn::{Eviction, RECONNECT_FOR};
 use conn::{Conn, EvictState, Slot};
+pub use conn::{Eviction, RECONNECT_FOR};
 pub use error::{Error, Result};
 use vramd_protocol::{ClientMessage, ReserveRequest, ServerMessage};
 pub use vramd_protocol::{

@@ -25,7 +25,11 @@ fn socket_dir() -> (tempfile::TempDir, PathBuf) {
 fn stop(mut d: Daemon) -> String {
     d.signal(libc::SIGTERM);
     let status = d.wait_exit(WAIT).expect("vramd exits on SIGTERM");
-    assert!(status.success(), "vramd exited with {status:?}: {}", d.log());
+    assert!(
+        status.success(),
+        "vramd exited with {status:?}: {}",
+        d.log()
+    );
     d.log()
 }
 
@@ -77,7 +81,11 @@ fn the_sdk_reclaims_its_reservation_across_a_restart_and_newcomers_wait() {
     let log = stop(d);
     assert!(log.contains("reservations saved"), "{log}");
     let state = socket.with_file_name("vramd.sock.state");
-    let mode = std::fs::metadata(&state).expect("state file").permissions().mode() & 0o777;
+    let mode = std::fs::metadata(&state)
+        .expect("state file")
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600, "state file mode");
 
     let d = Daemon::start_on(&socket, &["--grace", "20s"]);
@@ -100,7 +108,8 @@ fn the_sdk_reclaims_its_reservation_across_a_restart_and_newcomers_wait() {
     assert_eq!(kept.bytes, 16 * GIB);
     assert_eq!(kept.label.as_deref(), Some("kept"));
     // It is this connection's again: it may be marked and released.
-    r.set_idle(false).expect("set_idle on the reclaimed reservation");
+    r.set_idle(false)
+        .expect("set_idle on the reclaimed reservation");
     r.release().expect("release");
     let s = d.wait_status("the release", |s| s.reservations.is_empty());
     assert_eq!(s.reservations_total, 0);
@@ -145,7 +154,10 @@ fn what_is_not_reclaimed_is_dropped_after_the_grace_period() {
     let answer = try_now(&socket, 16);
     assert_eq!(error_kind(&answer), Some("timeout"), "{answer}");
     let mut c = JsonConn::open(&socket);
-    c.send(&format!(r#"{{"reserve":{{"tag":3,"bytes":{}}}}}"#, 16 * GIB));
+    c.send(&format!(
+        r#"{{"reserve":{{"tag":3,"bytes":{}}}}}"#,
+        16 * GIB
+    ));
     let mut granted = None;
     for _ in 0..20 {
         let m = c.recv();
@@ -155,7 +167,10 @@ fn what_is_not_reclaimed_is_dropped_after_the_grace_period() {
         }
     }
     let granted = granted.expect("granted after the grace period");
-    assert!(t.elapsed() >= Duration::from_millis(900), "granted too soon");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "granted too soon"
+    );
     assert_ne!(granted["granted"]["grant"]["id"], id, "ids are not reused");
     assert!(
         d.log().contains("not reclaimed within the grace period"),
@@ -197,7 +212,9 @@ fn a_reclaim_needs_the_token_and_keeps_the_reservation_as_it_was() {
                 assert_eq!(libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534), 0);
             }
             let mut c = JsonConn::open(&s);
-            c.send(&format!(r#"{{"reclaim":{{"tag":7,"id":{id},"token":"{t}"}}}}"#));
+            c.send(&format!(
+                r#"{{"reclaim":{{"tag":7,"id":{id},"token":"{t}"}}}}"#
+            ));
             c.recv()
         })
         .join()
@@ -371,4 +388,55 @@ fn an_sdk_client_without_reconnect_loses_its_reservation_with_the_connection() {
     stop(d);
     assert!(wait_until(WAIT, || r.is_lost().is_some()));
     assert!(matches!(client.status(), Err(Error::Disconnected)));
+}
+
+#[test]
+fn sighup_reloads_the_config_file_and_a_bad_one_changes_nothing() {
+    let (dir, socket) = socket_dir();
+    let config = dir.path().join("vramd.toml");
+    std::fs::write(&config, "[eviction]\nmin_residency = \"1h\"\n").unwrap();
+    let mut d = Daemon::start_on(&socket, &["--config", config.to_str().unwrap()]);
+    let mut holder = JsonConn::open(&socket);
+    holder.send(&format!(
+        r#"{{"reserve":{{"tag":1,"bytes":{},"evictable":true}}}}"#,
+        20 * GIB
+    ));
+    assert!(holder.recv().get("granted").is_some());
+    let mut waiter = JsonConn::open(&socket);
+    waiter.send(&format!(
+        r#"{{"reserve":{{"tag":2,"bytes":{}}}}}"#,
+        10 * GIB
+    ));
+    assert!(waiter.recv().get("queued").is_some());
+    // Younger than the minimum residency: not asked to unload.
+    holder
+        .stream_mut()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert_eq!(holder.try_recv(), None, "evicted despite min_residency 1h");
+    // A broken file: logged, the daemon and the old config stay.
+    std::fs::write(&config, "[eviction\n").unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(
+        wait_until(WAIT, || d.log().contains("config not reloaded")),
+        "{}",
+        d.log()
+    );
+    assert!(d.alive(), "SIGHUP ended the daemon");
+    assert_eq!(
+        holder.try_recv(),
+        None,
+        "a broken config changed the timing"
+    );
+    // The new minimum residency applies at once: the idle holder is asked.
+    std::fs::write(&config, "[eviction]\nmin_residency = \"0s\"\n").unwrap();
+    d.signal(libc::SIGHUP);
+    holder.stream_mut().set_read_timeout(Some(WAIT)).unwrap();
+    let evict = holder.recv();
+    assert!(evict.get("evict").is_some(), "{evict}");
+    assert!(d.log().contains("config reloaded"), "{}", d.log());
+    assert!(d.alive());
+    let log = stop(d);
+    assert!(log.contains("SIGHUP"), "{log}");
+    assert!(!socket.exists(), "the socket file stays after SIGTERM");
 }

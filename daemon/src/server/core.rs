@@ -21,9 +21,9 @@ use vramd_ledger::{ConnId, Effect, Input, Ledger, LogEvent, Peer, Released};
 use vramd_protocol::{ClientMessage, ServerMessage, format_size};
 
 use super::outbox::Outbox;
-use crate::state::{SAVE_INTERVAL, StateFile};
 use crate::consumers::ConsumerHandle;
 use crate::gpu::{Poller, Readings};
+use crate::state::{SAVE_INTERVAL, StateFile};
 
 /// Most bytes of a status report: a frame less the message's variant and
 /// tag.
@@ -44,6 +44,11 @@ pub(crate) enum Event {
     Close { conn: ConnId },
     /// The poller read the devices.
     Readings(Readings),
+    /// The config file was read again (SIGHUP): the eviction timing.
+    Reload {
+        eviction_deadline: std::time::Duration,
+        min_residency: std::time::Duration,
+    },
 }
 
 /// A connection as the core sees it.
@@ -265,6 +270,20 @@ impl Core {
                 self.conns.remove(&conn);
             }
             Event::Readings(readings) => self.readings(readings),
+            Event::Reload {
+                eviction_deadline,
+                min_residency,
+            } => {
+                self.ledger
+                    .set_eviction_timing(eviction_deadline, min_residency);
+                info!(
+                    eviction_deadline_ms = eviction_deadline.as_millis() as u64,
+                    min_residency_ms = min_residency.as_millis() as u64,
+                    "config reloaded"
+                );
+                // Eligibility may have changed: let the ledger look again.
+                self.apply(Input::Tick);
+            }
         }
     }
 

@@ -69,11 +69,52 @@ pub struct ServerConfig {
     pub mps: Option<crate::mps::MpsWatch>,
     /// Where reservations are saved for a restart (`None`: not saved).
     pub state_file: Option<crate::state::StateFile>,
+    /// The config file SIGHUP reads again, if any.
+    pub reload: Option<Reload>,
+}
+
+/// What SIGHUP reloads: the eviction timing from the config file (unless the
+/// command line set it). Consumers cannot change while the daemon runs: a
+/// changed list is reported, and applied by a restart (which keeps every
+/// reservation).
+#[derive(Debug, Clone)]
+pub struct Reload {
+    /// The config file.
+    pub path: PathBuf,
+    /// `--eviction-deadline`, which wins over the file.
+    pub cli_eviction_deadline: Option<Duration>,
+    /// `--min-residency`, which wins over the file.
+    pub cli_min_residency: Option<Duration>,
+    /// The consumers in force.
+    pub consumers: Vec<ConsumerConfig>,
+}
+
+impl Reload {
+    /// Reads the file again: the event for the core, or why not.
+    fn read(&self) -> Result<Event, String> {
+        let file = crate::config::Config::load(&self.path).map_err(|e| e.to_string())?;
+        if file.consumers != self.consumers {
+            warn!(path = %self.path.display(),
+                "the consumers in the config file changed; restart vramd to apply them (a restart keeps every reservation)");
+        }
+        let d = vramd_ledger::LedgerConfig::default();
+        Ok(Event::Reload {
+            eviction_deadline: self
+                .cli_eviction_deadline
+                .or(file.eviction_deadline)
+                .unwrap_or(d.eviction_deadline),
+            min_residency: self
+                .cli_min_residency
+                .or(file.min_residency)
+                .unwrap_or(d.min_residency),
+        })
+    }
 }
 
 /// Serves clients on `listener` until `shutdown` completes, then removes the
 /// socket file (also when it fails) if `config.remove_socket_on_exit` (a
-/// socket passed by systemd stays). SIGHUP is logged and ignored.
+/// socket passed by systemd stays). SIGHUP reads the config file again
+/// (see [`Reload`]); without one it is logged and ignored.
 ///
 /// With a `reader` (a measuring backend), every device is read once before
 /// anyone is served (so the first grants already see what is on the cards),
@@ -92,8 +133,8 @@ pub async fn serve(
     let _socket_file = config
         .remove_socket_on_exit
         .then(|| SocketFile(config.socket_path.clone()));
-    // SIGHUP would otherwise end the process without cleaning up; there is
-    // no configuration to reload, so it is logged and ignored.
+    // SIGHUP would otherwise end the process without cleaning up: it
+    // reloads the config file, or without one is logged and ignored.
     let mut hangup = signal(SignalKind::hangup())?;
     // Every connection is a file descriptor: take all the system allows.
     match raise_open_file_limit() {
@@ -177,9 +218,18 @@ pub async fn serve(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = hangup.recv() => {
-                info!(signal = "SIGHUP", "signal received; nothing to reload, ignored");
-            }
+            _ = hangup.recv() => match &config.reload {
+                None => info!(signal = "SIGHUP", "signal received; no config file to reload, ignored"),
+                Some(reload) => {
+                    info!(signal = "SIGHUP", path = %reload.path.display(), "signal received; reloading the config file");
+                    match reload.read() {
+                        Ok(event) => {
+                            let _ = events_tx.send(event).await;
+                        }
+                        Err(e) => warn!(error = %e, "config not reloaded; the one in force stays"),
+                    }
+                }
+            },
             accepted = listener.accept() => {
                 let (stream, _) = match accepted {
                     Ok(s) => {
@@ -223,7 +273,10 @@ pub async fn serve(
     // The core saves the reservations before it ends; connections are not
     // closed before (their closing must not release what a restart keeps).
     let _ = stop_core.send(());
-    if tokio::time::timeout(Duration::from_secs(5), core).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), core)
+        .await
+        .is_err()
+    {
         warn!("the core did not stop within 5 s");
     }
     Ok(())

@@ -134,6 +134,10 @@ class Reservation:
     def evicted(self) -> bool:
         """Whether the daemon took it back: its eviction callback returned and
         it is released."""
+    @property
+    def lost(self) -> str | None:
+        """Why it was lost (the daemon went away and it could not be
+        reclaimed), or ``None``. A daemon restart alone loses nothing."""
     def release(self) -> None:
         """Releases it; idempotent; a no-op after an eviction and in a forked
         child."""
