@@ -148,7 +148,10 @@ impl Ledger {
             .filter(|_| !self.restart.held.is_empty())
     }
 
-    /// The state to save so that a restart loses no reservation.
+    /// The state to save so that a restart loses no reservation: every
+    /// reservation that can be reclaimed — those of connections that asked
+    /// for tokens, and those still held for reclaim. The others end with
+    /// the daemon, as their connections do.
     pub fn snapshot(&self, now: Instant) -> Snapshot {
         Snapshot {
             next_id: self.next_id,
@@ -156,6 +159,7 @@ impl Ledger {
             reservations: self
                 .reservations
                 .values()
+                .filter(|r| r.conn == NO_CONN || self.restart.enabled.contains(&r.conn))
                 .map(|r| SavedReservation {
                     id: r.id,
                     device_uuid: self.devices[r.device].spec.uuid.clone(),
@@ -666,6 +670,10 @@ mod tests {
         let mut l = ledger(now);
         let fx = send(&mut l, 1, 1000, reserve(1, GIB), now);
         assert_eq!(replies(&fx).len(), 1, "no token unless asked");
+        assert!(
+            l.snapshot(now).reservations.is_empty(),
+            "what cannot be reclaimed is not saved"
+        );
         let fx = send(
             &mut l,
             1,
@@ -683,6 +691,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        assert_eq!(l.snapshot(now).reservations.len(), 1);
         assert_ne!(
             l.reclaim_token(ReservationId(1)),
             l.reclaim_token(ReservationId(2))

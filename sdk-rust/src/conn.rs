@@ -325,7 +325,10 @@ pub(crate) struct Conn {
 
 impl Conn {
     /// Connects, says hello, and starts the background reader thread.
-    pub(crate) fn connect(path: &Path) -> Result<Arc<Conn>> {
+    /// With a `reconnect` window, asks for reclaim tokens, and reconnects
+    /// (reclaiming) within it when the connection is lost; without, the
+    /// session ends with the connection.
+    pub(crate) fn connect(path: &Path, reconnect: Option<Duration>) -> Result<Arc<Conn>> {
         let (stream, decoder, buf, daemon_version) = Self::handshake(path)?;
         let reader_stream = stream.try_clone()?;
         let conn = Arc::new(Conn {
@@ -348,13 +351,15 @@ impl Conn {
             tokens: Mutex::new(HashMap::new()),
             requests: Mutex::new(HashMap::new()),
             reclaims: Mutex::new(HashMap::new()),
-            reconnect_for: Mutex::new(Some(RECONNECT_FOR)),
+            reconnect_for: Mutex::new(reconnect),
         });
         // Tokens for every grant, so that a restart of the daemon loses
         // nothing (the answers are routed like any other).
-        conn.send(&ClientMessage::EnableReclaim {
-            tag: conn.untracked_tag(),
-        })?;
+        if reconnect.is_some() {
+            conn.send(&ClientMessage::EnableReclaim {
+                tag: conn.untracked_tag(),
+            })?;
+        }
         let reader_conn = conn.clone();
         std::thread::Builder::new()
             .name("vramd-client-reader".into())

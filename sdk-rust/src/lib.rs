@@ -144,10 +144,20 @@ impl Client {
         Self::connect(paths::client_socket_path())
     }
 
-    /// Connects to the daemon listening on `path`.
+    /// Connects to the daemon listening on `path`. Its reservations
+    /// survive a restart of the daemon (see the crate docs).
     pub fn connect(path: impl AsRef<Path>) -> Result<Client> {
+        Self::connect_with(path, Some(RECONNECT_FOR))
+    }
+
+    /// Connects to the daemon listening on `path`; with a `reconnect`
+    /// window, as [`Client::connect`] with that window; with `None`, the
+    /// client never reconnects and asks for no reclaim tokens, so its
+    /// reservations end with its connection, also when the daemon restarts
+    /// (for programs that reconnect and reserve again by themselves).
+    pub fn connect_with(path: impl AsRef<Path>, reconnect: Option<Duration>) -> Result<Client> {
         Ok(Client {
-            conn: Conn::connect(path.as_ref())?,
+            conn: Conn::connect(path.as_ref(), reconnect)?,
         })
     }
 
@@ -164,7 +174,8 @@ impl Client {
     /// Sets how long the client tries to reach the daemon again after its
     /// connection closed under it ([`RECONNECT_FOR`] by default), reclaiming
     /// what it held; `None`: never (every reservation is then lost with the
-    /// connection, as the daemon releases them).
+    /// connection; a restarted daemon still holds them for its grace period,
+    /// unless the client was made by [`Client::connect_with`] with `None`).
     pub fn set_reconnect(&self, window: Option<Duration>) {
         self.conn.set_reconnect(window);
     }
@@ -561,8 +572,17 @@ impl AsyncClient {
 
     /// Connects to the daemon listening on `path`.
     pub async fn connect(path: impl Into<PathBuf>) -> Result<AsyncClient> {
+        Self::connect_with(path, Some(RECONNECT_FOR)).await
+    }
+
+    /// Connects to the daemon listening on `path`, reconnecting as
+    /// [`Client::connect_with`] says.
+    pub async fn connect_with(
+        path: impl Into<PathBuf>,
+        reconnect: Option<Duration>,
+    ) -> Result<AsyncClient> {
         let path = path.into();
-        let inner = tokio::task::spawn_blocking(move || Client::connect(path))
+        let inner = tokio::task::spawn_blocking(move || Client::connect_with(path, reconnect))
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e)))??;
         Ok(AsyncClient { inner })

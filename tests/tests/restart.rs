@@ -148,11 +148,18 @@ fn what_is_not_reclaimed_is_dropped_after_the_grace_period() {
     let (_dir, socket) = socket_dir();
     let d = Daemon::start_on(&socket, &[]);
     let (_holder, id, _token) = hold_with_token(&socket, 16, "gone");
+    // A client that asked for no token: its reservation ends with the daemon.
+    let mut untokened = JsonConn::open(&socket);
+    untokened.send(&format!(r#"{{"reserve":{{"tag":1,"bytes":{}}}}}"#, 8 * GIB));
+    assert!(untokened.recv().get("granted").is_some());
     stop(d);
     let d = Daemon::start_on(&socket, &["--grace", "1s"]);
     let t = Instant::now();
     let answer = try_now(&socket, 16);
     assert_eq!(error_kind(&answer), Some("timeout"), "{answer}");
+    // Its room is free at once (the newcomer's connection closes with it).
+    let answer = try_now(&socket, 8);
+    assert!(answer.get("granted").is_some(), "{answer}");
     let mut c = JsonConn::open(&socket);
     c.send(&format!(
         r#"{{"reserve":{{"tag":3,"bytes":{}}}}}"#,

@@ -41,8 +41,16 @@ class Client:
     """A connection to the vramd daemon; closing it releases everything
     reserved through it."""
 
-    def __init__(self, socket: Union[None, str, PathLike[str]] = None) -> None:
-        """Connects; raises ``DaemonNotRunning`` when nothing listens."""
+    def __init__(
+        self,
+        socket: Union[None, str, PathLike[str]] = None,
+        *,
+        reconnect: Optional[float] = 60.0,
+    ) -> None:
+        """Connects; raises ``DaemonNotRunning`` when nothing listens.
+        ``reconnect``: seconds to try to reach the daemon again (and reclaim
+        what the client holds) when the connection closes under it; ``None``:
+        never."""
     def reserve(
         self,
         size: Size,
