@@ -222,6 +222,10 @@ impl Ledger {
                 pids.push(s.pid);
             }
             self.restart.held.insert(s.id, s.idle);
+            // Counted as this daemon's grants, so that grants − releases
+            // stays what is held (each ends in a release: reclaimed and
+            // released, or dropped with the grace period).
+            self.counters.grants += 1;
             report.held += 1;
             report.held_bytes = report.held_bytes.saturating_add(s.bytes);
             self.put_reservation(Reservation {
