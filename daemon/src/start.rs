@@ -510,6 +510,17 @@ pub fn run(args: Args) -> Result<(), StartError> {
 /// the daemon starts empty.
 fn restore(ledger: &mut Ledger, state: &StateFile, grace: Duration) {
     let path = state.path().display();
+    if let Some(dir) = state.path().parent().filter(|d| !d.exists()) {
+        use std::os::unix::fs::DirBuilderExt;
+        if let Err(e) = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+        {
+            tracing::warn!(dir = %dir.display(), error = %e,
+                "cannot create the state directory: a restart would lose reservations");
+        }
+    }
     match state.load() {
         Ok(None) => tracing::info!(path = %path, "no saved reservations (first start)"),
         Ok(Some(snapshot)) => {

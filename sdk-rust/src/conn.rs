@@ -491,10 +491,11 @@ impl Conn {
         st
     }
 
-    /// Stops tracking a reservation that ended.
+    /// Stops tracking a reservation that ended. Its token stays until the
+    /// daemon confirms the release: one released while the daemon was away
+    /// is reclaimed after the reconnect, and released at once.
     pub(crate) fn untrack(&self, id: ReservationId) {
         lock(&self.evictions).remove(&id);
-        lock(&self.tokens).remove(&id);
     }
 
     /// Stops routing replies for `tag` (and forgets its request).
@@ -1015,6 +1016,9 @@ impl Conn {
         };
         if terminal {
             lock(&self.requests).remove(&tag);
+        }
+        if let ServerMessage::Released { id, .. } = &msg {
+            lock(&self.tokens).remove(id);
         }
         let slot = {
             let mut slots = lock(&self.slots);

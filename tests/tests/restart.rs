@@ -305,11 +305,21 @@ fn finish(child: Child) -> (std::process::ExitStatus, String) {
 
 #[test]
 fn vramctl_reserve_reclaims_across_a_restart() {
-    let (_dir, socket) = socket_dir();
-    let d = Daemon::start_on(&socket, &[]);
+    let (dir, socket) = socket_dir();
+    // The state in a directory of its own (made by the daemon).
+    let state_dir = dir.path().join("state");
+    let sd = state_dir.to_str().unwrap();
+    let d = Daemon::start_on(&socket, &["--state-dir", sd]);
     let child = vramctl_reserve(&socket, &[]);
     stop(d);
-    let d = Daemon::start_on(&socket, &["--grace", "20s"]);
+    let state = state_dir.join("vramd.sock.state");
+    let mode = std::fs::metadata(&state)
+        .expect("state file in --state-dir")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(!socket.with_file_name("vramd.sock.state").exists());
+    let d = Daemon::start_on(&socket, &["--grace", "20s", "--state-dir", sd]);
     assert!(
         wait_until(WAIT, || d.log().contains("reclaimed after restart")),
         "{}",
@@ -446,4 +456,22 @@ fn sighup_reloads_the_config_file_and_a_bad_one_changes_nothing() {
     let log = stop(d);
     assert!(log.contains("SIGHUP"), "{log}");
     assert!(!socket.exists(), "the socket file stays after SIGTERM");
+}
+
+#[test]
+fn a_reservation_released_while_the_daemon_is_away_is_given_back_after_the_restart() {
+    let (_dir, socket) = socket_dir();
+    let d = Daemon::start_on(&socket, &[]);
+    let client = Client::connect(&socket).expect("connect");
+    let r = client.reserve(Request::new(16 * GIB)).expect("grant");
+    stop(d);
+    // Nobody to tell: released once the client is back (not after the grace).
+    r.release()
+        .expect("a release while the daemon is away is not an error");
+    let d = Daemon::start_on(&socket, &["--grace", "60s"]);
+    d.wait_status("the release after the reclaim", |s| {
+        s.reservations.is_empty()
+    });
+    let answer = try_now(&socket, 16);
+    assert!(answer.get("granted").is_some(), "{answer}");
 }
