@@ -14,7 +14,9 @@ Exit statuses:
   1    another error (I/O or protocol error talking to vramd)
   64   usage error: a wrong argument, e.g. a size without a unit
   65   request refused by vramd: it can never fit, zero bytes, a per-user limit
-  69   vramd unreachable: not running at the socket path, or the connection was lost
+  69   vramd unreachable: not running at the socket path, or the connection was lost;
+       reserve (and run --on-daemon-loss kill): the daemon went away and the
+       reservation could not be reclaimed (--reconnect-for passed, or refused)
   75   the wait limit (--timeout) passed before the grant; run's command never ran
   77   permission denied on the socket: ask to be added to its group
   78   run --enforce: no usable NVIDIA MPS server; the command never ran
@@ -81,6 +83,13 @@ pub enum Cmd {
         opts: ReserveOpts,
         #[command(flatten)]
         enforce: EnforceOpts,
+        /// If the reservation is lost while the command runs (the daemon
+        /// went away and did not give it back within --reconnect-for):
+        /// `warn` says so on stderr and lets the command run on, exiting
+        /// with its status; `kill` also sends the command SIGTERM and exits
+        /// 69.
+        #[arg(long, value_name = "WHAT", default_value = "warn")]
+        on_daemon_loss: OnDaemonLoss,
         /// The command and its arguments (after `--`).
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -98,6 +107,15 @@ pub enum Cmd {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+}
+
+/// What `run` does when its reservation is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnDaemonLoss {
+    /// Say so on stderr (and as a `lost` JSON event); the command runs on.
+    Warn,
+    /// Say so, and send the command SIGTERM; vramctl exits 69.
+    Kill,
 }
 
 /// A refresh interval: a duration of at least 50 ms.
@@ -146,9 +164,14 @@ pub struct ReserveOpts {
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
     /// Print events as JSON, one object per line on stdout (queued, blocked,
-    /// granted, evicted, released, exited, error) instead of messages.
+    /// granted, evicted, released, lost, exited, error) instead of messages.
     #[arg(long)]
     pub json: bool,
+    /// When the connection to the daemon is lost (it stopped or
+    /// restarted), how long to try to reach it again and reclaim the
+    /// reservation before it counts as lost.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub reconnect_for: Duration,
 }
 
 impl ReserveOpts {

@@ -14,10 +14,11 @@ use vramd_client::{Client, Error, Progress, Request, Reservation, ReservationId}
 use vramd_protocol::format_size;
 
 use crate::blocked::Blocked;
+use crate::cli::OnDaemonLoss;
 use crate::exit::{EXIT_INTERRUPTED, Failure};
 use crate::mps::{MpsServer, Unusable};
 use crate::ps::Local;
-use crate::signals::{EVICTED, SignalWatch};
+use crate::signals::{EVICTED, LOST, SignalWatch};
 
 /// How often a waiting `reserve` or `run` looks at what blocks it.
 const BLOCKED_POLL: Duration = Duration::from_secs(1);
@@ -90,6 +91,15 @@ impl Report {
         }
     }
 
+    /// The reservation was lost: the daemon went away and did not give it
+    /// back. Said loudly on stderr whatever the output mode.
+    fn lost(self, id: ReservationId, why: &str, what_now: &str) {
+        if self.json {
+            self.event(json!({"event": "lost", "id": id, "reason": why}));
+        }
+        eprintln!("vramctl: WARNING: reservation {id} is LOST: {why}; {what_now}");
+    }
+
     /// The reservation was released (`evicted`: at the daemon's request).
     fn released(self, id: ReservationId, evicted: bool) {
         if self.json {
@@ -148,10 +158,12 @@ pub fn reserve(
     socket: &Path,
     request: Request,
     evictable: bool,
+    reconnect_for: Duration,
     report: Report,
 ) -> Result<ExitCode, Error> {
     let signals = SignalWatch::start()?;
     let client = Client::connect(socket)?;
+    client.set_reconnect(Some(reconnect_for));
     let request = request.evictable(evictable);
     let Some(r) = wait_for_grant(&client, request, &signals, report)? else {
         return Ok(ExitCode::from(EXIT_INTERRUPTED));
@@ -164,9 +176,17 @@ pub fn reserve(
             evicted.store(EVICTED, Ordering::SeqCst);
         });
     }
+    let lost = signals.slot();
+    r.on_lost(move |_| lost.store(LOST, Ordering::SeqCst));
     report.granted(&r, true);
     signals.wait();
     let id = r.id();
+    if let Some(why) = r.is_lost() {
+        report.lost(id, &why, "nothing is held any more");
+        let status = crate::exit::EXIT_UNREACHABLE;
+        report.error(Failure::Unreachable, &why, status);
+        return Ok(ExitCode::from(status));
+    }
     if r.is_evicted() || signals.received() == Some(EVICTED) {
         // The SDK releases after the callback returns.
         let _ = wait_evicted(&r);
@@ -188,6 +208,15 @@ pub fn refuse_unenforced(why: &Unusable, report: Report) -> ExitCode {
     ExitCode::from(status)
 }
 
+/// What `run` does when the daemon goes away.
+#[derive(Debug, Clone, Copy)]
+pub struct Loss {
+    /// How long to try to reconnect and reclaim.
+    pub reconnect_for: Duration,
+    /// What to do with the command when the reservation is lost.
+    pub on_loss: OnDaemonLoss,
+}
+
 /// `vramctl run`: waits for `request`, then runs `command` inside it (with
 /// `mps`, capped at the reservation through that MPS server) and exits with
 /// the command's status.
@@ -196,10 +225,12 @@ pub fn run(
     request: Request,
     mps: Option<&MpsServer>,
     command: &[String],
+    loss: Loss,
     report: Report,
 ) -> Result<ExitCode, Error> {
     let signals = SignalWatch::start()?;
     let client = Client::connect(socket)?;
+    client.set_reconnect(Some(loss.reconnect_for));
     let Some(r) = wait_for_grant(&client, request, &signals, report)? else {
         return Ok(ExitCode::from(EXIT_INTERRUPTED));
     };
@@ -212,7 +243,14 @@ pub fn run(
         report.released(id, false);
         return Ok(refuse_unenforced(&why, report));
     }
-    let code = run_command(&r, mps, command, &signals, report)?;
+    let code = run_command(&r, mps, command, &signals, loss.on_loss, report)?;
+    if r.is_lost().is_some() {
+        drop(r);
+        if loss.on_loss == OnDaemonLoss::Kill {
+            return Ok(ExitCode::from(crate::exit::EXIT_UNREACHABLE));
+        }
+        return Ok(code);
+    }
     drop(r);
     report.released(id, false);
     Ok(code)
@@ -285,6 +323,7 @@ fn run_command(
     mps: Option<&MpsServer>,
     command: &[String],
     signals: &SignalWatch,
+    on_loss: OnDaemonLoss,
     report: Report,
 ) -> Result<ExitCode, Error> {
     let (program, args) = command.split_first().expect("clap requires a command");
@@ -320,6 +359,23 @@ fn run_command(
         }
     };
     signals.forward_to(child.id());
+    let (id, pid) = (r.id(), child.id());
+    r.on_lost(move |why| match on_loss {
+        OnDaemonLoss::Warn => report.lost(
+            id,
+            why,
+            "the command runs on WITHOUT a reservation (--on-daemon-loss warn)",
+        ),
+        OnDaemonLoss::Kill => {
+            report.lost(
+                id,
+                why,
+                "sending the command SIGTERM (--on-daemon-loss kill)",
+            );
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+    });
     // The command (and so its descendants) counts against the reservation
     // even if vramctl's own process tree changes.
     if let Err(e) = r.attach_pids(&[child.id()]) {

@@ -95,11 +95,18 @@ fn run(cli: Cli, socket: &Path, report: Report) -> Result<ExitCode, Error> {
             size,
             evictable,
             opts,
-        } => hold::reserve(socket, opts.request(size), evictable, report),
+        } => hold::reserve(
+            socket,
+            opts.request(size),
+            evictable,
+            opts.reconnect_for,
+            report,
+        ),
         Cmd::Run {
             vram,
             opts,
             enforce,
+            on_daemon_loss,
             command,
         } => {
             // Checked before reserving: an unusable server refuses at once.
@@ -126,7 +133,18 @@ fn run(cli: Cli, socket: &Path, report: Report) -> Result<ExitCode, Error> {
             } else {
                 None
             };
-            hold::run(socket, opts.request(vram), mps.as_ref(), &command, report)
+            let loss = hold::Loss {
+                reconnect_for: opts.reconnect_for,
+                on_loss: on_daemon_loss,
+            };
+            hold::run(
+                socket,
+                opts.request(vram),
+                mps.as_ref(),
+                &command,
+                loss,
+                report,
+            )
         }
         Cmd::Completions { shell } => {
             clap_complete::generate(

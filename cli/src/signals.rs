@@ -9,6 +9,9 @@ use signal_hook::iterator::Signals;
 
 /// Marker in [`SignalWatch`]'s slot: an eviction, not a signal.
 pub const EVICTED: i32 = -1;
+/// Marker in [`SignalWatch`]'s slot: the reservation was lost (the daemon
+/// went away and did not give it back).
+pub const LOST: i32 = -2;
 
 /// SIGINT/SIGTERM: recorded, and forwarded to a child once there is one.
 pub struct SignalWatch {

@@ -10,3 +10,4 @@ pub mod gpu;
 pub mod mps;
 pub mod server;
 pub mod start;
+pub mod state;

@@ -24,6 +24,7 @@ use crate::gpu::Backend;
 use crate::gpu::nvml::NvmlStartError;
 use crate::mps::{MpsGuard, MpsWatch};
 use crate::server::{ServerConfig, ServerError, bind_socket, serve};
+use crate::state::StateFile;
 
 /// How often consumers are asked what they hold, unless the config says.
 const CONSUMER_POLL_INTERVAL: Duration = Duration::from_secs(2);
@@ -147,6 +148,15 @@ pub struct Args {
     /// pipe or socket is live).
     #[arg(long, value_name = "DIR")]
     pub mps_pipe_dir: Option<PathBuf>,
+    /// Directory of the state file (<socket file name>.state) where
+    /// reservations are saved so that a restart loses none [default: the
+    /// socket's directory].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// After a start, how long saved reservations are held for their
+    /// holders to reclaim; what is not reclaimed by then is dropped.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub grace: Duration,
 }
 
 /// How log lines are written.
@@ -409,6 +419,13 @@ pub fn run(args: Args) -> Result<(), StartError> {
             .unwrap_or(CONSUMER_POLL_INTERVAL)
             .max(Duration::from_millis(10)),
         mps: args.mps_pipe_dir.clone().map(MpsWatch::external),
+        state_file: None,
+        reload: args.config.clone().map(|path| crate::server::Reload {
+            path,
+            cli_eviction_deadline: args.eviction_deadline,
+            cli_min_residency: args.min_residency,
+            consumers: file.consumers.clone(),
+        }),
     };
     let identity = Identity {
         daemon_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -420,7 +437,8 @@ pub fn run(args: Args) -> Result<(), StartError> {
         backend.source.clone(),
         std::time::Instant::now(),
     )
-    .with_identity(identity);
+    .with_identity(identity)
+    .with_reclaim(crate::state::random_key(), args.grace);
     for d in &backend.devices {
         tracing::info!(index = d.index, uuid = %d.uuid, name = %d.name, total_bytes = d.total_bytes,
             size = %format_size(d.total_bytes), backend = backend.name, "device");
@@ -469,6 +487,11 @@ pub fn run(args: Args) -> Result<(), StartError> {
             Some(l) => l,
             None => bind_socket(&config)?,
         };
+        // Read once the socket is ours: a second vramd refused above never
+        // touches the first one's state.
+        let state = StateFile::for_socket(&config.socket_path, args.state_dir.as_deref());
+        restore(&mut ledger, &state, args.grace);
+        config.state_file = Some(state);
         // Started once the socket is ours (a second vramd on the same path
         // stops above and leaves the first one's server alone); stopped when
         // the guard drops, on every way out.
@@ -502,6 +525,42 @@ pub fn run(args: Args) -> Result<(), StartError> {
         .await
         .map_err(io("server failed"))
     })
+}
+
+/// Holds the reservations saved in `state` for their holders (see
+/// [`crate::state`]); a corrupt or foreign file is logged and set aside, and
+/// the daemon starts empty.
+fn restore(ledger: &mut Ledger, state: &StateFile, grace: Duration) {
+    let path = state.path().display();
+    if let Some(dir) = state.path().parent().filter(|d| !d.exists()) {
+        use std::os::unix::fs::DirBuilderExt;
+        if let Err(e) = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+        {
+            tracing::warn!(dir = %dir.display(), error = %e,
+                "cannot create the state directory: a restart would lose reservations");
+        }
+    }
+    match state.load() {
+        Ok(None) => tracing::info!(path = %path, "no saved reservations (first start)"),
+        Ok(Some(snapshot)) => {
+            let report = ledger.restore(snapshot, std::time::Instant::now());
+            for why in &report.dropped {
+                tracing::warn!(path = %path, reason = %why, "saved reservation not restored");
+            }
+            tracing::info!(path = %path, reservations = report.held, bytes = report.held_bytes,
+                size = %format_size(report.held_bytes), grace_ms = grace.as_millis() as u64,
+                "saved reservations held for their holders to reclaim");
+        }
+        Err(why) => {
+            let aside = state.set_aside();
+            tracing::error!(path = %path, reason = %why,
+                moved_to = %aside.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+                "state file unusable; starting with no saved reservations");
+        }
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -48,7 +48,10 @@ impl Daemon {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let c = AsyncClient::connect(self.socket.clone())
+        // The gateway reconnects and reserves again by itself (each
+        // connection is a generation), so the SDK neither reconnects nor
+        // keeps its reservations across a restart of vramd.
+        let c = AsyncClient::connect_with(self.socket.clone(), None)
             .await
             .map_err(|e| self.down(e))?;
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;

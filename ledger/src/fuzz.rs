@@ -65,6 +65,9 @@ fn arb_msg() -> impl Strategy<Value = ClientMessage> {
         2 => (0u64..6, arb_id(), any::<bool>())
             .prop_map(|(tag, id, idle)| ClientMessage::SetIdle { tag, id, idle }),
         1 => (any::<u32>(), ".{0,4}").prop_map(|(version, client)| ClientMessage::Hello { version, client }),
+        1 => (0u64..6).prop_map(|tag| ClientMessage::EnableReclaim { tag }),
+        1 => (0u64..6, arb_id(), "[0-9a-f]{0,33}")
+            .prop_map(|(tag, id, token)| ClientMessage::Reclaim { tag, id, token }),
     ]
 }
 
@@ -95,6 +98,8 @@ enum Step {
         device: usize,
         result: Result<Reading, String>,
     },
+    /// The daemon restarts: a new ledger restored from this one's snapshot.
+    Restart,
 }
 
 fn arb_step() -> impl Strategy<Value = Step> {
@@ -104,6 +109,7 @@ fn arb_step() -> impl Strategy<Value = Step> {
         1 => (0u64..5).prop_map(|conn| Step::Disconnect { conn }),
         2 => Just(Step::Tick),
         2 => (0usize..2, arb_reading()).prop_map(|(device, result)| Step::Reading { device, result }),
+        1 => Just(Step::Restart),
     ]
 }
 
@@ -183,6 +189,15 @@ proptest! {
                 // A simulated ledger never gets readings from the daemon.
                 Step::Reading { device, result } if measured => Input::Reading { device, taken_at: now, result },
                 Step::Reading { .. } => Input::Tick,
+                Step::Restart => {
+                    let snapshot = l.snapshot(now);
+                    let saved = snapshot.reservations.len();
+                    l = ledger(measured, small_limits).with_reclaim(7, Duration::from_secs(30));
+                    let report = l.restore(snapshot, now);
+                    prop_assert_eq!(report.held, saved);
+                    check_invariants(&l, now)?;
+                    Input::Tick
+                }
             };
             l.apply(input, now);
             check_invariants(&l, now)?;

@@ -64,10 +64,12 @@ use vramd_protocol::{
 mod accounting;
 mod eviction;
 mod queue;
+pub mod restart;
 mod schedule;
 mod status;
 pub mod types;
 
+pub use restart::{NO_CONN, RestoreReport, SavedReservation, Snapshot};
 pub use status::{STATUS_PROCESS_LIMIT, STATUS_QUEUE_LIMIT, redact};
 pub use types::{
     AdaptiveGuard, ConnId, ConsumerReading, ConsumerSpec, DeviceSpec, Effect, Identity, Input,
@@ -198,6 +200,8 @@ pub struct Ledger {
     recent_waits: schedule::RecentWaits,
     next_id: u64,
     counters: Counters,
+    /// Reclaim tokens, reservations held for reclaim, the grace period.
+    restart: restart::Restart,
 }
 
 impl Ledger {
@@ -243,6 +247,7 @@ impl Ledger {
             recent_waits: schedule::RecentWaits::default(),
             next_id: 1,
             counters: Counters::default(),
+            restart: restart::Restart::default(),
         }
     }
 
@@ -268,6 +273,14 @@ impl Ledger {
     /// The configuration in force.
     pub fn config(&self) -> &LedgerConfig {
         &self.config
+    }
+
+    /// Changes the eviction timing (a config reload): evictions already
+    /// asked keep their deadline; minimum residencies are judged anew.
+    pub fn set_eviction_timing(&mut self, eviction_deadline: Duration, min_residency: Duration) {
+        self.config.eviction_deadline = eviction_deadline;
+        self.config.min_residency = min_residency;
+        self.clean = false;
     }
 
     /// Event counters since start.
@@ -299,20 +312,26 @@ impl Ledger {
     /// must do about it, in order.
     pub fn apply(&mut self, input: Input, now: Instant) -> Vec<Effect> {
         let mut fx = Vec::new();
-        let settle = match input {
-            Input::Request { conn, peer, msg } => self.on_request(conn, peer, msg, now, &mut fx),
-            Input::Disconnect { conn } => self.on_disconnect(conn, now, &mut fx),
-            Input::Reading {
-                device,
-                taken_at,
-                result,
-            } => self.on_reading(device, taken_at, result, &mut fx),
-            Input::Tick => true,
-            Input::ConsumerReading { name, result } => self.on_consumer_reading(&name, result, now),
-            Input::ConsumerUnloaded { name, result } => {
-                self.on_consumer_unloaded(name, result, &mut fx)
-            }
-        };
+        let grace_ended = self.end_grace(now, &mut fx);
+        let settle = grace_ended
+            | match input {
+                Input::Request { conn, peer, msg } => {
+                    self.on_request(conn, peer, msg, now, &mut fx)
+                }
+                Input::Disconnect { conn } => self.on_disconnect(conn, now, &mut fx),
+                Input::Reading {
+                    device,
+                    taken_at,
+                    result,
+                } => self.on_reading(device, taken_at, result, &mut fx),
+                Input::Tick => true,
+                Input::ConsumerReading { name, result } => {
+                    self.on_consumer_reading(&name, result, now)
+                }
+                Input::ConsumerUnloaded { name, result } => {
+                    self.on_consumer_unloaded(name, result, &mut fx)
+                }
+            };
         if settle {
             self.settle(now, &mut fx);
         }
@@ -354,6 +373,13 @@ impl Ledger {
             }
             ClientMessage::AttachPids { tag, id, pids } => {
                 self.on_attach_pids(conn, tag, id, &pids, fx)
+            }
+            ClientMessage::EnableReclaim { tag } => {
+                self.on_enable_reclaim(conn, tag, fx);
+                false
+            }
+            ClientMessage::Reclaim { tag, id, token } => {
+                self.on_reclaim(conn, peer, tag, id, &token, now, fx)
             }
         }
     }
@@ -704,6 +730,7 @@ impl Ledger {
 
     /// Drops everything `conn` held or waited for.
     fn on_disconnect(&mut self, conn: ConnId, now: Instant, fx: &mut Vec<Effect>) -> bool {
+        self.forget_reclaim(conn);
         let keys = self.queue.keys_of(conn);
         for k in &keys {
             self.take_waiter(k);

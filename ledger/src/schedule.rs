@@ -33,6 +33,7 @@ impl Ledger {
             .chain(self.next_eviction_eligibility(now))
             .chain(self.next_outranking(now))
             .chain(self.queue.next_promotion())
+            .chain(self.grace_until())
             .min()
     }
 
@@ -210,6 +211,7 @@ impl Ledger {
             label: w.label,
             waited: now.saturating_duration_since(w.arrived),
         });
+        self.push_token(w.conn, w.tag, w.id, effects);
     }
 
     /// Fails waiters whose wait limit passed; returns whether there were any.

@@ -424,6 +424,39 @@ pub enum LogEvent {
         /// Its name.
         name: String,
     },
+    /// A reservation held since a restart was reclaimed by its holder.
+    Reclaimed {
+        /// The connection that has it now.
+        conn: ConnId,
+        /// The reservation.
+        id: ReservationId,
+        /// Its bytes.
+        bytes: u64,
+    },
+    /// A reclaim was refused: wrong token, or another user.
+    ReclaimRefused {
+        /// The connection that asked.
+        conn: ConnId,
+        /// The reservation it named.
+        id: ReservationId,
+        /// Its user.
+        uid: u32,
+    },
+    /// The grace period after a restart ended and this reservation was not
+    /// reclaimed: it is dropped (on a measured device, its processes'
+    /// usage still counts through the readings).
+    Unreclaimed {
+        /// The reservation.
+        id: ReservationId,
+        /// Its holder's pid before the restart.
+        pid: u32,
+        /// Its holder's uid.
+        uid: u32,
+        /// Its bytes.
+        bytes: u64,
+        /// Whether its device is measured (its usage keeps counting).
+        measured: bool,
+    },
 }
 
 /// A reservation that ended, for logs.

@@ -165,6 +165,30 @@ pub enum ClientMessage {
         /// True: idle, evictable. False: busy.
         idle: bool,
     },
+    /// Ask for a reclaim token with every grant on this connection (and at
+    /// once for what it already holds), so that its reservations can be
+    /// reclaimed after a daemon restart. Answered by `ReclaimEnabled`, then
+    /// one `ReclaimToken` per reservation already held.
+    EnableReclaim {
+        /// Tag echoed in the answer.
+        #[serde(default)]
+        tag: u64,
+    },
+    /// After a daemon restart, take back reservation `id` (held for its
+    /// holder during the grace period) with the token given at its grant.
+    /// Only the same user (or root) may. Answered by `Granted` with this tag
+    /// (same id, device and bytes), or `Error` (`not_found`: not held for
+    /// reclaim, e.g. the grace period is over; `permission_denied`: wrong
+    /// token or user).
+    Reclaim {
+        /// Tag echoed in the answer.
+        #[serde(default)]
+        tag: u64,
+        /// The reservation's id, as granted before the restart.
+        id: ReservationId,
+        /// The token from its `ReclaimToken`.
+        token: String,
+    },
 }
 
 /// A granted reservation.
@@ -272,6 +296,28 @@ pub enum ServerMessage {
         deadline_ms: u64,
         /// Who needs the room, for logs.
         reason: String,
+    },
+    /// Answer to `EnableReclaim`: from now on every `Granted` on this
+    /// connection is followed by a `ReclaimToken`.
+    ReclaimEnabled {
+        /// The `EnableReclaim` request's tag.
+        tag: u64,
+        /// How long, after a restart, the daemon holds reservations for their
+        /// holders to reclaim, in milliseconds.
+        grace_ms: u64,
+    },
+    /// The token that reclaims reservation `id` after a daemon restart (see
+    /// `Reclaim`). Sent right after its `Granted` (with the same tag), and
+    /// for reservations held when `EnableReclaim` came (with its tag). Keep
+    /// it secret: with it, any process of the same user may take the
+    /// reservation over after a restart.
+    ReclaimToken {
+        /// The grant's (or the `EnableReclaim`'s) tag.
+        tag: u64,
+        /// The reservation.
+        id: ReservationId,
+        /// 32 lowercase hex digits.
+        token: String,
     },
 }
 

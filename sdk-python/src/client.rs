@@ -98,12 +98,24 @@ impl Client {
 impl Client {
     /// Connects to the daemon (see the class docs for the default socket).
     /// Raises ``vramd.DaemonNotRunning`` when nothing listens there.
+    /// ``reconnect``: when the connection closes under the client (the
+    /// daemon stopped or restarted), how many seconds to try to reach it
+    /// again and reclaim what the client holds (``None``: never).
     #[new]
-    #[pyo3(signature = (socket = None))]
-    fn new(py: Python<'_>, socket: Option<PathBuf>) -> PyResult<Self> {
+    #[pyo3(signature = (socket = None, *, reconnect = Some(60.0)))]
+    fn new(py: Python<'_>, socket: Option<PathBuf>, reconnect: Option<f64>) -> PyResult<Self> {
+        let window = match reconnect {
+            None => None,
+            Some(s) if s.is_finite() && s >= 0.0 => Some(std::time::Duration::from_secs_f64(s)),
+            Some(s) => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "reconnect must be None or a number of seconds >= 0, not {s}"
+                )));
+            }
+        };
         let path = socket.unwrap_or_else(paths::client_socket_path);
         let client = py
-            .detach(|| vramd_client::Client::connect(&path))
+            .detach(|| vramd_client::Client::connect_with(&path, window))
             .map_err(|e| to_py_err(py, e, &path))?;
         let daemon_version = client.daemon_version().to_string();
         Ok(Self {

@@ -171,6 +171,15 @@ impl Reservation {
         self.owned() && self.hook.evicted()
     }
 
+    /// Why it was lost, or ``None``: the daemon went away and the client
+    /// could not reclaim it (the daemon did not come back within 60 s, or
+    /// refused it). A daemon restart alone loses nothing: the client
+    /// reconnects and reclaims it by itself.
+    #[getter]
+    fn lost(&self) -> Option<String> {
+        lock(&self.inner).as_ref().and_then(|r| r.is_lost())
+    }
+
     /// Marks the reservation idle (``True``, the default: its model is kept
     /// warm and the daemon may evict it when a waiter needs the room) or busy
     /// (``False``: never evicted). Mark it busy while the model is in use,

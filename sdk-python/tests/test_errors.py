@@ -80,7 +80,9 @@ def test_refused_when_it_can_never_fit(daemon):
 
 def test_disconnected_when_the_daemon_dies_during_a_wait(daemon):
     holder = daemon.client().reserve("20GiB")
-    c = daemon.client()
+    # The daemon does not come back: Disconnected once the client's
+    # reconnect window (shortened here from its 60 s) has passed.
+    c = vramd.Client(daemon.socket, reconnect=0.5)
     p = c.submit("10GiB")
     assert wait_until(lambda: daemon.queue_len() == 1)
     daemon.kill()

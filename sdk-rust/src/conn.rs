@@ -30,13 +30,25 @@
 //! A grant that arrives for a request nobody waits for any more (cancelled or
 //! dropped while the grant was in flight) is released at once, so a race can
 //! never leak a reservation.
+//!
+//! # Reconnecting
+//! Every session asks for reclaim tokens (`EnableReclaim`) and keeps the
+//! token of each reservation it holds. When the socket closes without this
+//! side closing it (the daemon stopped or restarted), the background thread
+//! connects again, for up to the reconnect window ([`RECONNECT_FOR`] unless
+//! set), and on the new session reclaims every reservation still held
+//! (`Reclaim` with its token) and submits again every request still waiting
+//! (same tag; the daemon queues it anew). Meanwhile waiting callers keep
+//! waiting; other calls in flight fail with `Disconnected`. A reservation
+//! whose reclaim is refused, or every one when the window passes, is *lost*:
+//! [`EvictState::lost`] is set and its `on_lost` callback runs.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -56,6 +68,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// leader left, when nobody else waits (see the module docs); also how often
 /// it looks while a caller leads.
 pub(crate) const LINGER: Duration = Duration::from_millis(50);
+
+/// How long a client tries to reach the daemon again after its connection
+/// was lost, unless set otherwise.
+pub const RECONNECT_FOR: Duration = Duration::from_secs(60);
 
 /// Where replies to one request are delivered.
 #[derive(Debug, Default)]
@@ -178,6 +194,9 @@ pub struct Eviction {
 /// Callback run when the daemon asks a holder to unload.
 pub(crate) type EvictHandler = Box<dyn FnOnce(&Eviction) + Send>;
 
+/// Callback run when a reservation is lost (with why).
+pub(crate) type LostHandler = Box<dyn FnOnce(&str) + Send>;
+
 /// Per-reservation eviction state shared by the guard and the reader.
 #[derive(Default)]
 pub(crate) struct EvictState {
@@ -185,6 +204,9 @@ pub(crate) struct EvictState {
     /// The daemon asked to evict it (the SDK will release it).
     asked: AtomicBool,
     evicted: AtomicBool,
+    /// The connection was lost and the reservation could not be reclaimed.
+    lost: Mutex<Option<String>>,
+    lost_handler: Mutex<Option<LostHandler>>,
 }
 
 impl std::fmt::Debug for EvictState {
@@ -208,6 +230,39 @@ impl EvictState {
     /// Whether the daemon asked to evict it.
     pub(crate) fn asked(&self) -> bool {
         self.asked.load(Ordering::SeqCst)
+    }
+
+    /// Why it was lost, if it was.
+    pub(crate) fn lost(&self) -> Option<String> {
+        lock(&self.lost).clone()
+    }
+
+    /// Sets the callback run when it is lost (at once if it already is).
+    pub(crate) fn set_lost_handler(&self, h: LostHandler) {
+        let why = lock(&self.lost).clone();
+        match why {
+            Some(why) => h(&why),
+            None => *lock(&self.lost_handler) = Some(h),
+        }
+    }
+
+    /// Marks it lost and runs its callback (on its own thread).
+    fn mark_lost(&self, why: &str) {
+        {
+            let mut lost = lock(&self.lost);
+            if lost.is_some() {
+                return;
+            }
+            *lost = Some(why.to_string());
+        }
+        if let Some(h) = lock(&self.lost_handler).take() {
+            let why = why.to_string();
+            let _ = std::thread::Builder::new()
+                .name("vramd-client-lost".into())
+                .spawn(move || {
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h(&why)));
+                });
+        }
     }
 }
 
@@ -233,6 +288,9 @@ struct Readers {
     lead_ended: Option<Instant>,
     /// The session is over: the background thread ends.
     closed: bool,
+    /// The socket closed; the background thread connects again. Nobody
+    /// leads meanwhile.
+    reconnecting: bool,
 }
 
 /// A live session with the daemon.
@@ -240,8 +298,9 @@ struct Readers {
 pub(crate) struct Conn {
     writer: Mutex<UnixStream>,
     reader: Mutex<ReadSide>,
-    /// The reading end's descriptor, to `poll` it without taking `reader`.
-    read_fd: RawFd,
+    /// The reading end's descriptor, to `poll` it without taking `reader`
+    /// (it changes when the client reconnects).
+    read_fd: AtomicI32,
     readers: Mutex<Readers>,
     /// The background thread waits here while a caller leads or it lingers.
     readers_cv: Condvar,
@@ -252,11 +311,65 @@ pub(crate) struct Conn {
     socket_path: PathBuf,
     daemon_version: String,
     pid: u32,
+    /// Reclaim tokens of the reservations held, by id.
+    tokens: Mutex<HashMap<ReservationId, String>>,
+    /// Requests waiting for their grant, by tag: submitted again after a
+    /// reconnect.
+    requests: Mutex<HashMap<u64, ClientMessage>>,
+    /// Reclaims in flight after a reconnect, by tag.
+    reclaims: Mutex<HashMap<u64, ReservationId>>,
+    /// How long to try to reconnect after the connection is lost (`None`:
+    /// never).
+    reconnect_for: Mutex<Option<Duration>>,
 }
 
 impl Conn {
     /// Connects, says hello, and starts the background reader thread.
-    pub(crate) fn connect(path: &Path) -> Result<Arc<Conn>> {
+    /// With a `reconnect` window, asks for reclaim tokens, and reconnects
+    /// (reclaiming) within it when the connection is lost; without, the
+    /// session ends with the connection.
+    pub(crate) fn connect(path: &Path, reconnect: Option<Duration>) -> Result<Arc<Conn>> {
+        let (stream, decoder, buf, daemon_version) = Self::handshake(path)?;
+        let reader_stream = stream.try_clone()?;
+        let conn = Arc::new(Conn {
+            writer: Mutex::new(stream),
+            read_fd: AtomicI32::new(reader_stream.as_raw_fd()),
+            reader: Mutex::new(ReadSide {
+                stream: reader_stream,
+                decoder,
+                buf,
+            }),
+            readers: Mutex::new(Readers::default()),
+            readers_cv: Condvar::new(),
+            slots: Mutex::new(HashMap::new()),
+            evictions: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            next_tag: AtomicU64::new(1),
+            socket_path: path.to_path_buf(),
+            daemon_version,
+            pid: std::process::id(),
+            tokens: Mutex::new(HashMap::new()),
+            requests: Mutex::new(HashMap::new()),
+            reclaims: Mutex::new(HashMap::new()),
+            reconnect_for: Mutex::new(reconnect),
+        });
+        // Tokens for every grant, so that a restart of the daemon loses
+        // nothing (the answers are routed like any other).
+        if reconnect.is_some() {
+            conn.send(&ClientMessage::EnableReclaim {
+                tag: conn.untracked_tag(),
+            })?;
+        }
+        let reader_conn = conn.clone();
+        std::thread::Builder::new()
+            .name("vramd-client-reader".into())
+            .spawn(move || reader_conn.background())?;
+        Ok(conn)
+    }
+
+    /// Connects and says hello: the stream, its decoder and what was read
+    /// past the welcome, and the daemon's version.
+    fn handshake(path: &Path) -> Result<(UnixStream, Decoder, ReadBuffer, String)> {
         let not_running = |source| Error::NotRunning {
             path: path.to_path_buf(),
             source,
@@ -301,30 +414,45 @@ impl Conn {
             other => return Err(Error::Protocol(format!("expected welcome, got {other:?}"))),
         };
         stream.set_read_timeout(None)?;
-        let reader_stream = stream.try_clone()?;
-        let conn = Arc::new(Conn {
-            writer: Mutex::new(stream),
-            read_fd: reader_stream.as_raw_fd(),
-            reader: Mutex::new(ReadSide {
-                stream: reader_stream,
-                decoder,
-                buf,
-            }),
-            readers: Mutex::new(Readers::default()),
-            readers_cv: Condvar::new(),
-            slots: Mutex::new(HashMap::new()),
-            evictions: Mutex::new(HashMap::new()),
-            closed: AtomicBool::new(false),
-            next_tag: AtomicU64::new(1),
-            socket_path: path.to_path_buf(),
-            daemon_version,
-            pid: std::process::id(),
-        });
-        let reader_conn = conn.clone();
-        std::thread::Builder::new()
-            .name("vramd-client-reader".into())
-            .spawn(move || reader_conn.background())?;
-        Ok(conn)
+        Ok((stream, decoder, buf, daemon_version))
+    }
+
+    /// Sets how long to try to reconnect after the connection is lost
+    /// (`None`: never; every reservation is then lost with the connection).
+    pub(crate) fn set_reconnect(&self, window: Option<Duration>) {
+        *lock(&self.reconnect_for) = window;
+    }
+
+    /// Sends a reservation request, remembered until it is answered so that
+    /// it is submitted again after a reconnect. While the client reconnects
+    /// it is only remembered.
+    pub(crate) fn submit(&self, tag: u64, msg: ClientMessage) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Disconnected);
+        }
+        if !self.owned_by_this_process() {
+            return Err(forked());
+        }
+        let bytes = encode(Encoding::Binary, &msg).map_err(|e| Error::Protocol(e.to_string()))?;
+        // Under the writer's lock, as a reconnect sends the remembered ones:
+        // a request is sent on the old session or on the new one, not twice.
+        let mut writer = lock(&self.writer);
+        lock(&self.requests).insert(tag, msg);
+        match writer.write_all(&bytes) {
+            Ok(()) => Ok(()),
+            Err(_) if lock(&self.readers).reconnecting || self.reconnect_window().is_some() => {
+                // The session is lost; the reconnect submits it again.
+                Ok(())
+            }
+            Err(e) => {
+                lock(&self.requests).remove(&tag);
+                Err(Error::Io(e))
+            }
+        }
+    }
+
+    fn reconnect_window(&self) -> Option<Duration> {
+        *lock(&self.reconnect_for)
     }
 
     pub(crate) fn socket_path(&self) -> &Path {
@@ -363,14 +491,17 @@ impl Conn {
         st
     }
 
-    /// Stops tracking a reservation that ended.
+    /// Stops tracking a reservation that ended. Its token stays until the
+    /// daemon confirms the release: one released while the daemon was away
+    /// is reclaimed after the reconnect, and released at once.
     pub(crate) fn untrack(&self, id: ReservationId) {
         lock(&self.evictions).remove(&id);
     }
 
-    /// Stops routing replies for `tag`.
+    /// Stops routing replies for `tag` (and forgets its request).
     pub(crate) fn unregister(&self, tag: u64) {
         lock(&self.slots).remove(&tag);
+        lock(&self.requests).remove(&tag);
     }
 
     /// A tag nobody waits on (for fire-and-forget messages).
@@ -426,7 +557,7 @@ impl Conn {
             }
             let lead = {
                 let mut r = lock(&self.readers);
-                if !r.leading && !r.background && !r.closed {
+                if !r.leading && !r.background && !r.closed && !r.reconnecting {
                     r.leading = true;
                     true
                 } else {
@@ -452,6 +583,8 @@ impl Conn {
                     Lead::Answered(m) => return Ok(Some(m)),
                     Lead::TimedOut => return Ok(None),
                     Lead::Closed => return slot.try_take()?.map(Some).ok_or(Error::Disconnected),
+                    // The background thread reconnects; wait for it.
+                    Lead::Lost => continue,
                 }
             }
             // The current reader routes our answer; the background thread
@@ -488,11 +621,14 @@ impl Conn {
             // consumes our request (that frees write space), so every request
             // would cost us a wake-up for nothing and the daemon a cross-CPU
             // wake. `poll` asks to be woken for readability only.
-            if poll_readable(self.read_fd, wait) {
+            if poll_readable(self.read_fd.load(Ordering::SeqCst), wait) {
                 if self.read_and_route(&mut side, true).is_err() {
                     drop(side);
-                    self.close_all();
-                    return Lead::Closed;
+                    return if self.session_lost() {
+                        Lead::Lost
+                    } else {
+                        Lead::Closed
+                    };
                 }
             } else if deadline.is_some_and(|d| Instant::now() >= d) {
                 return match slot.try_take() {
@@ -548,6 +684,10 @@ impl Conn {
         }
     }
 
+    fn is_reclaim(&self, tag: u64) -> bool {
+        lock(&self.reclaims).contains_key(&tag)
+    }
+
     /// Whether an async caller waits for an answer.
     fn async_waiting(&self) -> bool {
         lock(&self.slots).values().any(|s| s.has_waker())
@@ -594,6 +734,12 @@ impl Conn {
                     if r.closed {
                         return;
                     }
+                    if r.reconnecting {
+                        drop(r);
+                        self.reconnect();
+                        r = lock(&self.readers);
+                        continue;
+                    }
                     if r.leading {
                         r = self
                             .readers_cv
@@ -618,14 +764,14 @@ impl Conn {
                 }
             }
             // Wait for something to read, holding nothing.
-            poll_readable(self.read_fd, None);
+            poll_readable(self.read_fd.load(Ordering::SeqCst), None);
             {
                 let mut r = lock(&self.readers);
                 if r.closed {
                     return;
                 }
-                if r.leading {
-                    continue; // the leader reads it
+                if r.leading || r.reconnecting {
+                    continue; // the leader reads it, or the session is gone
                 }
                 r.background = true;
             }
@@ -634,11 +780,149 @@ impl Conn {
                 self.read_and_route(&mut side, true).is_err()
             };
             lock(&self.readers).background = false;
-            if over {
-                self.close_all();
+            if over && !self.session_lost() {
                 return;
             }
         }
+    }
+
+    /// The socket closed under us. Unless this side closed it or reconnects
+    /// are off, calls in flight other than waiting requests fail, and the
+    /// background thread is told to reconnect: returns true. Otherwise the
+    /// session is over (every slot learns it, every reservation is lost):
+    /// returns false.
+    fn session_lost(self: &Arc<Self>) -> bool {
+        if self.closed.load(Ordering::SeqCst)
+            || self.reconnect_window().is_none()
+            || !self.owned_by_this_process()
+        {
+            self.close_all();
+            self.mark_all_lost("the connection to the daemon closed");
+            return false;
+        }
+        {
+            let mut r = lock(&self.readers);
+            if r.reconnecting {
+                return true;
+            }
+            r.reconnecting = true;
+        }
+        // Answers to anything but a waiting request will not come.
+        let gone: Vec<Arc<Slot>> = {
+            let requests = lock(&self.requests);
+            let mut slots = lock(&self.slots);
+            let tags: Vec<u64> = slots
+                .keys()
+                .filter(|t| !requests.contains_key(t))
+                .copied()
+                .collect();
+            tags.iter().filter_map(|t| slots.remove(t)).collect()
+        };
+        for s in gone {
+            s.close();
+        }
+        self.readers_cv.notify_all();
+        true
+    }
+
+    /// Every reservation still tracked is lost, for `why`.
+    fn mark_all_lost(&self, why: &str) {
+        let all: Vec<Arc<EvictState>> = lock(&self.evictions).values().cloned().collect();
+        for st in all {
+            st.mark_lost(why);
+        }
+    }
+
+    /// On the background thread: connects again within the window, then
+    /// reclaims what is held and submits again what waits; or, past the
+    /// window, ends the session.
+    fn reconnect(self: &Arc<Self>) {
+        let window = self.reconnect_window().unwrap_or_default();
+        let give_up = Instant::now() + window;
+        let mut pause = Duration::from_millis(20);
+        let session = loop {
+            if self.closed.load(Ordering::SeqCst) {
+                break None;
+            }
+            match Self::handshake(&self.socket_path) {
+                Ok(s) => break Some(s),
+                Err(_) if Instant::now() < give_up => {
+                    std::thread::sleep(
+                        pause.min(give_up.saturating_duration_since(Instant::now())),
+                    );
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                Err(_) => break None,
+            }
+        };
+        let Some((stream, decoder, buf, _version)) = session else {
+            lock(&self.readers).reconnecting = false;
+            self.close_all();
+            self.mark_all_lost(&format!(
+                "the connection to the daemon was lost and it did not answer again within {window:?}"
+            ));
+            return;
+        };
+        let Ok(reader_stream) = stream.try_clone() else {
+            lock(&self.readers).reconnecting = false;
+            self.close_all();
+            self.mark_all_lost("cannot set up the new connection to the daemon");
+            return;
+        };
+        {
+            let mut side = lock(&self.reader);
+            let mut writer = lock(&self.writer);
+            *writer = stream;
+            self.read_fd
+                .store(reader_stream.as_raw_fd(), Ordering::SeqCst);
+            *side = ReadSide {
+                stream: reader_stream,
+                decoder,
+                buf,
+            };
+            // Still under the writer's lock: no request is sent twice.
+            let mut out = Vec::new();
+            out.push(ClientMessage::EnableReclaim {
+                tag: self.untracked_tag(),
+            });
+            let tokens: Vec<(ReservationId, String)> = lock(&self.tokens)
+                .iter()
+                .map(|(id, t)| (*id, t.clone()))
+                .collect();
+            let tracked: Vec<ReservationId> = lock(&self.evictions).keys().copied().collect();
+            for id in tracked {
+                if !tokens.iter().any(|(t, _)| *t == id)
+                    && let Some(st) = lock(&self.evictions).get(&id).cloned()
+                {
+                    st.mark_lost("the daemon gave no reclaim token for it (an older daemon?)");
+                }
+            }
+            for (id, token) in tokens {
+                let tag = self.untracked_tag();
+                lock(&self.reclaims).insert(tag, id);
+                out.push(ClientMessage::Reclaim { tag, id, token });
+            }
+            out.extend(lock(&self.requests).values().cloned());
+            let mut failed = false;
+            for msg in &out {
+                if let Ok(bytes) = encode(Encoding::Binary, msg)
+                    && writer.write_all(&bytes).is_err()
+                {
+                    failed = true;
+                    break;
+                }
+            }
+            drop(writer);
+            drop(side);
+            let mut r = lock(&self.readers);
+            r.reconnecting = false;
+            r.lead_ended = None;
+            drop(r);
+            if failed {
+                // Lost again at once: the next read says so and we retry.
+            }
+        }
+        self.readers_cv.notify_all();
     }
 
     /// Runs the holder's callback (on its own thread, so the reader keeps
@@ -679,7 +963,35 @@ impl Conn {
 
     fn route(self: &Arc<Self>, msg: ServerMessage) {
         let (tag, terminal) = match &msg {
-            ServerMessage::Welcome { .. } => return,
+            ServerMessage::Welcome { .. } | ServerMessage::ReclaimEnabled { .. } => return,
+            ServerMessage::ReclaimToken { id, token, .. } => {
+                lock(&self.tokens).insert(*id, token.clone());
+                return;
+            }
+            ServerMessage::Granted { tag, grant } if self.is_reclaim(*tag) => {
+                lock(&self.reclaims).remove(tag);
+                if !lock(&self.evictions).contains_key(&grant.id) {
+                    // Released while the daemon was away: give it back now.
+                    let _ = self.send(&ClientMessage::Release {
+                        tag: self.untracked_tag(),
+                        id: grant.id,
+                    });
+                }
+                return;
+            }
+            ServerMessage::Error { tag, message, .. } if self.is_reclaim(*tag) => {
+                let id = lock(&self.reclaims).remove(tag);
+                if let Some(id) = id {
+                    lock(&self.tokens).remove(&id);
+                    let st = lock(&self.evictions).get(&id).cloned();
+                    if let Some(st) = st {
+                        st.mark_lost(&format!(
+                            "the daemon restarted and refused to give it back: {message}"
+                        ));
+                    }
+                }
+                return;
+            }
             ServerMessage::Evict {
                 id,
                 deadline_ms,
@@ -702,6 +1014,12 @@ impl Conn {
             | ServerMessage::Attached { tag, .. }
             | ServerMessage::IdleSet { tag, .. } => (*tag, true),
         };
+        if terminal {
+            lock(&self.requests).remove(&tag);
+        }
+        if let ServerMessage::Released { id, .. } = &msg {
+            lock(&self.tokens).remove(id);
+        }
         let slot = {
             let mut slots = lock(&self.slots);
             if terminal {
@@ -738,6 +1056,8 @@ enum Lead {
     Answered(ServerMessage),
     TimedOut,
     Closed,
+    /// The socket closed; the background thread reconnects.
+    Lost,
 }
 
 impl Drop for Conn {

@@ -23,6 +23,17 @@
 //! all. With the `tokio` feature, [`AsyncClient`] offers the same from async
 //! code without blocking the executor.
 //!
+//! # Daemon restarts
+//! A restart of the daemon loses no reservation: when the connection
+//! closes under it, a client connects again (for up to
+//! [`RECONNECT_FOR`], see [`Client::set_reconnect`]), reclaims every
+//! reservation it holds with the token the daemon gave at the grant, and
+//! submits again every request still waiting. Callers see nothing but a
+//! pause (calls other than waiting requests that were in flight fail with
+//! [`Error::Disconnected`]). A reservation that cannot be reclaimed is
+//! *lost*: [`Reservation::is_lost`] says so and [`Reservation::on_lost`]
+//! runs.
+//!
 //! [vramd]: https://example.invalid/vramd
 
 mod conn;
@@ -36,8 +47,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use conn::Eviction;
 use conn::{Conn, EvictState, Slot};
+pub use conn::{Eviction, RECONNECT_FOR};
 pub use error::{Error, Result};
 use vramd_protocol::{ClientMessage, ReserveRequest, ServerMessage};
 pub use vramd_protocol::{
@@ -133,10 +144,20 @@ impl Client {
         Self::connect(paths::client_socket_path())
     }
 
-    /// Connects to the daemon listening on `path`.
+    /// Connects to the daemon listening on `path`. Its reservations
+    /// survive a restart of the daemon (see the crate docs).
     pub fn connect(path: impl AsRef<Path>) -> Result<Client> {
+        Self::connect_with(path, Some(RECONNECT_FOR))
+    }
+
+    /// Connects to the daemon listening on `path`; with a `reconnect`
+    /// window, as [`Client::connect`] with that window; with `None`, the
+    /// client never reconnects and asks for no reclaim tokens, so its
+    /// reservations end with its connection, also when the daemon restarts
+    /// (for programs that reconnect and reserve again by themselves).
+    pub fn connect_with(path: impl AsRef<Path>, reconnect: Option<Duration>) -> Result<Client> {
         Ok(Client {
-            conn: Conn::connect(path.as_ref())?,
+            conn: Conn::connect(path.as_ref(), reconnect)?,
         })
     }
 
@@ -150,11 +171,20 @@ impl Client {
         self.conn.daemon_version()
     }
 
+    /// Sets how long the client tries to reach the daemon again after its
+    /// connection closed under it ([`RECONNECT_FOR`] by default), reclaiming
+    /// what it held; `None`: never (every reservation is then lost with the
+    /// connection; a restarted daemon still holds them for its grace period,
+    /// unless the client was made by [`Client::connect_with`] with `None`).
+    pub fn set_reconnect(&self, window: Option<Duration>) {
+        self.conn.set_reconnect(window);
+    }
+
     /// Sends a request and returns at once; the [`Pending`] reports queue
     /// positions and the grant.
     pub fn submit(&self, request: Request) -> Result<Pending> {
         let (tag, slot) = self.conn.register();
-        if let Err(e) = self.conn.send(&request.to_wire(tag)) {
+        if let Err(e) = self.conn.submit(tag, request.to_wire(tag)) {
             self.conn.unregister(tag);
             return Err(e);
         }
@@ -436,6 +466,20 @@ impl Reservation {
         self.evict.evicted()
     }
 
+    /// Why it was lost, if it was: the connection to the daemon closed and
+    /// it could not be reclaimed (the daemon did not come back within the
+    /// reconnect window, or refused it). A lost reservation no longer
+    /// holds any memory.
+    pub fn is_lost(&self) -> Option<String> {
+        self.evict.lost()
+    }
+
+    /// Sets the callback run (on an SDK thread, with why) when it is lost;
+    /// at once, on this thread, if it already is.
+    pub fn on_lost(&self, f: impl FnOnce(&str) + Send + 'static) {
+        self.evict.set_lost_handler(Box::new(f));
+    }
+
     /// Declares more processes whose GPU usage counts against this
     /// reservation (e.g. worker processes this program started; descendants
     /// of the client count already). The daemon accepts only processes of the
@@ -528,8 +572,17 @@ impl AsyncClient {
 
     /// Connects to the daemon listening on `path`.
     pub async fn connect(path: impl Into<PathBuf>) -> Result<AsyncClient> {
+        Self::connect_with(path, Some(RECONNECT_FOR)).await
+    }
+
+    /// Connects to the daemon listening on `path`, reconnecting as
+    /// [`Client::connect_with`] says.
+    pub async fn connect_with(
+        path: impl Into<PathBuf>,
+        reconnect: Option<Duration>,
+    ) -> Result<AsyncClient> {
         let path = path.into();
-        let inner = tokio::task::spawn_blocking(move || Client::connect(path))
+        let inner = tokio::task::spawn_blocking(move || Client::connect_with(path, reconnect))
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e)))??;
         Ok(AsyncClient { inner })

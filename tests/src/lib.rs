@@ -122,6 +122,21 @@ impl Daemon {
         d
     }
 
+    /// Starts `vramd --simulate 24GiB` plus `extra` on `socket` (a path the
+    /// caller keeps, e.g. to start another daemon on it after this one
+    /// stopped) and waits until it accepts connections; its log goes to a
+    /// directory of its own.
+    pub fn start_on(socket: &Path, extra: &[&str]) -> Daemon {
+        let mut args = vec!["--simulate", "24GiB"];
+        args.extend_from_slice(extra);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut d = Self::spawn_env(dir, socket.to_path_buf(), &args, &[]);
+        d.inner
+            .wait_listening(WAIT)
+            .unwrap_or_else(|e| panic!("{e}"));
+        d
+    }
+
     /// Spawns `vramd` on `socket` without waiting for it.
     pub fn spawn_at(dir: tempfile::TempDir, socket: PathBuf, args: &[&str]) -> Daemon {
         Self::spawn_env(dir, socket, args, &[])

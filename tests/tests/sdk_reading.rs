@@ -140,7 +140,9 @@ fn a_caller_reading_for_itself_learns_when_the_daemon_dies() {
     let d = Daemon::start(&[]);
     let holder = d.client();
     let _held = holder.reserve(Request::new(20 * GIB)).unwrap();
-    let client: Client = d.client();
+    // The daemon does not come back: the caller learns it once the client's
+    // reconnect window (shortened here from its 60 s) has passed.
+    let client = Client::connect_with(d.socket(), Some(Duration::from_millis(500))).unwrap();
     let mut pending = client.submit(Request::new(10 * GIB)).unwrap();
     match pending.next(Some(WAIT)).unwrap() {
         Some(Progress::Queued { .. }) => {}

@@ -23,6 +23,7 @@ use vramd_protocol::{ClientMessage, ServerMessage, format_size};
 use super::outbox::Outbox;
 use crate::consumers::ConsumerHandle;
 use crate::gpu::{Poller, Readings};
+use crate::state::{SAVE_INTERVAL, StateFile};
 
 /// Most bytes of a status report: a frame less the message's variant and
 /// tag.
@@ -43,6 +44,11 @@ pub(crate) enum Event {
     Close { conn: ConnId },
     /// The poller read the devices.
     Readings(Readings),
+    /// The config file was read again (SIGHUP): the eviction timing.
+    Reload {
+        eviction_deadline: std::time::Duration,
+        min_residency: std::time::Duration,
+    },
 }
 
 /// A connection as the core sees it.
@@ -69,6 +75,19 @@ pub(crate) struct Core {
     overflowed: Vec<ConnId>,
     /// The MPS server status reports, checked when a status is sent.
     mps: Option<crate::mps::MpsWatch>,
+    /// Where reservations are saved for a restart, and what is unsaved.
+    state: Option<Saver>,
+}
+
+/// Saves the ledger's snapshot after changes, at most once per
+/// [`SAVE_INTERVAL`] (see [`crate::state`]).
+struct Saver {
+    file: StateFile,
+    /// Grants or releases happened since the last save.
+    dirty: bool,
+    last: Option<Instant>,
+    /// The last save failed (logged once until one succeeds).
+    failing: bool,
 }
 
 impl Core {
@@ -86,6 +105,57 @@ impl Core {
             poller,
             overflowed: Vec::new(),
             mps: None,
+            state: None,
+        }
+    }
+
+    /// Saves reservations to `file` as they change, and when the core stops.
+    pub fn with_state(mut self, file: Option<StateFile>) -> Self {
+        self.state = file.map(|file| Saver {
+            file,
+            dirty: false,
+            last: None,
+            failing: false,
+        });
+        self
+    }
+
+    /// When the next save is due, if something is unsaved.
+    fn save_due(&self) -> Option<Instant> {
+        let s = self.state.as_ref().filter(|s| s.dirty)?;
+        Some(s.last.map_or_else(Instant::now, |t| t + SAVE_INTERVAL))
+    }
+
+    /// Saves the ledger's reservations now.
+    fn save(&mut self) {
+        let Some(s) = &mut self.state else { return };
+        let now = Instant::now();
+        let snapshot = self.ledger.snapshot(now);
+        let count = snapshot.reservations.len();
+        match s.file.save(snapshot) {
+            Ok(()) => {
+                if s.failing {
+                    info!(path = %s.file.path().display(), "state file saved again");
+                }
+                debug!(path = %s.file.path().display(), reservations = count, "state saved");
+                s.failing = false;
+            }
+            Err(e) => {
+                if !s.failing {
+                    warn!(path = %s.file.path().display(), error = %e,
+                        "cannot save the state file: a restart now would lose reservations");
+                }
+                s.failing = true;
+            }
+        }
+        s.dirty = false;
+        s.last = Some(now);
+    }
+
+    /// Something a restart must keep changed.
+    fn mark_dirty(&mut self) {
+        if let Some(s) = &mut self.state {
+            s.dirty = true;
         }
     }
 
@@ -129,11 +199,14 @@ impl Core {
         }
     }
 
-    /// Serves events until every sender is gone.
+    /// Serves events until every sender is gone or `stop` fires; then
+    /// saves the reservations one last time (so that a restart finds every
+    /// one of them, whatever the connections do as the process ends).
     pub async fn run(
         mut self,
         mut events: mpsc::Receiver<Event>,
         mut consumer_events: mpsc::Receiver<Input>,
+        mut stop: tokio::sync::oneshot::Receiver<()>,
     ) {
         let mut consumers_open = true;
         loop {
@@ -144,9 +217,19 @@ impl Core {
                     None => std::future::pending().await,
                 }
             };
+            let save_due = self.save_due();
+            let save = async {
+                match save_due {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                biased;
+                _ = &mut stop => break,
+                _ = save => self.save(),
                 ev = events.recv() => match ev {
-                    None => return,
+                    None => break,
                     Some(ev) => self.event(ev),
                 },
                 _ = sleep => self.apply(Input::Tick),
@@ -155,6 +238,13 @@ impl Core {
                     None => consumers_open = false,
                     Some(input) => self.apply(input),
                 },
+            }
+        }
+        if self.state.is_some() {
+            self.save();
+            if let Some(s) = &self.state {
+                info!(path = %s.file.path().display(), reservations = self.ledger.reservation_count(),
+                    "reservations saved for the next start");
             }
         }
     }
@@ -180,6 +270,20 @@ impl Core {
                 self.conns.remove(&conn);
             }
             Event::Readings(readings) => self.readings(readings),
+            Event::Reload {
+                eviction_deadline,
+                min_residency,
+            } => {
+                self.ledger
+                    .set_eviction_timing(eviction_deadline, min_residency);
+                info!(
+                    eviction_deadline_ms = eviction_deadline.as_millis() as u64,
+                    min_residency_ms = min_residency.as_millis() as u64,
+                    "config reloaded"
+                );
+                // Eligibility may have changed: let the ledger look again.
+                self.apply(Input::Tick);
+            }
         }
     }
 
@@ -201,6 +305,12 @@ impl Core {
     fn carry_out(&mut self, effect: Effect) {
         match effect {
             Effect::Reply { conn, mut msg } => {
+                if matches!(
+                    msg,
+                    ServerMessage::Attached { .. } | ServerMessage::IdleSet { .. }
+                ) {
+                    self.mark_dirty();
+                }
                 if let ServerMessage::Status { status, .. } = &mut msg {
                     // A stat of the control pipe, outside the pure ledger.
                     status.mps = self.mps.as_ref().map(|m| m.status());
@@ -221,6 +331,7 @@ impl Core {
                 waited,
             } => {
                 let (id, device, bytes) = (grant.id, grant.device, grant.bytes);
+                self.mark_dirty();
                 self.send(conn, ServerMessage::Granted { tag, grant });
                 info!(id = %id, conn = %conn, pid = self.pid(conn), device, bytes, size = %format_size(bytes),
                     label = label.as_deref().unwrap_or(""), waited_ms = waited.as_millis() as u64, "granted");
@@ -277,7 +388,10 @@ impl Core {
                 conn,
                 released,
                 disconnected,
-            } => log_released(conn, self.pid(conn), &released, disconnected),
+            } => {
+                self.mark_dirty();
+                log_released(conn, self.pid(conn), &released, disconnected)
+            }
             Effect::RefreshReadings => {
                 if let Some(p) = &self.poller {
                     p.refresh();
@@ -304,6 +418,25 @@ impl Core {
             LogEvent::DeviceRecovered { device } => info!(device, "device readings recovered"),
             LogEvent::ConsumerUnloadReturned { name } => {
                 debug!(consumer = %name, "unload call returned");
+            }
+            LogEvent::Reclaimed { conn, id, bytes } => {
+                info!(id = %id, conn = %conn, pid = self.pid(conn), bytes, size = %format_size(bytes),
+                    held_for_reclaim = self.ledger.held_for_reclaim(), "reclaimed after restart");
+            }
+            LogEvent::ReclaimRefused { conn, id, uid } => {
+                warn!(id = %id, conn = %conn, pid = self.pid(conn), uid,
+                    "reclaim refused: wrong token or another user");
+            }
+            LogEvent::Unreclaimed {
+                id,
+                pid,
+                uid,
+                bytes,
+                measured,
+            } => {
+                warn!(id = %id, pid, uid, bytes, size = %format_size(bytes), measured,
+                    "not reclaimed within the grace period after the restart: dropped{}",
+                    if measured { " (its processes' usage still counts through the readings)" } else { "" });
             }
         }
     }

@@ -67,11 +67,54 @@ pub struct ServerConfig {
     pub admin_group: Option<String>,
     /// The MPS server reported in status (its health checked each time).
     pub mps: Option<crate::mps::MpsWatch>,
+    /// Where reservations are saved for a restart (`None`: not saved).
+    pub state_file: Option<crate::state::StateFile>,
+    /// The config file SIGHUP reads again, if any.
+    pub reload: Option<Reload>,
+}
+
+/// What SIGHUP reloads: the eviction timing from the config file (unless the
+/// command line set it). Consumers cannot change while the daemon runs: a
+/// changed list is reported, and applied by a restart (which keeps every
+/// reservation).
+#[derive(Debug, Clone)]
+pub struct Reload {
+    /// The config file.
+    pub path: PathBuf,
+    /// `--eviction-deadline`, which wins over the file.
+    pub cli_eviction_deadline: Option<Duration>,
+    /// `--min-residency`, which wins over the file.
+    pub cli_min_residency: Option<Duration>,
+    /// The consumers in force.
+    pub consumers: Vec<ConsumerConfig>,
+}
+
+impl Reload {
+    /// Reads the file again: the event for the core, or why not.
+    fn read(&self) -> Result<Event, String> {
+        let file = crate::config::Config::load(&self.path).map_err(|e| e.to_string())?;
+        if file.consumers != self.consumers {
+            warn!(path = %self.path.display(),
+                "the consumers in the config file changed; restart vramd to apply them (a restart keeps every reservation)");
+        }
+        let d = vramd_ledger::LedgerConfig::default();
+        Ok(Event::Reload {
+            eviction_deadline: self
+                .cli_eviction_deadline
+                .or(file.eviction_deadline)
+                .unwrap_or(d.eviction_deadline),
+            min_residency: self
+                .cli_min_residency
+                .or(file.min_residency)
+                .unwrap_or(d.min_residency),
+        })
+    }
 }
 
 /// Serves clients on `listener` until `shutdown` completes, then removes the
 /// socket file (also when it fails) if `config.remove_socket_on_exit` (a
-/// socket passed by systemd stays). SIGHUP is logged and ignored.
+/// socket passed by systemd stays). SIGHUP reads the config file again
+/// (see [`Reload`]); without one it is logged and ignored.
 ///
 /// With a `reader` (a measuring backend), every device is read once before
 /// anyone is served (so the first grants already see what is on the cards),
@@ -90,8 +133,8 @@ pub async fn serve(
     let _socket_file = config
         .remove_socket_on_exit
         .then(|| SocketFile(config.socket_path.clone()));
-    // SIGHUP would otherwise end the process without cleaning up; there is
-    // no configuration to reload, so it is logged and ignored.
+    // SIGHUP would otherwise end the process without cleaning up: it
+    // reloads the config file, or without one is logged and ignored.
     let mut hangup = signal(SignalKind::hangup())?;
     // Every connection is a file descriptor: take all the system allows.
     match raise_open_file_limit() {
@@ -134,7 +177,9 @@ pub async fn serve(
         })
         .collect();
     drop(consumer_tx);
-    let mut core = Core::new(ledger, consumers, poller).with_mps(config.mps.clone());
+    let mut core = Core::new(ledger, consumers, poller)
+        .with_mps(config.mps.clone())
+        .with_state(config.state_file.clone());
     if let Some(first) = first {
         for (device, r) in first.results.iter().enumerate() {
             if let Ok(reading) = r {
@@ -149,7 +194,8 @@ pub async fn serve(
         }
         core.readings(first);
     }
-    let core = tokio::spawn(core.run(events_rx, consumer_rx));
+    let (stop_core, stop_rx) = tokio::sync::oneshot::channel();
+    let core = tokio::spawn(core.run(events_rx, consumer_rx, stop_rx));
     let admission = Admission::new(
         config.max_connections,
         config.max_connections_per_uid,
@@ -172,9 +218,18 @@ pub async fn serve(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = hangup.recv() => {
-                info!(signal = "SIGHUP", "signal received; nothing to reload, ignored");
-            }
+            _ = hangup.recv() => match &config.reload {
+                None => info!(signal = "SIGHUP", "signal received; no config file to reload, ignored"),
+                Some(reload) => {
+                    info!(signal = "SIGHUP", path = %reload.path.display(), "signal received; reloading the config file");
+                    match reload.read() {
+                        Ok(event) => {
+                            let _ = events_tx.send(event).await;
+                        }
+                        Err(e) => warn!(error = %e, "config not reloaded; the one in force stays"),
+                    }
+                }
+            },
             accepted = listener.accept() => {
                 let (stream, _) = match accepted {
                     Ok(s) => {
@@ -215,7 +270,15 @@ pub async fn serve(
     }
     info!("shutting down");
     drop(events_tx);
-    core.abort();
+    // The core saves the reservations before it ends; connections are not
+    // closed before (their closing must not release what a restart keeps).
+    let _ = stop_core.send(());
+    if tokio::time::timeout(Duration::from_secs(5), core)
+        .await
+        .is_err()
+    {
+        warn!("the core did not stop within 5 s");
+    }
     Ok(())
 }
 

@@ -41,8 +41,16 @@ class Client:
     """A connection to the vramd daemon; closing it releases everything
     reserved through it."""
 
-    def __init__(self, socket: Union[None, str, PathLike[str]] = None) -> None:
-        """Connects; raises ``DaemonNotRunning`` when nothing listens."""
+    def __init__(
+        self,
+        socket: Union[None, str, PathLike[str]] = None,
+        *,
+        reconnect: Optional[float] = 60.0,
+    ) -> None:
+        """Connects; raises ``DaemonNotRunning`` when nothing listens.
+        ``reconnect``: seconds to try to reach the daemon again (and reclaim
+        what the client holds) when the connection closes under it; ``None``:
+        never."""
     def reserve(
         self,
         size: Size,
@@ -134,6 +142,10 @@ class Reservation:
     def evicted(self) -> bool:
         """Whether the daemon took it back: its eviction callback returned and
         it is released."""
+    @property
+    def lost(self) -> str | None:
+        """Why it was lost (the daemon went away and it could not be
+        reclaimed), or ``None``. A daemon restart alone loses nothing."""
     def release(self) -> None:
         """Releases it; idempotent; a no-op after an eviction and in a forked
         child."""
