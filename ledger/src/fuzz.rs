@@ -192,7 +192,7 @@ proptest! {
                 Step::Restart => {
                     let snapshot = l.snapshot(now);
                     let saved = snapshot.reservations.len();
-                    l = ledger(measured, small_limits).with_reclaim(7, Duration::from_secs(30));
+                    l = ledger(measured, small_limits, policy).with_reclaim(7, Duration::from_secs(30));
                     let report = l.restore(snapshot, now);
                     prop_assert_eq!(report.held, saved);
                     check_invariants(&l, now)?;
