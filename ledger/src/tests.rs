@@ -1616,3 +1616,35 @@ fn a_grantee_that_already_used_memory_leaves_room_granted_in_the_same_event() {
     assert_eq!(granted(&e), vec![(ConnId(2), 1, 0), (ConnId(3), 1, 0)]);
     assert_eq!(l.available(0), 0);
 }
+
+#[test]
+fn each_victim_of_one_clients_group_counts_for_its_own_share() {
+    // One client (the gateway) holds three idle 3 GiB models on a full 10 GiB
+    // card; its process uses all 9 GiB, so the three reservations form one
+    // group whose usage each of them shows. A 5 GiB waiter needs two of them
+    // freed: both are asked at once (counting each as freeing the group's
+    // 9 GiB would ask one and leave the waiter to sit out its deadline).
+    let t0 = Instant::now();
+    let mut l = measured_ledger(&[10 * G]);
+    l.config.min_residency = Duration::ZERO;
+    let ids: Vec<ReservationId> = (0..3)
+        .map(|i| grant_id(&l.reserve(ConnId(1), peer(1), idle_req(i, 3 * G, 0), ms(t0, i))))
+        .collect();
+    let reading = measured(10 * G, Some(vec![(1, 9 * G), (99, G)]));
+    l.set_reading(0, reading, ms(t0, 5), ms(t0, 5));
+    assert_eq!(l.available(0), 0);
+    let e = l.reserve(ConnId(2), peer(2), req(1, 5 * G), ms(t0, 6));
+    assert_eq!(evicted(&e), vec![ids[0], ids[1]], "{e:?}");
+    // A group using more than it reserved frees its usage in all, shared by
+    // reserved size: 12 GiB over three 3 GiB reservations is 4 GiB each, so
+    // a 4 GiB waiter needs one.
+    let mut l = measured_ledger(&[13 * G]);
+    l.config.min_residency = Duration::ZERO;
+    let ids: Vec<ReservationId> = (0..3)
+        .map(|i| grant_id(&l.reserve(ConnId(1), peer(1), idle_req(i, 3 * G, 0), ms(t0, i))))
+        .collect();
+    let reading = measured(13 * G, Some(vec![(1, 12 * G), (99, G)]));
+    l.set_reading(0, reading, ms(t0, 5), ms(t0, 5));
+    let e = l.reserve(ConnId(2), peer(2), req(1, 4 * G), ms(t0, 6));
+    assert_eq!(evicted(&e), vec![ids[0]], "{e:?}");
+}
