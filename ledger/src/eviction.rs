@@ -396,7 +396,6 @@ impl Ledger {
                 && !w.skip.contains(&v)
             {
                 cands.push((v, r.priority, r.last_busy, frees(acc, r.id, r.bytes)));
-                continue;
             }
         }
         for c in &self.consumers {
