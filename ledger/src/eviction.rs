@@ -291,11 +291,12 @@ impl Ledger {
                     continue;
                 }
                 let available = avail[d];
-                if available >= w.bytes {
+                let need = self.need(w, d);
+                if available >= need {
                     continue; // it fits; held back by the starvation guard
                 }
                 let acc = accounts[d].get_or_insert_with(|| self.account(d));
-                if let Some(victims) = self.choose_victims(d, acc, w, w.bytes - available, now) {
+                if let Some(victims) = self.choose_victims(d, acc, w, need - available, now) {
                     if best.as_ref().is_none_or(|(_, b)| victims.len() < b.len()) {
                         best = Some((d, victims));
                     }

@@ -700,7 +700,8 @@ impl Conn {
             | ServerMessage::Pong { tag }
             | ServerMessage::Error { tag, .. }
             | ServerMessage::Attached { tag, .. }
-            | ServerMessage::IdleSet { tag, .. } => (*tag, true),
+            | ServerMessage::IdleSet { tag, .. }
+            | ServerMessage::Resized { tag, .. } => (*tag, true),
         };
         let slot = {
             let mut slots = lock(&self.slots);
