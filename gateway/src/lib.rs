@@ -11,6 +11,7 @@
 //! vramd watcher that reconnects by itself, until SIGINT or SIGTERM.
 
 pub mod admin;
+pub mod attribution;
 pub mod config;
 pub mod daemon;
 mod error;
