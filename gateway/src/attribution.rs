@@ -137,7 +137,7 @@ pub async fn attribute(app: &Arc<AppState>, ps: &[Running]) {
         inner.runners = runners.clone();
         inner.problems.retain(|m, _| runners.contains_key(m));
     }
-    attach_and_grow(app, &status, &runners, &usage).await;
+    attach_and_grow(app, &status, &runners).await;
     adopt(app, &resident, &runners, &usage).await;
 }
 
@@ -188,7 +188,6 @@ async fn attach_and_grow(
     app: &Arc<AppState>,
     status: &StatusReport,
     runners: &HashMap<String, Vec<u32>>,
-    usage: &HashMap<u32, u64>,
 ) {
     for (model, epoch, r) in app.held() {
         let Some(pids) = runners.get(&model) else {
@@ -218,10 +217,12 @@ async fn attach_and_grow(
                 Err(e) => tracing::warn!(error = %e, "attach task failed"),
             }
         }
-        let used: u64 = pids
+        // What its runners use on the reservation's own device.
+        let used: u64 = status
+            .processes
             .iter()
-            .filter_map(|p| usage.get(p))
-            .fold(0, |a, b| a.saturating_add(*b));
+            .filter(|p| p.device == r.device_index() && pids.contains(&p.pid))
+            .fold(0, |a, p| a.saturating_add(p.bytes));
         if used <= r.bytes() {
             continue;
         }

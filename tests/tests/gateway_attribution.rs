@@ -305,3 +305,28 @@ fn a_load_larger_than_declared_grows_the_reservation() {
     assert!(ok, "{last:#}");
     assert!(g.log().contains("reservation grown"), "{}", g.log());
 }
+
+#[test]
+fn a_load_that_cannot_grow_its_reservation_is_flagged_in_status() {
+    let (gpu, d) = card(6 * GIB);
+    let o = FakeOllama::start_with_runners(&[ModelDef::new(A, GIB, 5 * GIB)], gpu.clone());
+    // Another job holds 3 GiB it has not loaded yet: the model's 5 GiB and
+    // the job's 3 cannot both be reserved on a 6 GiB card.
+    let c = d.client();
+    let _job = c.reserve(Request::new(3 * GIB).label("job")).unwrap();
+    let g = Gateway::start(d.socket(), &o.url(), "[app.sizes]\n\"alpha\" = \"2GiB\"\n");
+    assert_eq!(generate(g.app, A), 200);
+    let mut last = Value::Null;
+    let ok = wait_until(WAIT, || {
+        last = g.status();
+        last["apps"][0]["attribution"]["problems"][A]
+            .as_str()
+            .is_some_and(|m| m.contains("did not let it grow"))
+    });
+    assert!(ok, "{last:#}");
+    let s = d.client().status().unwrap();
+    let r = held(&s, A).unwrap();
+    assert_eq!(r.bytes, 2 * GIB);
+    assert!(r.over_reserved, "vramd still counts its real usage: {s:#?}");
+    assert_eq!(s.devices[0].committed_bytes, 8 * GIB);
+}
