@@ -29,18 +29,22 @@ fn free_port() -> SocketAddr {
 
 /// A fake card of `total` bytes and a daemon reading it.
 fn card(total: u64) -> (Arc<FakeGpu>, Daemon) {
+    card_with(total, &[])
+}
+
+/// [`card`] with extra daemon arguments.
+fn card_with(total: u64, extra: &[&str]) -> (Arc<FakeGpu>, Daemon) {
     let dir = tempfile::tempdir().unwrap().keep();
     let gpu = FakeGpu::create(&dir.join("state.json"), &[(UUID0, total)]);
     let lib = fake_nvml_lib();
-    let daemon = Daemon::start_env(
-        &[
-            "--nvml-lib",
-            lib.to_str().unwrap(),
-            "--poll-interval",
-            "50ms",
-        ],
-        &[(fake_nvml::STATE_ENV, gpu.path())],
-    );
+    let mut args = vec![
+        "--nvml-lib",
+        lib.to_str().unwrap(),
+        "--poll-interval",
+        "50ms",
+    ];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::start_env(&args, &[(fake_nvml::STATE_ENV, gpu.path())]);
     (gpu, daemon)
 }
 
@@ -329,4 +333,52 @@ fn a_load_that_cannot_grow_its_reservation_is_flagged_in_status() {
     assert_eq!(r.bytes, 2 * GIB);
     assert!(r.over_reserved, "vramd still counts its real usage: {s:#?}");
     assert_eq!(s.devices[0].committed_bytes, 8 * GIB);
+}
+
+#[test]
+fn a_waiter_that_needs_two_of_the_gateways_models_gets_both_unloaded_at_once() {
+    // The case: three idle 3 GiB models held by the gateway on a
+    // full 10 GiB card, a 5 GiB job. Two must go; both are asked at once,
+    // so the job is granted long before the 30 s eviction deadline that a
+    // one-at-a-time choice would sit out.
+    let (gpu, d) = card_with(10 * GIB, &["--min-residency", "0s"]);
+    let o = FakeOllama::start_with_runners(
+        &[
+            ModelDef::new(A, GIB, 3 * GIB),
+            ModelDef::new(B, GIB, 3 * GIB),
+            ModelDef::new(C, GIB, 3 * GIB),
+        ],
+        gpu.clone(),
+    );
+    let sizes = "[app.sizes]\n\"alpha\" = \"3GiB\"\n\"beta\" = \"3GiB\"\n\"gamma\" = \"3GiB\"\n";
+    let g = Gateway::start(d.socket(), &o.url(), sizes);
+    for m in [A, B, C] {
+        assert_eq!(generate(g.app, m), 200);
+    }
+    gpu.set_process(0, 4_000_000, GIB);
+    d.wait_status("three idle models attributed on a full card", |s| {
+        s.reservations.len() == 3
+            && s.reservations
+                .iter()
+                .all(|r| r.idle && r.actual_bytes == 3 * GIB)
+            && s.devices[0].used_bytes == 10 * GIB
+    });
+    let started = std::time::Instant::now();
+    let c = d.client();
+    let job = c
+        .reserve(
+            Request::new(5 * GIB)
+                .label("job")
+                .timeout(Duration::from_secs(20)),
+        )
+        .expect("granted once two models are unloaded");
+    let waited = started.elapsed();
+    eprintln!("the 5 GiB job waited {waited:?} for two unloads");
+    assert_eq!(o.unload_requests().len(), 2, "{:?}", o.unload_requests());
+    assert_eq!(o.loaded().len(), 1);
+    assert!(waited < Duration::from_secs(10), "waited {waited:?}");
+    let s = c.status().unwrap();
+    assert_eq!(s.counters.evictions_requested, 2);
+    assert_eq!(s.counters.evictions_failed, 0);
+    drop(job);
 }
