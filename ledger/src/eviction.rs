@@ -292,11 +292,20 @@ impl Ledger {
                 }
                 let available = avail[d];
                 let need = self.need(w, d);
-                if available >= need {
+                // An adopter must also keep the reserved sum within capacity.
+                let over = if need < w.bytes {
+                    self.reserved(d)
+                        .saturating_add(w.bytes)
+                        .saturating_sub(self.capacity(d))
+                } else {
+                    0
+                };
+                let short = need.saturating_sub(available).max(over);
+                if short == 0 {
                     continue; // it fits; held back by the starvation guard
                 }
                 let acc = accounts[d].get_or_insert_with(|| self.account(d));
-                if let Some(victims) = self.choose_victims(d, acc, w, need - available, now) {
+                if let Some(victims) = self.choose_victims(d, acc, w, short, now) {
                     if best.as_ref().is_none_or(|(_, b)| victims.len() < b.len()) {
                         best = Some((d, victims));
                     }

@@ -74,6 +74,10 @@ impl Ledger {
         // another waiter naming the same processes must not adopt it again,
         // so later adopters on them count in full until the next pass.
         let mut adopted = vec![false; self.devices.len()];
+        // Bytes this pass granted per device: an adopter must also keep the
+        // device's reserved sum within its capacity (its need may be 0 on a
+        // device whose readings already show it past its capacity).
+        let mut added = vec![0u64; self.devices.len()];
         let fast = self.clean && {
             let guard = self.config.starvation_guard;
             self.fresh.iter().all(|k| {
@@ -93,8 +97,9 @@ impl Ledger {
                 let Some(w) = self.queue.get(&key) else {
                     continue;
                 };
-                if let Some((d, need)) = self.place(w, &avail, &[], &mut adopted) {
+                if let Some((d, need)) = self.place(w, &avail, &[], &mut adopted, &added) {
                     avail[d] -= need;
+                    added[d] = added[d].saturating_add(w.bytes);
                     granted.push((key, d));
                 }
             }
@@ -108,9 +113,10 @@ impl Ledger {
             self.fresh.clear();
             let mut blocked = vec![false; self.devices.len()];
             for (key, w) in self.queue.iter() {
-                match self.place(w, &avail, &blocked, &mut adopted) {
+                match self.place(w, &avail, &blocked, &mut adopted, &added) {
                     Some((d, need)) => {
                         avail[d] -= need;
+                        added[d] = added[d].saturating_add(w.bytes);
                         granted.push((*key, d));
                     }
                     None if now.saturating_duration_since(w.arrived)
@@ -150,15 +156,23 @@ impl Ledger {
         avail: &[u64],
         blocked: &[bool],
         adopted: &mut [bool],
+        added: &[u64],
     ) -> Option<(usize, u64)> {
         let need = |d: usize| {
             if adopted[d] { w.bytes } else { self.need(w, d) }
         };
         let fits = w.candidates.iter().copied().filter_map(|d| {
             let n = need(d);
+            let within = n == w.bytes
+                || self
+                    .reserved(d)
+                    .saturating_add(added[d])
+                    .saturating_add(w.bytes)
+                    <= self.capacity(d);
             (!blocked.get(d).copied().unwrap_or(false)
                 && self.devices[d].fault.is_none()
-                && avail[d] >= n)
+                && avail[d] >= n
+                && within)
                 .then_some((d, n))
         });
         let (d, n) = match self.config.placement {

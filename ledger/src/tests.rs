@@ -1833,3 +1833,26 @@ fn failed_reply(effects: &[Effect]) -> Option<ErrorKind> {
         _ => None,
     })
 }
+
+#[test]
+fn adoption_keeps_the_reserved_sum_within_capacity_and_works_past_a_cushion() {
+    let t0 = Instant::now();
+    // A full 10 GiB card with a 1 GiB cushion: its readings show more in
+    // use (10) than the capacity (9). Runner 50's 6 GiB is still adopted.
+    let mut l = measured_ledger(&[10 * G]);
+    l.config.cushion_bytes = G;
+    let r = measured(10 * G, Some(vec![(50, 6 * G), (99, 4 * G)]));
+    l.set_reading(0, r, t0, t0);
+    let e = request(&mut l, ConnId(1), reserve_for(1, 6 * G, &[50]), t0);
+    assert_eq!(granted(&e), vec![(ConnId(1), 1, 0)], "{e:?}");
+    // A second runner's 4 GiB cannot be adopted as a 4 GiB reservation:
+    // 6 + 4 reserved would pass the 9 GiB capacity.
+    let r = measured(10 * G, Some(vec![(50, 6 * G), (51, 4 * G)]));
+    l.set_reading(0, r, ms(t0, 1), ms(t0, 1));
+    let e = request(&mut l, ConnId(2), reserve_for(1, 4 * G, &[51]), ms(t0, 2));
+    assert!(granted(&e).is_empty(), "{e:?}");
+    assert!(l.reserved(0) <= l.capacity(0));
+    // 3 GiB of it can.
+    let e = request(&mut l, ConnId(3), reserve_for(1, 3 * G, &[51]), ms(t0, 3));
+    assert_eq!(granted(&e), vec![(ConnId(3), 1, 0)], "{e:?}");
+}
