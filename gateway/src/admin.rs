@@ -60,6 +60,7 @@ async fn status(State(a): State<Admin>) -> impl IntoResponse {
                     "expires_at": r.expires_at,
                 })).collect::<Vec<_>>(),
                 "observed_size_bytes": sizes,
+                "attribution": app.attribution.report(),
             })
         })
         .collect();

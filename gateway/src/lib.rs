@@ -13,6 +13,7 @@
 //! SIGTERM.
 
 pub mod admin;
+pub mod attribution;
 pub mod config;
 pub mod daemon;
 mod error;

@@ -112,6 +112,8 @@ pub struct AppState {
     last_ps: Mutex<Option<Vec<Running>>>,
     runtime: tokio::runtime::Handle,
     watch: Mutex<watch::Watch>,
+    /// Which runner process holds each model (see `attribution`).
+    pub attribution: crate::attribution::Attribution,
 }
 
 /// How long a model stays busy in vramd after its last request ended, so
@@ -212,6 +214,7 @@ impl AppState {
             last_ps: Mutex::new(None),
             runtime: tokio::runtime::Handle::current(),
             watch: Mutex::new(watch::Watch::default()),
+            attribution: crate::attribution::Attribution::default(),
         }
     }
 
@@ -362,7 +365,10 @@ impl AppState {
             s.bytes = bytes;
         }
         let (generation, client) = self.daemon.client().await?;
+        // The reservation speaks for the model's runner (adopting what it
+        // already holds), never for the gateway's own process.
         let mut req = Request::new(bytes)
+            .for_pids(self.attribution.runners_of(model))
             .label(self.label(model))
             .priority(priority)
             .evictable(false);
@@ -666,7 +672,8 @@ impl AppState {
                 if self.cfg.listen.is_none() {
                     self.mirror_resident(&ps);
                 }
-                *self.last_ps.lock().unwrap_or_else(|p| p.into_inner()) = Some(ps);
+                *self.last_ps.lock().unwrap_or_else(|p| p.into_inner()) = Some(ps.clone());
+                crate::attribution::attribute(self, &ps).await;
             }
             Err(e) => {
                 tracing::debug!(app = %self.cfg.name, error = %e, "polling /api/ps");
@@ -693,6 +700,73 @@ impl AppState {
         if !lost.is_empty() {
             self.changed.notify_waiters();
         }
+    }
+
+    /// The reservations held now: (model, slot epoch, reservation).
+    pub(crate) fn held(&self) -> Vec<(String, u64, Arc<vramd_client::Reservation>)> {
+        self.lock()
+            .iter()
+            .filter(|(_, s)| s.phase == Phase::Held)
+            .filter_map(|(m, s)| s.reservation.clone().map(|r| (m.clone(), s.epoch, r)))
+            .collect()
+    }
+
+    /// Whether the app has a slot for `model` in any phase.
+    pub(crate) fn has_slot(&self, model: &str) -> bool {
+        self.lock().contains_key(model)
+    }
+
+    /// Records that slot `epoch` of `model` now reserves `bytes` (grown).
+    pub(crate) fn set_reserved(&self, model: &str, epoch: u64, bytes: u64) {
+        if let Some(s) = self.lock().get_mut(model).filter(|s| s.epoch == epoch) {
+            s.bytes = bytes;
+        }
+    }
+
+    /// Takes a reservation made for a model already resident (adopted with
+    /// its runner) as the model's slot: held, idle unless pinned. `false`:
+    /// a slot appeared meanwhile (the reservation is dropped: released).
+    pub(crate) fn adopt(
+        self: &Arc<Self>,
+        model: &str,
+        r: vramd_client::Reservation,
+        generation: u64,
+        pinned: bool,
+    ) -> bool {
+        let epoch = self
+            .next_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut slots = self.lock();
+        if slots.contains_key(model) {
+            return false;
+        }
+        let app = self.clone();
+        let evicted_model = model.to_string();
+        let runtime = self.runtime.clone();
+        r.on_evict(move |ev| {
+            runtime.block_on(app.evict(&evicted_model, epoch, ev.deadline, &ev.reason));
+        });
+        let idle = !pinned || self.cfg.evict_pinned;
+        slots.insert(
+            model.to_string(),
+            Slot {
+                epoch,
+                phase: Phase::Held,
+                bytes: r.bytes(),
+                device: Some(r.device_index()),
+                reservation: Some(Arc::new(r)),
+                generation,
+                in_flight: 0,
+                last_busy: Instant::now(),
+                pinned,
+                loaded: true,
+                draining: false,
+                idle_sent: Arc::new(tokio::sync::Mutex::new(Some(idle))),
+            },
+        );
+        drop(slots);
+        self.changed.notify_waiters();
+        true
     }
 
     /// The models held, for `/status`.

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use vramd_protocol::ReservationId;
 
-use crate::{Ledger, ProcessUsage, Reading, ReadingSource, Reservation};
+use crate::{Ledger, ProcessUsage, Reading, ReadingSource, Reservation, Waiter};
 
 /// A reservation released on a measured device whose memory has not yet been
 /// seen free: it keeps counting until a reading taken after its release.
@@ -72,6 +72,47 @@ impl Ledger {
         self.capacity(index).saturating_sub(committed)
     }
 
+    /// The room waiter `w` takes on device `d`: its bytes less what it
+    /// adopts — the usage, as last read, of the processes it names (and
+    /// their descendants) that counts against nothing. Nothing is adopted on
+    /// a simulated device or one without per-process usage.
+    pub(crate) fn need(&self, w: &Waiter, d: usize) -> u64 {
+        match &w.pids {
+            Some(pids) if !pids.is_empty() => w.bytes.saturating_sub(self.adoptable(d, pids)),
+            _ => w.bytes,
+        }
+    }
+
+    /// Unattributed usage on device `d` of processes `pids` (sorted) and
+    /// their descendants.
+    pub(crate) fn adoptable(&self, d: usize, pids: &[u32]) -> u64 {
+        let ReadingSource::Measured(reading) = &self.devices[d].source else {
+            return 0;
+        };
+        let Some(processes) = reading.processes.as_deref() else {
+            return 0;
+        };
+        let named = |pid: &u32| pids.binary_search(pid).is_ok();
+        if !processes
+            .iter()
+            .any(|p| named(&p.pid) || p.ancestors.iter().any(named))
+        {
+            return 0;
+        }
+        let acc = self.account(d);
+        processes
+            .iter()
+            .zip(&acc.processes)
+            .filter(|(p, a)| {
+                a.holder == Holder::Unattributed && (named(&p.pid) || p.ancestors.iter().any(named))
+            })
+            .map(|(p, _)| p.bytes)
+            .fold(0, u64::saturating_add)
+            // Never more than the device counts as unattributed (a reading
+            // whose total is below the sum of its processes).
+            .min(acc.unattributed)
+    }
+
     /// Total memory of device `d` less the cushion.
     pub(crate) fn capacity(&self, d: usize) -> u64 {
         self.devices[d]
@@ -100,8 +141,12 @@ impl Ledger {
             ReadingSource::Measured(r) => Cow::Borrowed(r),
             ReadingSource::Simulated => {
                 let mut per_pid: BTreeMap<u32, u64> = BTreeMap::new();
+                // One that speaks for no process holds its bytes on no
+                // process's behalf: it counts by its reserved bytes alone.
                 for r in self.on_device(d) {
-                    *per_pid.entry(r.peer.pid).or_default() += r.bytes;
+                    if let Some(&pid) = r.pids.first() {
+                        *per_pid.entry(pid).or_default() += r.bytes;
+                    }
                 }
                 Cow::Owned(Reading {
                     used_bytes: per_pid.values().sum(),

@@ -291,11 +291,21 @@ impl Ledger {
                     continue;
                 }
                 let available = avail[d];
-                if available >= w.bytes {
+                let need = self.need(w, d);
+                // An adopter must also keep the reserved sum within capacity.
+                let over = if need < w.bytes {
+                    self.reserved(d)
+                        .saturating_add(w.bytes)
+                        .saturating_sub(self.capacity(d))
+                } else {
+                    0
+                };
+                let short = need.saturating_sub(available).max(over);
+                if short == 0 {
                     continue; // it fits; held back by the starvation guard
                 }
                 let acc = accounts[d].get_or_insert_with(|| self.account(d));
-                if let Some(victims) = self.choose_victims(d, acc, w, w.bytes - available, now) {
+                if let Some(victims) = self.choose_victims(d, acc, w, short, now) {
                     if best.as_ref().is_none_or(|(_, b)| victims.len() < b.len()) {
                         best = Some((d, victims));
                     }
@@ -395,8 +405,7 @@ impl Ledger {
                 && now.saturating_duration_since(r.granted_at) >= self.config.min_residency
                 && !w.skip.contains(&v)
             {
-                let frees = r.bytes.max(acc.actual.get(&r.id).copied().unwrap_or(0));
-                cands.push((v, r.priority, r.last_busy, frees));
+                cands.push((v, r.priority, r.last_busy, frees(acc, r.id, r.bytes)));
             }
         }
         for c in &self.consumers {
@@ -458,4 +467,23 @@ impl Ledger {
         }
         (taken >= needed).then_some(chosen)
     }
+}
+
+/// What evicting reservation `id` (of `bytes`) frees: its own share of its
+/// group. A group's reservations together stand for `max(group bytes, group
+/// usage)`; each frees its reserved bytes plus, when the group uses more than
+/// it reserved, a share of the excess in proportion to its size. A
+/// reservation alone in its group frees `max(bytes, usage)`; three 3 GiB
+/// models of one client whose process uses 9 GiB free 3 GiB each, not 9.
+fn frees(acc: &Accounting, id: ReservationId, bytes: u64) -> u64 {
+    let usage = acc.actual.get(&id).copied().unwrap_or(0);
+    let group = acc
+        .group_bytes
+        .get(&id)
+        .copied()
+        .unwrap_or(bytes)
+        .max(bytes);
+    let excess = usage.saturating_sub(group);
+    let share = u128::from(excess) * u128::from(bytes) / u128::from(group.max(1));
+    bytes.saturating_add(share as u64)
 }

@@ -64,6 +64,14 @@ fn arb_msg() -> impl Strategy<Value = ClientMessage> {
             .prop_map(|(tag, id, pids)| ClientMessage::AttachPids { tag, id, pids }),
         2 => (0u64..6, arb_id(), any::<bool>())
             .prop_map(|(tag, id, idle)| ClientMessage::SetIdle { tag, id, idle }),
+        3 => (0u64..6, arb_bytes(), arb_selector(), -3i32..4, any::<bool>(),
+              proptest::collection::vec(prop_oneof![4 => 100u32..110, 1 => any::<u32>()], 0..3))
+            .prop_map(|(tag, bytes, device, priority, evictable, pids)| ClientMessage::ReserveFor {
+                request: ReserveRequest { tag, bytes, device, priority, label: None, timeout_ms: None, evictable },
+                pids,
+            }),
+        2 => (0u64..6, arb_id(), arb_bytes())
+            .prop_map(|(tag, id, bytes)| ClientMessage::Resize { tag, id, bytes }),
         1 => (any::<u32>(), ".{0,4}").prop_map(|(version, client)| ClientMessage::Hello { version, client }),
         1 => (0u64..6).prop_map(|tag| ClientMessage::EnableReclaim { tag }),
         1 => (0u64..6, arb_id(), "[0-9a-f]{0,33}")

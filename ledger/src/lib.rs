@@ -137,6 +137,13 @@ struct Consumer {
     evicting: bool,
 }
 
+impl Waiter {
+    /// Whether it names processes whose usage it may adopt.
+    fn adopts(&self) -> bool {
+        self.pids.as_ref().is_some_and(|p| !p.is_empty())
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Waiter {
     id: ReservationId,
@@ -157,6 +164,9 @@ struct Waiter {
     told_position: u32,
     /// Start granted reservations idle.
     evictable: bool,
+    /// The processes it will speak for (`reserve_for`); `None`: the
+    /// client's own. Their unattributed usage is adopted (see `need`).
+    pids: Option<Vec<u32>>,
     /// Evictions in flight to make room for it.
     plan: Option<Plan>,
     /// Victims that failed it; not asked again for it.
@@ -202,6 +212,9 @@ pub struct Ledger {
     counters: Counters,
     /// Reclaim tokens, reservations held for reclaim, the grace period.
     restart: restart::Restart,
+    /// Waiters made by `reserve_for` with pids to adopt: while there are
+    /// any, a pass cannot rule out a fit from sizes alone.
+    adopting: usize,
 }
 
 impl Ledger {
@@ -248,6 +261,7 @@ impl Ledger {
             next_id: 1,
             counters: Counters::default(),
             restart: restart::Restart::default(),
+            adopting: 0,
         }
     }
 
@@ -365,7 +379,13 @@ impl Ledger {
                 });
                 false
             }
-            ClientMessage::Reserve(req) => self.on_reserve(conn, peer, req, now, fx),
+            ClientMessage::Reserve(req) => self.on_reserve(conn, peer, req, None, now, fx),
+            ClientMessage::ReserveFor { request, pids } => {
+                self.on_reserve(conn, peer, request, Some(pids), now, fx)
+            }
+            ClientMessage::Resize { tag, id, bytes } => {
+                self.on_resize(conn, peer, tag, id, bytes, now, fx)
+            }
             ClientMessage::Cancel { tag } => self.on_cancel(conn, tag, fx),
             ClientMessage::Release { tag, id } => self.on_release(conn, tag, id, now, fx),
             ClientMessage::SetIdle { tag, id, idle } => {
@@ -426,12 +446,13 @@ impl Ledger {
         conn: ConnId,
         peer: Peer,
         req: ReserveRequest,
+        pids: Option<Vec<u32>>,
         now: Instant,
         fx: &mut Vec<Effect>,
     ) -> bool {
         match self.admit(peer, &req) {
             Ok(candidates) => {
-                self.enqueue(conn, peer, req, candidates, now);
+                self.enqueue(conn, peer, req, pids, candidates, now);
                 true
             }
             Err((kind, message)) => {
@@ -509,9 +530,19 @@ impl Ledger {
         conn: ConnId,
         peer: Peer,
         req: ReserveRequest,
+        pids: Option<Vec<u32>>,
         candidates: Vec<usize>,
         now: Instant,
     ) {
+        let pids = pids.map(|mut p| {
+            p.retain(|&pid| pid != 0);
+            p.sort_unstable();
+            p.dedup();
+            p
+        });
+        if pids.as_ref().is_some_and(|p| !p.is_empty()) {
+            self.adopting += 1;
+        }
         let id = ReservationId(self.next_id);
         self.next_id += 1;
         let key = self
@@ -538,6 +569,7 @@ impl Ledger {
                     .map(|ms| now.checked_add(Duration::from_millis(ms)).unwrap_or(now)),
                 told_position: 0,
                 evictable: req.evictable,
+                pids,
                 plan: None,
                 skip: Vec::new(),
             },
@@ -673,6 +705,9 @@ impl Ledger {
     /// Removes a waiter; a waiter that was told its position leaves a gap.
     fn take_waiter(&mut self, key: &OrderKey) -> Option<Waiter> {
         let w = self.queue.remove(key)?;
+        if w.adopts() {
+            self.adopting -= 1;
+        }
         if w.told_position != 0 {
             self.positions_dirty = true;
         }
@@ -840,6 +875,152 @@ impl Ledger {
         }));
         self.clean = false;
         true
+    }
+
+    /// Changes the size of reservation `id` held by `conn` (see
+    /// [`ClientMessage::Resize`]): a shrink always, a growth only into room
+    /// there is now; answers `Resized` or an error.
+    #[allow(clippy::too_many_arguments)]
+    fn on_resize(
+        &mut self,
+        conn: ConnId,
+        peer: Peer,
+        tag: u64,
+        id: ReservationId,
+        bytes: u64,
+        now: Instant,
+        fx: &mut Vec<Effect>,
+    ) -> bool {
+        let Some(r) = self.held(conn, tag, id, fx) else {
+            return false;
+        };
+        let (d, old) = (r.device, r.bytes);
+        let refuse = |fx: &mut Vec<Effect>, kind: ErrorKind, message: String| {
+            fx.push(Effect::Reply {
+                conn,
+                msg: error(tag, kind, message),
+            });
+            false
+        };
+        if bytes == 0 {
+            return refuse(
+                fx,
+                ErrorKind::Refused,
+                "a reservation must be of at least 1 byte".into(),
+            );
+        }
+        let capacity = self.capacity(d);
+        if bytes > capacity {
+            return refuse(
+                fx,
+                ErrorKind::Refused,
+                format!(
+                    "{} can never fit on device {}: it offers {} (total less the cushion)",
+                    format_size(bytes),
+                    self.devices[d].spec.index,
+                    format_size(capacity)
+                ),
+            );
+        }
+        if bytes > old {
+            if let (false, Some(limit)) = (peer.admin, self.config.max_bytes_per_uid) {
+                let held = self
+                    .held_by_uid
+                    .get(&peer.uid)
+                    .copied()
+                    .unwrap_or(0)
+                    .saturating_add(self.queue.usage_of(peer.uid).1);
+                if held.saturating_add(bytes - old) > limit {
+                    return refuse(
+                        fx,
+                        ErrorKind::LimitExceeded,
+                        format!(
+                            "user {} holds or waits for {}; {} more would pass the per-user limit of {}",
+                            peer.uid,
+                            format_size(held),
+                            format_size(bytes - old),
+                            format_size(limit)
+                        ),
+                    );
+                }
+            }
+            if let Some(fault) = &self.devices[d].fault {
+                let message = format!(
+                    "device {} is unhealthy ({fault}): no growth until its readings recover",
+                    self.devices[d].spec.index
+                );
+                return refuse(fx, ErrorKind::Unavailable, message);
+            }
+            let before = self.committed(d);
+            self.set_bytes(id, bytes);
+            let after = self.committed(d);
+            let starved = self.queue.first_starved_for(d).is_some_and(|s| now >= s);
+            let over = self.reserved(d) > capacity;
+            if (after > before || over) && (after > capacity || over || starved) {
+                self.set_bytes(id, old);
+                let why = if after > capacity || over {
+                    format!(
+                        "it needs {} more and the device has {} now",
+                        format_size(if over { bytes - old } else { after - before }),
+                        format_size(capacity.saturating_sub(before))
+                    )
+                } else {
+                    "a request that has waited past the starvation guard keeps the device's room"
+                        .to_string()
+                };
+                return refuse(
+                    fx,
+                    ErrorKind::Timeout,
+                    format!(
+                        "reservation {id} cannot grow from {} to {} on device {}: {why}; it keeps its size",
+                        format_size(old),
+                        format_size(bytes),
+                        self.devices[d].spec.index
+                    ),
+                );
+            }
+        } else {
+            self.set_bytes(id, bytes);
+        }
+        fx.push(Effect::Reply {
+            conn,
+            msg: ServerMessage::Resized { tag, id, bytes },
+        });
+        fx.push(Effect::Log(LogEvent::Resized {
+            conn,
+            id,
+            from_bytes: old,
+            to_bytes: bytes,
+        }));
+        // A shrink may make room for a waiter.
+        let shrunk = bytes < old;
+        self.clean &= !shrunk;
+        shrunk
+    }
+
+    /// What the accounting counts as taken on device `d`.
+    fn committed(&self, d: usize) -> u64 {
+        match self.devices[d].source {
+            ReadingSource::Simulated => self.reserved(d),
+            ReadingSource::Measured(_) => self.account(d).committed,
+        }
+    }
+
+    /// Sets a held reservation's bytes, keeping the sums per device and
+    /// per user in step.
+    fn set_bytes(&mut self, id: ReservationId, bytes: u64) {
+        let Some(r) = self.reservations.get_mut(&id) else {
+            return;
+        };
+        let old = std::mem::replace(&mut r.bytes, bytes);
+        let (d, uid) = (r.device, r.peer.uid);
+        let device = &mut self.devices[d];
+        device.reserved_bytes = device
+            .reserved_bytes
+            .saturating_sub(old)
+            .saturating_add(bytes);
+        let held = self.held_by_uid.entry(uid).or_default();
+        *held = held.saturating_sub(old).saturating_add(bytes);
     }
 
     /// Indices of the devices a selector names, or why there are none.

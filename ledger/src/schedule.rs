@@ -82,6 +82,14 @@ impl Ledger {
         }
         let mut avail: Vec<u64> = (0..self.devices.len()).map(|d| self.available(d)).collect();
         let mut granted: Vec<(OrderKey, usize)> = Vec::new();
+        // Devices on which this pass granted a waiter that adopted usage:
+        // another waiter naming the same processes must not adopt it again,
+        // so later adopters on them count in full until the next pass.
+        let mut adopted = vec![false; self.devices.len()];
+        // Bytes this pass granted per device: an adopter must also keep the
+        // device's reserved sum within its capacity (its need may be 0 on a
+        // device whose readings already show it past its capacity).
+        let mut added = vec![0u64; self.devices.len()];
         let fast = self.clean
             && self.fresh.iter().all(|k| {
                 self.queue.get(k).is_none_or(|w| {
@@ -97,13 +105,15 @@ impl Ledger {
                 let Some(w) = self.queue.get(&key) else {
                     continue;
                 };
-                if let Some(d) = self.place(w, &avail, &[]) {
-                    avail[d] -= w.bytes;
+                if let Some((d, need)) = self.place(w, &avail, &[], &mut adopted, &added) {
+                    avail[d] -= need;
+                    added[d] = added[d].saturating_add(w.bytes);
                     granted.push((key, d));
                 }
             }
-        } else if (0..self.devices.len())
-            .all(|d| self.queue.smallest_for(d).is_none_or(|b| b > avail[d]))
+        } else if self.adopting == 0
+            && (0..self.devices.len())
+                .all(|d| self.queue.smallest_for(d).is_none_or(|b| b > avail[d]))
         {
             // Nothing fits anywhere: no walk over the queue.
             self.fresh.clear();
@@ -111,9 +121,10 @@ impl Ledger {
             self.fresh.clear();
             let mut blocked = vec![false; self.devices.len()];
             for (key, w) in self.queue.iter() {
-                match self.place(w, &avail, &blocked) {
-                    Some(d) => {
-                        avail[d] -= w.bytes;
+                match self.place(w, &avail, &blocked, &mut adopted, &added) {
+                    Some((d, need)) => {
+                        avail[d] -= need;
+                        added[d] = added[d].saturating_add(w.bytes);
                         granted.push((*key, d));
                     }
                     None if now >= w.starved_at => {
@@ -143,17 +154,41 @@ impl Ledger {
         })
     }
 
-    /// The device a waiter goes to now, if it fits on one it may use.
-    fn place(&self, w: &Waiter, avail: &[u64], blocked: &[bool]) -> Option<usize> {
-        let fits = w
-            .candidates
-            .iter()
-            .copied()
-            .filter(|&d| !blocked.get(d).copied().unwrap_or(false) && avail[d] >= w.bytes);
-        match self.config.placement {
-            Placement::Spread => fits.max_by_key(|&d| (avail[d], std::cmp::Reverse(d))),
-            Placement::Pack => fits.min_by_key(|&d| (avail[d], d)),
+    /// The device a waiter goes to now, if it fits on one it may use, and
+    /// the room it takes there (less than its bytes when it adopts usage).
+    fn place(
+        &self,
+        w: &Waiter,
+        avail: &[u64],
+        blocked: &[bool],
+        adopted: &mut [bool],
+        added: &[u64],
+    ) -> Option<(usize, u64)> {
+        let need = |d: usize| {
+            if adopted[d] { w.bytes } else { self.need(w, d) }
+        };
+        let fits = w.candidates.iter().copied().filter_map(|d| {
+            let n = need(d);
+            let within = n == w.bytes
+                || self
+                    .reserved(d)
+                    .saturating_add(added[d])
+                    .saturating_add(w.bytes)
+                    <= self.capacity(d);
+            (!blocked.get(d).copied().unwrap_or(false)
+                && self.devices[d].fault.is_none()
+                && avail[d] >= n
+                && within)
+                .then_some((d, n))
+        });
+        let (d, n) = match self.config.placement {
+            Placement::Spread => fits.max_by_key(|&(d, _)| (avail[d], std::cmp::Reverse(d))),
+            Placement::Pack => fits.min_by_key(|&(d, _)| (avail[d], d)),
+        }?;
+        if n < w.bytes {
+            adopted[d] = true;
         }
+        Some((d, n))
     }
 
     /// The moment a request arriving `now` is starved: `now` + its guard
@@ -197,7 +232,7 @@ impl Ledger {
             label: w.label.clone(),
             priority: w.priority,
             peer: w.peer,
-            pids: vec![w.peer.pid],
+            pids: w.pids.clone().unwrap_or_else(|| vec![w.peer.pid]),
             granted_at: now,
             idle: w.evictable,
             last_busy: now,

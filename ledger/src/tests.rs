@@ -2175,3 +2175,243 @@ fn huge_guards_and_windows_mean_never_and_do_not_panic() {
         assert_eq!(granted(&e).len(), 1, "{e:?}");
     }
 }
+
+#[test]
+fn each_victim_of_one_clients_group_counts_for_its_own_share() {
+    // One client (the gateway) holds three idle 3 GiB models on a full 10 GiB
+    // card; its process uses all 9 GiB, so the three reservations form one
+    // group whose usage each of them shows. A 5 GiB waiter needs two of them
+    // freed: both are asked at once (counting each as freeing the group's
+    // 9 GiB would ask one and leave the waiter to sit out its deadline).
+    let t0 = Instant::now();
+    let mut l = measured_ledger(&[10 * G]);
+    l.config.min_residency = Duration::ZERO;
+    let ids: Vec<ReservationId> = (0..3)
+        .map(|i| grant_id(&l.reserve(ConnId(1), peer(1), idle_req(i, 3 * G, 0), ms(t0, i))))
+        .collect();
+    let reading = measured(10 * G, Some(vec![(1, 9 * G), (99, G)]));
+    l.set_reading(0, reading, ms(t0, 5), ms(t0, 5));
+    assert_eq!(l.available(0), 0);
+    let e = l.reserve(ConnId(2), peer(2), req(1, 5 * G), ms(t0, 6));
+    assert_eq!(evicted(&e), vec![ids[0], ids[1]], "{e:?}");
+    // A group using more than it reserved frees its usage in all, shared by
+    // reserved size: 12 GiB over three 3 GiB reservations is 4 GiB each, so
+    // a 4 GiB waiter needs one.
+    let mut l = measured_ledger(&[13 * G]);
+    l.config.min_residency = Duration::ZERO;
+    let ids: Vec<ReservationId> = (0..3)
+        .map(|i| grant_id(&l.reserve(ConnId(1), peer(1), idle_req(i, 3 * G, 0), ms(t0, i))))
+        .collect();
+    let reading = measured(13 * G, Some(vec![(1, 12 * G), (99, G)]));
+    l.set_reading(0, reading, ms(t0, 5), ms(t0, 5));
+    let e = l.reserve(ConnId(2), peer(2), req(1, 4 * G), ms(t0, 6));
+    assert_eq!(evicted(&e), vec![ids[0]], "{e:?}");
+}
+
+fn reserve_for(tag: u64, bytes: u64, pids: &[u32]) -> ClientMessage {
+    ClientMessage::ReserveFor {
+        request: req(tag, bytes),
+        pids: pids.to_vec(),
+    }
+}
+
+fn actual_of(l: &Ledger, id: ReservationId, now: Instant) -> u64 {
+    l.status(admin(), now)
+        .reservations
+        .iter()
+        .find(|r| r.id == id)
+        .map(|r| r.actual_bytes)
+        .expect("held")
+}
+
+#[test]
+fn reserve_for_leaves_the_clients_own_process_out() {
+    let t0 = Instant::now();
+    let mut l = measured_ledger(&[24 * G]);
+    // The gateway (pid 1) holds two models for runners 50 and 51; its own
+    // process uses 1 GiB of its own, which counts against neither.
+    let a = grant_id(&request(
+        &mut l,
+        ConnId(1),
+        reserve_for(1, 4 * G, &[50]),
+        t0,
+    ));
+    let b = grant_id(&request(
+        &mut l,
+        ConnId(1),
+        reserve_for(2, 4 * G, &[51]),
+        t0,
+    ));
+    let r = measured(8 * G, Some(vec![(1, G), (50, 3 * G), (51, 4 * G)]));
+    l.set_reading(0, r, ms(t0, 1), ms(t0, 1));
+    assert_eq!(actual_of(&l, a, ms(t0, 1)), 3 * G);
+    assert_eq!(actual_of(&l, b, ms(t0, 1)), 4 * G);
+    let st = l.status(admin(), ms(t0, 1));
+    assert_eq!(st.devices[0].unattributed_bytes, G);
+    assert_eq!(st.reservations[0].pids, vec![50]);
+    // 1 GiB unattributed + 4 + 4 reserved.
+    assert_eq!(l.available(0), 15 * G);
+    // One that speaks for no process counts its bytes until pids come.
+    let c = grant_id(&request(
+        &mut l,
+        ConnId(1),
+        reserve_for(3, 2 * G, &[]),
+        ms(t0, 2),
+    ));
+    assert_eq!(l.available(0), 13 * G);
+    assert_eq!(actual_of(&l, c, ms(t0, 2)), 0);
+    let (pids, _) = l.attach_pids(ConnId(1), c, &[52], ms(t0, 3)).unwrap();
+    assert_eq!(pids, vec![52]);
+    let r = measured(
+        11 * G,
+        Some(vec![(1, G), (50, 3 * G), (51, 4 * G), (52, 3 * G)]),
+    );
+    l.set_reading(0, r, ms(t0, 4), ms(t0, 4));
+    assert_eq!(actual_of(&l, c, ms(t0, 4)), 3 * G);
+    assert_eq!(l.available(0), 12 * G);
+}
+
+#[test]
+fn reserve_for_adopts_usage_already_on_the_card() {
+    let t0 = Instant::now();
+    let mut l = measured_ledger(&[10 * G]);
+    // A full card: runner 50 (with a child 60) already holds 6 GiB
+    // unattributed, an outsider 4 GiB.
+    let child = ProcessUsage {
+        pid: 60,
+        bytes: G,
+        ancestors: vec![50],
+        uid: 0,
+    };
+    let r = Reading {
+        used_bytes: 10 * G,
+        processes: Some(vec![
+            ProcessUsage::new(50, 5 * G),
+            child,
+            ProcessUsage::new(99, 4 * G),
+        ]),
+    };
+    l.set_reading(0, r, t0, t0);
+    assert_eq!(l.available(0), 0);
+    // A plain reservation of the same size waits; one adopting the runner
+    // is granted at once, and a second naming it adopts nothing more.
+    let e = request(&mut l, ConnId(2), ClientMessage::Reserve(req(1, 6 * G)), t0);
+    assert!(granted(&e).is_empty());
+    let e = request(&mut l, ConnId(1), reserve_for(1, 6 * G, &[50]), ms(t0, 1));
+    assert_eq!(granted(&e), vec![(ConnId(1), 1, 0)]);
+    let id = grant_id(&e);
+    assert_eq!(actual_of(&l, id, ms(t0, 1)), 6 * G);
+    assert_eq!(
+        l.status(admin(), ms(t0, 1)).devices[0].unattributed_bytes,
+        4 * G
+    );
+    let e = request(&mut l, ConnId(3), reserve_for(1, G, &[50]), ms(t0, 2));
+    assert!(granted(&e).is_empty(), "adopted twice: {e:?}");
+    // Growth beyond current usage needs room: 7 GiB for what uses 6 waits.
+    l.apply(Input::Disconnect { conn: ConnId(3) }, ms(t0, 3));
+    l.apply(Input::Disconnect { conn: ConnId(2) }, ms(t0, 3));
+    let mut l2 = measured_ledger(&[10 * G]);
+    let r = measured(10 * G, Some(vec![(50, 6 * G), (99, 4 * G)]));
+    l2.set_reading(0, r, t0, t0);
+    let e = request(&mut l2, ConnId(1), reserve_for(1, 7 * G, &[50]), t0);
+    assert!(granted(&e).is_empty());
+    // The outsider leaves: now the extra 1 GiB fits.
+    let r = measured(6 * G, Some(vec![(50, 6 * G)]));
+    let e = l2.apply(
+        Input::Reading {
+            device: 0,
+            taken_at: ms(t0, 1),
+            result: Ok(r),
+        },
+        ms(t0, 1),
+    );
+    assert_eq!(granted(&e), vec![(ConnId(1), 1, 0)]);
+}
+
+#[test]
+fn resize_grows_into_its_own_usage_or_free_room_and_shrinking_lets_waiters_in() {
+    let t0 = Instant::now();
+    let mut l = measured_ledger(&[10 * G]);
+    let id = grant_id(&request(
+        &mut l,
+        ConnId(1),
+        reserve_for(1, 3 * G, &[50]),
+        t0,
+    ));
+    // Its model proves larger: 5 GiB, and an outsider takes the rest.
+    let r = measured(10 * G, Some(vec![(50, 5 * G), (99, 5 * G)]));
+    l.set_reading(0, r, ms(t0, 1), ms(t0, 1));
+    let resize = |tag, bytes| ClientMessage::Resize { tag, id, bytes };
+    let e = request(&mut l, ConnId(1), resize(2, 5 * G), ms(t0, 2));
+    assert!(
+        e.iter().any(|e| matches!(e, Effect::Reply { msg: ServerMessage::Resized { tag: 2, bytes, .. }, .. } if *bytes == 5 * G)),
+        "{e:?}"
+    );
+    let st = l.status(admin(), ms(t0, 2));
+    assert_eq!(st.reservations[0].bytes, 5 * G);
+    assert!(!st.reservations[0].over_reserved);
+    // Growing beyond what is there fails and keeps its size.
+    let e = request(&mut l, ConnId(1), resize(3, 6 * G), ms(t0, 3));
+    assert_eq!(
+        e.iter().find_map(|e| match e {
+            Effect::Reply {
+                msg: ServerMessage::Error { tag: 3, kind, .. },
+                ..
+            } => Some(*kind),
+            _ => None,
+        }),
+        Some(ErrorKind::Timeout),
+        "{e:?}"
+    );
+    assert_eq!(l.status(admin(), ms(t0, 3)).reservations[0].bytes, 5 * G);
+    // Zero, or someone else's: refused / not found.
+    let e = request(&mut l, ConnId(1), resize(4, 0), ms(t0, 4));
+    assert_eq!(failed_reply(&e), Some(ErrorKind::Refused));
+    let e = request(&mut l, ConnId(2), resize(5, G), ms(t0, 4));
+    assert_eq!(failed_reply(&e), Some(ErrorKind::NotFound));
+    // The model unloads part of itself; shrinking lets a waiter in.
+    let r = measured(7 * G, Some(vec![(50, 2 * G), (99, 5 * G)]));
+    l.set_reading(0, r, ms(t0, 5), ms(t0, 5));
+    let e = request(
+        &mut l,
+        ConnId(2),
+        ClientMessage::Reserve(req(1, 3 * G)),
+        ms(t0, 6),
+    );
+    assert!(granted(&e).is_empty());
+    let e = request(&mut l, ConnId(1), resize(6, 2 * G), ms(t0, 7));
+    assert_eq!(granted(&e), vec![(ConnId(2), 1, 0)]);
+}
+
+fn failed_reply(effects: &[Effect]) -> Option<ErrorKind> {
+    effects.iter().find_map(|e| match e {
+        Effect::Reply {
+            msg: ServerMessage::Error { kind, .. },
+            ..
+        } => Some(*kind),
+        _ => None,
+    })
+}
+
+#[test]
+fn adoption_keeps_the_reserved_sum_within_capacity_and_works_past_a_cushion() {
+    let t0 = Instant::now();
+    // A full 10 GiB card with a 1 GiB cushion: its readings show more in
+    // use (10) than the capacity (9). Runner 50's 6 GiB is still adopted.
+    let mut l = measured_ledger(&[10 * G]);
+    l.config.cushion_bytes = G;
+    let r = measured(10 * G, Some(vec![(50, 6 * G), (99, 4 * G)]));
+    l.set_reading(0, r, t0, t0);
+    let e = request(&mut l, ConnId(1), reserve_for(1, 6 * G, &[50]), t0);
+    assert_eq!(granted(&e), vec![(ConnId(1), 1, 0)], "{e:?}");
+    // A second runner's 4 GiB cannot be adopted as a 4 GiB reservation:
+    // 6 + 4 reserved would pass the 9 GiB capacity.
+    let r = measured(10 * G, Some(vec![(50, 6 * G), (51, 4 * G)]));
+    l.set_reading(0, r, ms(t0, 1), ms(t0, 1));
+    let e = request(&mut l, ConnId(2), reserve_for(1, 4 * G, &[51]), ms(t0, 2));
+    assert!(granted(&e).is_empty(), "{e:?}");
+    assert!(l.reserved(0) <= l.capacity(0));
+    // 3 GiB of it can.
+    let e = request(&mut l, ConnId(3), reserve_for(1, 3 * G, &[51]), ms(t0, 3));
+    assert_eq!(granted(&e), vec![(ConnId(3), 1, 0)], "{e:?}");
+}

@@ -397,6 +397,17 @@ pub enum LogEvent {
         /// Every pid it speaks for now.
         pids: Vec<u32>,
     },
+    /// A holder changed its reservation's size.
+    Resized {
+        /// The connection.
+        conn: ConnId,
+        /// The reservation.
+        id: ReservationId,
+        /// Its size before.
+        from_bytes: u64,
+        /// Its size now.
+        to_bytes: u64,
+    },
     /// A holder marked its reservation idle or busy.
     IdleSet {
         /// The connection.

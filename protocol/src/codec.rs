@@ -700,6 +700,28 @@ mod wire_contract {
                 id: ReservationId(0),
                 pids: vec![],
             },
+            ClientMessage::SetIdle {
+                tag: 0,
+                id: ReservationId(0),
+                idle: false,
+            },
+            ClientMessage::ReserveFor {
+                request: ReserveRequest {
+                    tag: 1,
+                    bytes: 1024,
+                    device: DeviceSelector::Any,
+                    priority: 0,
+                    label: None,
+                    timeout_ms: None,
+                    evictable: false,
+                },
+                pids: vec![4242],
+            },
+            ClientMessage::Resize {
+                tag: 2,
+                id: ReservationId(7),
+                bytes: 4096,
+            },
         ];
         for (i, m) in msgs.iter().enumerate() {
             assert_eq!(payload(m)[0] as usize, i, "{m:?}");
@@ -707,6 +729,8 @@ mod wire_contract {
         assert_eq!(payload(&msgs[0]), [0, 1, 0]);
         assert_eq!(payload(&msgs[1]), [1, 1, 128, 8, 0, 0, 0, 0, 0]);
         assert_eq!(payload(&msgs[5]), [5, 9]);
+        assert_eq!(payload(&msgs[8]), [8, 1, 128, 8, 0, 0, 0, 0, 0, 1, 146, 33]);
+        assert_eq!(payload(&msgs[9]), [9, 2, 7, 128, 32]);
     }
 
     #[test]
@@ -730,6 +754,12 @@ mod wire_contract {
             reason: "x".into(),
         };
         assert_eq!(payload(&evict), [10, 2, 5, 1, b'x']);
+        let resized = ServerMessage::Resized {
+            tag: 2,
+            id: ReservationId(7),
+            bytes: 4096,
+        };
+        assert_eq!(payload(&resized), [11, 2, 7, 128, 32]);
         let e = payload(&ServerMessage::Error {
             tag: 0,
             kind: ErrorKind::Internal,

@@ -189,6 +189,35 @@ pub enum ClientMessage {
         /// The token from its `ReclaimToken`.
         token: String,
     },
+    /// Ask for a reservation that speaks for the processes in `pids` (and
+    /// their descendants) instead of the client's own process: a client
+    /// that holds reservations for other processes (a gateway in front of
+    /// an inference server) leaves itself out of them. An empty list speaks
+    /// for no process: it counts its reserved bytes until pids are attached
+    /// with `AttachPids`. Usage the named processes already have on the
+    /// device that counts against no reservation is adopted: the request
+    /// needs room only for what it reserves beyond that usage. The pids are
+    /// checked as for `AttachPids`. Answered as `Reserve`.
+    ReserveFor {
+        /// What to reserve.
+        request: ReserveRequest,
+        /// The processes it speaks for.
+        pids: Vec<u32>,
+    },
+    /// Change the bytes of a reservation this connection holds. Shrinking
+    /// always succeeds; growing succeeds only if the device has the room now
+    /// (room its processes already use costs nothing), else it fails with
+    /// `timeout` as a `Reserve` with `timeout_ms: 0` would, and the
+    /// reservation keeps its size. Answered by `Resized`.
+    Resize {
+        /// Tag echoed in the answer.
+        #[serde(default)]
+        tag: u64,
+        /// The reservation.
+        id: ReservationId,
+        /// Its new size in bytes (at least 1).
+        bytes: u64,
+    },
 }
 
 /// A granted reservation.
@@ -318,6 +347,15 @@ pub enum ServerMessage {
         id: ReservationId,
         /// 32 lowercase hex digits.
         token: String,
+    },
+    /// Answer to `Resize`.
+    Resized {
+        /// The request's tag.
+        tag: u64,
+        /// The reservation.
+        id: ReservationId,
+        /// Its size now.
+        bytes: u64,
     },
 }
 

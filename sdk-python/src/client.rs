@@ -136,9 +136,14 @@ impl Client {
     /// ``vramd.WaitTimeout`` is raised. ``evictable=True`` makes the
     /// reservation idle from the start: the daemon may ask for it back when a
     /// waiter needs the room (see :meth:`Reservation.on_evict` and
-    /// :meth:`Reservation.set_idle`). The GIL is released while waiting;
+    /// :meth:`Reservation.set_idle`). ``for_pids`` (a list of pids)
+    /// reserves for those processes instead of this one — e.g. the model
+    /// runners of a server this program fronts; ``[]``: no process until
+    /// :meth:`Reservation.attach_pids` — and adopts what they already use:
+    /// a model already loaded is granted at once. The GIL is released while waiting;
     /// Ctrl-C withdraws the request and raises ``KeyboardInterrupt``.
-    #[pyo3(signature = (size, *, device = None, priority = 0, label = None, timeout = None, evictable = false))]
+    #[pyo3(signature = (size, *, device = None, priority = 0, label = None, timeout = None, evictable = false, for_pids = None))]
+    #[allow(clippy::too_many_arguments)]
     fn reserve(
         slf: &Bound<'_, Self>,
         size: &Bound<'_, PyAny>,
@@ -147,8 +152,9 @@ impl Client {
         label: Option<String>,
         timeout: Option<f64>,
         evictable: bool,
+        for_pids: Option<Vec<u32>>,
     ) -> PyResult<Reservation> {
-        let spec = RequestSpec::new(size, device, priority, label, timeout, evictable)?;
+        let spec = RequestSpec::new(size, device, priority, label, timeout, evictable, for_pids)?;
         let pending = Self::submit_spec(slf, spec)?;
         let py = slf.py();
         pending
@@ -159,7 +165,8 @@ impl Client {
     /// Sends a reservation request and returns at once with a
     /// :class:`Pending`, to wait on with ``poll()`` or ``wait()``. Same
     /// arguments as :meth:`reserve`.
-    #[pyo3(signature = (size, *, device = None, priority = 0, label = None, timeout = None, evictable = false))]
+    #[pyo3(signature = (size, *, device = None, priority = 0, label = None, timeout = None, evictable = false, for_pids = None))]
+    #[allow(clippy::too_many_arguments)]
     fn submit(
         slf: &Bound<'_, Self>,
         size: &Bound<'_, PyAny>,
@@ -168,8 +175,9 @@ impl Client {
         label: Option<String>,
         timeout: Option<f64>,
         evictable: bool,
+        for_pids: Option<Vec<u32>>,
     ) -> PyResult<Pending> {
-        let spec = RequestSpec::new(size, device, priority, label, timeout, evictable)?;
+        let spec = RequestSpec::new(size, device, priority, label, timeout, evictable, for_pids)?;
         Self::submit_spec(slf, spec)
     }
 
@@ -179,7 +187,8 @@ impl Client {
     /// context manager (``async with client.reserve_async("8GiB") as r:``),
     /// which releases on exit. Cancelling the awaiting task withdraws the
     /// request.
-    #[pyo3(signature = (size, *, device = None, priority = 0, label = None, timeout = None, evictable = false))]
+    #[pyo3(signature = (size, *, device = None, priority = 0, label = None, timeout = None, evictable = false, for_pids = None))]
+    #[allow(clippy::too_many_arguments)]
     fn reserve_async<'py>(
         slf: &Bound<'py, Self>,
         size: &Bound<'py, PyAny>,
@@ -188,9 +197,18 @@ impl Client {
         label: Option<String>,
         timeout: Option<f64>,
         evictable: bool,
+        for_pids: Option<Vec<u32>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         // Validate now, so a bad argument fails at the call, not at the await.
-        RequestSpec::new(size, device, priority, label.clone(), timeout, evictable)?;
+        RequestSpec::new(
+            size,
+            device,
+            priority,
+            label.clone(),
+            timeout,
+            evictable,
+            for_pids.clone(),
+        )?;
         let py = slf.py();
         let kwargs = PyDict::new(py);
         kwargs.set_item("device", device)?;
@@ -198,6 +216,7 @@ impl Client {
         kwargs.set_item("label", label)?;
         kwargs.set_item("timeout", timeout)?;
         kwargs.set_item("evictable", evictable)?;
+        kwargs.set_item("for_pids", for_pids)?;
         py.import("vramd._aio")?
             .getattr("ReserveAsync")?
             .call((slf, size), Some(&kwargs))

@@ -90,6 +90,7 @@ pub(crate) struct RequestSpec {
 
 impl RequestSpec {
     /// Validates the arguments of `reserve` / `submit`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         size: &Bound<'_, PyAny>,
         device_arg: Option<&Bound<'_, PyAny>>,
@@ -97,12 +98,16 @@ impl RequestSpec {
         label: Option<String>,
         timeout: Option<f64>,
         evictable: bool,
+        for_pids: Option<Vec<u32>>,
     ) -> PyResult<Self> {
         let bytes = size_bytes(size)?;
         let mut request = Request::new(bytes)
             .device(device(device_arg)?)
             .priority(priority)
             .evictable(evictable);
+        if let Some(pids) = for_pids {
+            request = request.for_pids(pids);
+        }
         if let Some(l) = &label {
             request = request.label(l.clone());
         }

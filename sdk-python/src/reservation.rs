@@ -57,9 +57,8 @@ pub struct Reservation {
     /// device).
     #[pyo3(get)]
     device_uuid: String,
-    /// Bytes reserved.
-    #[pyo3(get)]
-    bytes: u64,
+    // Bytes reserved (the `bytes` getter): changed by `resize`.
+    bytes: std::sync::atomic::AtomicU64,
     /// The label it was requested with, if any.
     #[pyo3(get)]
     label: Option<String>,
@@ -84,7 +83,7 @@ impl Reservation {
             id: r.id().0,
             device_index: r.device_index(),
             device_uuid: r.device_uuid().to_string(),
-            bytes: r.bytes(),
+            bytes: std::sync::atomic::AtomicU64::new(r.bytes()),
             label: spec.label.clone(),
             priority: spec.priority,
             inner: Mutex::new(Some(r)),
@@ -288,6 +287,35 @@ impl Reservation {
         }
     }
 
+    /// Bytes reserved (as granted, or as last resized).
+    #[getter]
+    fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::SeqCst)
+    }
+
+    /// Changes its size (an int of bytes or a string such as ``"6GiB"``).
+    /// Shrinking always succeeds; growing succeeds only if the device has the
+    /// room now — room its processes already use costs nothing, so a model
+    /// that proved larger than reserved grows to its real usage at once —
+    /// else ``vramd.WaitTimeout`` is raised and it keeps its size. It never
+    /// waits.
+    fn resize(&self, py: Python<'_>, size: &Bound<'_, PyAny>) -> PyResult<()> {
+        let bytes = crate::convert::size_bytes(size)?;
+        self.check_usable(py)?;
+        let result = py.detach(|| lock(&self.inner).as_ref().map(|r| r.resize(bytes)));
+        match result {
+            Some(Ok(())) => {
+                self.bytes.store(bytes, Ordering::SeqCst);
+                Ok(())
+            }
+            Some(Err(e)) => Err(self.sdk_error(py, e)),
+            None => Err(usage_error(
+                py,
+                format!("reservation {} is released", self.id),
+            )),
+        }
+    }
+
     /// Context manager: returns the reservation itself.
     fn __enter__(slf: Py<Self>) -> Py<Self> {
         slf
@@ -357,8 +385,8 @@ impl Reservation {
             self.id,
             self.device_index,
             self.device_uuid,
-            self.bytes,
-            vramd_client::format_size(self.bytes),
+            self.bytes(),
+            vramd_client::format_size(self.bytes()),
             match &self.label {
                 Some(l) => format!(" label={l:?}"),
                 None => String::new(),

@@ -210,3 +210,38 @@ def test_attach_pids(daemon):
     finally:
         worker.kill()
         worker.wait(WAIT)
+
+
+def test_for_pids_leaves_this_process_out_and_resize(daemon):
+    c = daemon.client()
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        r = c.reserve("4GiB", for_pids=[child.pid], label="runner")
+        held = daemon.status()["reservations"]
+        assert [x["pids"] for x in held] == [[child.pid]]
+        none = c.reserve("1GiB", for_pids=[])
+        assert [x["pids"] for x in daemon.status()["reservations"]] == [
+            [child.pid],
+            [],
+        ]
+        none.release()
+        # Grow into free room, shrink; never past the device; not into room
+        # another holds: WaitTimeout, size kept.
+        r.resize("6GiB")
+        assert r.bytes == 6 * GIB
+        assert daemon.status()["reservations"][0]["bytes"] == 6 * GIB
+        r.resize(2 * GIB)
+        assert r.bytes == 2 * GIB
+        with pytest.raises(vramd.Refused):
+            r.resize("30GiB")
+        blocker = c.reserve("20GiB")
+        with pytest.raises(vramd.WaitTimeout):
+            r.resize("5GiB")
+        assert r.bytes == 2 * GIB
+        blocker.release()
+        with pytest.raises(vramd.PermissionDenied):
+            c.reserve("1GiB", for_pids=[2**32 - 7])
+        r.release()
+    finally:
+        child.kill()
+        child.wait()

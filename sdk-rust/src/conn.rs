@@ -1012,7 +1012,8 @@ impl Conn {
             | ServerMessage::Pong { tag }
             | ServerMessage::Error { tag, .. }
             | ServerMessage::Attached { tag, .. }
-            | ServerMessage::IdleSet { tag, .. } => (*tag, true),
+            | ServerMessage::IdleSet { tag, .. }
+            | ServerMessage::Resized { tag, .. } => (*tag, true),
         };
         if terminal {
             lock(&self.requests).remove(&tag);

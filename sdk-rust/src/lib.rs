@@ -45,6 +45,7 @@ use std::path::Path;
 #[cfg(feature = "tokio")]
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use conn::{Conn, EvictState, Slot};
@@ -66,6 +67,7 @@ pub struct Request {
     label: Option<String>,
     timeout: Option<Duration>,
     evictable: bool,
+    pids: Option<Vec<u32>>,
 }
 
 impl Request {
@@ -79,7 +81,23 @@ impl Request {
             label: None,
             timeout: None,
             evictable: false,
+            pids: None,
         }
+    }
+
+    /// Makes the reservation speak for these processes (and their
+    /// descendants) instead of this client's own process — for a program
+    /// that holds reservations on behalf of processes it did not start,
+    /// such as a gateway in front of an inference server. An empty list
+    /// speaks for no process until [`Reservation::attach_pids`] names some.
+    /// Usage these processes already have on the device that counts against
+    /// no reservation is adopted: the request needs room only for what it
+    /// reserves beyond it, so a model already loaded becomes a reservation
+    /// at once. The daemon accepts only processes of the caller's user,
+    /// unless the caller is root or an admin.
+    pub fn for_pids(mut self, pids: impl IntoIterator<Item = u32>) -> Self {
+        self.pids = Some(pids.into_iter().collect());
+        self
     }
 
     /// Makes the reservation idle from the start: the daemon may ask the
@@ -116,7 +134,7 @@ impl Request {
     }
 
     fn to_wire(&self, tag: u64) -> ClientMessage {
-        ClientMessage::Reserve(ReserveRequest {
+        let request = ReserveRequest {
             tag,
             bytes: self.bytes,
             device: self.device.clone(),
@@ -126,7 +144,14 @@ impl Request {
                 .timeout
                 .map(|t| t.as_millis().min(u128::from(u64::MAX)) as u64),
             evictable: self.evictable,
-        })
+        };
+        match &self.pids {
+            None => ClientMessage::Reserve(request),
+            Some(pids) => ClientMessage::ReserveFor {
+                request,
+                pids: pids.clone(),
+            },
+        }
     }
 }
 
@@ -349,7 +374,7 @@ impl Pending {
                     id: grant.id,
                     device_index: grant.device,
                     device_uuid: grant.device_uuid,
-                    bytes: grant.bytes,
+                    bytes: AtomicU64::new(grant.bytes),
                     released: false,
                 }))
             }
@@ -405,7 +430,7 @@ pub struct Reservation {
     id: ReservationId,
     device_index: u32,
     device_uuid: String,
-    bytes: u64,
+    bytes: AtomicU64,
     released: bool,
 }
 
@@ -425,9 +450,58 @@ impl Reservation {
         &self.device_uuid
     }
 
-    /// Bytes reserved.
+    /// Bytes reserved (as last granted or resized).
     pub fn bytes(&self) -> u64 {
-        self.bytes
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Changes its size. Shrinking always succeeds; growing succeeds only if
+    /// the device has the room now — room its processes already use costs
+    /// nothing, so a model that proved larger than reserved can grow to its
+    /// real usage at once — else it fails with [`Error::WaitTimeout`] and
+    /// keeps its size. It never waits.
+    pub fn resize(&self, bytes: u64) -> Result<()> {
+        let (tag, slot) = self.conn.register();
+        if let Err(e) = self.conn.send(&ClientMessage::Resize {
+            tag,
+            id: self.id,
+            bytes,
+        }) {
+            self.conn.unregister(tag);
+            return Err(e);
+        }
+        self.resized(self.conn.next(&slot, None)?)
+    }
+
+    /// [`Reservation::resize`] from async code, without blocking the
+    /// executor (feature `tokio`).
+    #[cfg(feature = "tokio")]
+    pub async fn resize_async(&self, bytes: u64) -> Result<()> {
+        let (tag, slot) = self.conn.register();
+        if let Err(e) = self.conn.send(&ClientMessage::Resize {
+            tag,
+            id: self.id,
+            bytes,
+        }) {
+            self.conn.unregister(tag);
+            return Err(e);
+        }
+        let msg = std::future::poll_fn(|cx| self.conn.poll_next(&slot, cx)).await?;
+        self.resized(Some(msg))
+    }
+
+    fn resized(&self, msg: Option<ServerMessage>) -> Result<()> {
+        match msg {
+            Some(ServerMessage::Resized { bytes, .. }) => {
+                self.bytes.store(bytes, Ordering::Relaxed);
+                Ok(())
+            }
+            Some(ServerMessage::Error { kind, message, .. }) => {
+                Err(Error::from_wire(kind, message))
+            }
+            Some(other) => Err(unexpected(other)),
+            None => Err(Error::Disconnected),
+        }
     }
 
     /// Marks it idle (its model is kept warm and may be unloaded when a

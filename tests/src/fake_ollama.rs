@@ -21,6 +21,14 @@
 //! - keep-alive expiry is checked whenever the state is read, so `/api/ps`
 //!   stops listing an expired model exactly as the real one does.
 //!
+//! With [`FakeOllama::start_with_runners`], each loaded model also has a
+//! runner process, as the real server runs one `ollama runner` child per
+//! model: a real child of the test process (`sleep`, its command line
+//! `ollama runner --model <blob path>` as the real one names the model's
+//! weights, the same path `/api/show` gives in its Modelfile's `FROM` line)
+//! that holds the model's `vram_bytes` on device 0 of a [`FakeGpu`], and is
+//! killed (and its memory freed) when the model unloads or the fake drops.
+//!
 //! It serves HTTP/1.1 on `127.0.0.1`, one request per connection
 //! (`Connection: close`), streaming with chunked transfer encoding. A
 //! [`FakeOllama::gate`] makes generations stop after their first token until
@@ -35,6 +43,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Value, json};
+
+use crate::fake_gpu::FakeGpu;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(300);
@@ -97,11 +107,74 @@ struct Core {
     state: Mutex<State>,
     changed: Condvar,
     stop: AtomicBool,
+    runners: Option<Runners>,
+}
+
+/// Runner mode: one child process per loaded model, holding its memory on
+/// the fake card.
+struct Runners {
+    gpu: Arc<FakeGpu>,
+    children: Mutex<BTreeMap<String, std::process::Child>>,
+}
+
+/// The path the fake gives a model's weights (`--model` of its runner, and
+/// the `FROM` line of its Modelfile in `/api/show`).
+pub fn blob_path(def: &ModelDef) -> String {
+    let hex: String = def.name.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("/fake-ollama/models/blobs/sha256-{hex}")
 }
 
 impl Core {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// In runner mode: starts a runner for each loaded model that has none
+    /// and stops those of models no longer loaded.
+    fn reconcile(&self) {
+        let Some(runners) = &self.runners else {
+            return;
+        };
+        let mut children = runners.children.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self.lock();
+        let loaded: BTreeMap<String, ModelDef> = s
+            .loaded
+            .keys()
+            .map(|m| (m.clone(), s.models[m].clone()))
+            .collect();
+        drop(s);
+        let gone: Vec<String> = children
+            .keys()
+            .filter(|m| !loaded.contains_key(*m))
+            .cloned()
+            .collect();
+        for m in gone {
+            if let Some(mut c) = children.remove(&m) {
+                runners.gpu.set_process(0, c.id(), 0);
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        for (m, def) in loaded {
+            if children.contains_key(&m) {
+                continue;
+            }
+            use std::os::unix::process::CommandExt;
+            let child = std::process::Command::new("sleep")
+                .arg0(format!("ollama runner --model {}", blob_path(&def)))
+                .arg("600")
+                .spawn()
+                .expect("spawn a fake runner");
+            runners.gpu.set_process(0, child.id(), def.vram_bytes);
+            children.insert(m, child);
+        }
+    }
+
+    /// The pid of `model`'s runner, in runner mode.
+    fn runner_pid(&self, model: &str) -> Option<u32> {
+        let runners = self.runners.as_ref()?;
+        let children = runners.children.lock().unwrap_or_else(|p| p.into_inner());
+        children.get(model).map(std::process::Child::id)
     }
 }
 
@@ -115,6 +188,22 @@ pub struct FakeOllama {
 impl FakeOllama {
     /// Starts a fake that has pulled `models`.
     pub fn start(models: &[ModelDef]) -> FakeOllama {
+        Self::start_inner(models, None)
+    }
+
+    /// Starts a fake in runner mode: each loaded model has a runner process
+    /// holding its `vram_bytes` on device 0 of `gpu` (see the module docs).
+    pub fn start_with_runners(models: &[ModelDef], gpu: Arc<FakeGpu>) -> FakeOllama {
+        Self::start_inner(
+            models,
+            Some(Runners {
+                gpu,
+                children: Mutex::new(BTreeMap::new()),
+            }),
+        )
+    }
+
+    fn start_inner(models: &[ModelDef], runners: Option<Runners>) -> FakeOllama {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the fake Ollama");
         let addr = listener.local_addr().expect("addr");
         let core = Arc::new(Core {
@@ -124,6 +213,7 @@ impl FakeOllama {
             }),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
+            runners,
         });
         let c = core.clone();
         let acceptor = std::thread::spawn(move || {
@@ -157,7 +247,15 @@ impl FakeOllama {
     pub fn loaded(&self) -> Vec<String> {
         let mut s = self.core.lock();
         s.expire();
-        s.loaded.keys().cloned().collect()
+        let loaded = s.loaded.keys().cloned().collect();
+        drop(s);
+        self.core.reconcile();
+        loaded
+    }
+
+    /// The pid of `model`'s runner process (runner mode, while loaded).
+    pub fn runner_pid(&self, model: &str) -> Option<u32> {
+        self.core.runner_pid(model)
     }
 
     /// How many times `model` was loaded.
@@ -196,6 +294,8 @@ impl FakeOllama {
             l.expires_wall = Some(SystemTime::now());
         }
         s.expire();
+        drop(s);
+        self.core.reconcile();
     }
 }
 
@@ -206,6 +306,14 @@ impl Drop for FakeOllama {
         let _ = TcpStream::connect_timeout(&self.addr, IO_TIMEOUT);
         if let Some(a) = self.acceptor.take() {
             let _ = a.join();
+        }
+        if let Some(r) = &self.core.runners {
+            let mut children = r.children.lock().unwrap_or_else(|p| p.into_inner());
+            for (_, mut c) in std::mem::take(&mut *children) {
+                r.gpu.set_process(0, c.id(), 0);
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
     }
 }
@@ -382,6 +490,8 @@ fn serve(core: &Arc<Core>, conn: TcpStream) {
                     })
                 })
                 .collect();
+            drop(s);
+            core.reconcile();
             write_json(&conn, 200, &json!({ "models": models }));
         }
         ("GET", "/api/tags") => {
@@ -406,18 +516,23 @@ fn serve(core: &Arc<Core>, conn: TcpStream) {
         ("POST", "/api/show") => {
             let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
             let name = normalize(body["model"].as_str().unwrap_or_default());
-            if !core.lock().models.contains_key(&name) {
+            let def = core.lock().models.get(&name).cloned();
+            let Some(def) = def else {
                 return write_json(
                     &conn,
                     404,
                     &json!({ "error": format!("model '{}' not found", body["model"].as_str().unwrap_or_default()) }),
                 );
-            }
+            };
+            let modelfile = format!(
+                "# Modelfile generated by \"ollama show\"\n# FROM {name}\n\nFROM {}\nTEMPLATE {{{{ .Prompt }}}}\n",
+                blob_path(&def)
+            );
             write_json(
                 &conn,
                 200,
                 &json!({
-                    "modelfile": "# fake", "parameters": "", "template": "{{ .Prompt }}",
+                    "modelfile": modelfile, "parameters": "", "template": "{{ .Prompt }}",
                     "details": details(), "capabilities": ["completion"],
                     "model_info": {
                         "general.architecture": "llama",
@@ -498,6 +613,8 @@ fn generate(core: &Arc<Core>, conn: &TcpStream, path: &str, raw: &[u8]) {
                         {
                             s.loaded.remove(&m);
                         }
+                        drop(s);
+                        c.reconcile();
                     });
                 }
                 _ => {
@@ -505,6 +622,7 @@ fn generate(core: &Arc<Core>, conn: &TcpStream, path: &str, raw: &[u8]) {
                 }
             }
             drop(s);
+            core.reconcile();
             core.changed.notify_all();
             return write_json(
                 conn,
@@ -530,6 +648,7 @@ fn generate(core: &Arc<Core>, conn: &TcpStream, path: &str, raw: &[u8]) {
         l.active += 1;
         l.unload_pending = false;
     }
+    core.reconcile();
     let finish = |core: &Arc<Core>| {
         let mut s = core.lock();
         let ka = ka.unwrap_or(DEFAULT_KEEP_ALIVE.as_secs_f64());
@@ -549,6 +668,7 @@ fn generate(core: &Arc<Core>, conn: &TcpStream, path: &str, raw: &[u8]) {
             }
         }
         drop(s);
+        core.reconcile();
         core.changed.notify_all();
     };
     if nothing {

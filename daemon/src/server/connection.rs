@@ -383,12 +383,12 @@ enum SessionEnd {
 }
 
 /// Why a client may not attach these pids: a pid that does not exist, or
-/// belongs to another user (root may attach any).
+/// belongs to another user (root and admins may attach any).
 fn pids_refused(peer: Peer, pids: &[u32]) -> Option<String> {
     pids.iter().find_map(|&pid| match owner_uid(pid) {
         None => Some(format!("no process {pid}")),
-        Some(uid) if peer.uid != 0 && uid != peer.uid => Some(format!(
-            "process {pid} belongs to uid {uid}; only your own processes (uid {}) can be attached",
+        Some(uid) if peer.uid != 0 && !peer.admin && uid != peer.uid => Some(format!(
+            "process {pid} belongs to uid {uid}; only your own processes (uid {}) can be attached, unless you are root or an admin",
             peer.uid
         )),
         Some(_) => None,
@@ -427,9 +427,14 @@ async fn session(
                     partial_deadline = None;
                     // Checking pids reads /proc: done here, at the edge,
                     // not in the core task.
-                    if let ClientMessage::AttachPids { tag, pids, .. } = &msg {
+                    let named = match &msg {
+                        ClientMessage::AttachPids { tag, pids, .. } => Some((*tag, pids)),
+                        ClientMessage::ReserveFor { request, pids } => Some((request.tag, pids)),
+                        _ => None,
+                    };
+                    if let Some((tag, pids)) = named {
                         if let Some(why) = pids_refused(peer, pids) {
-                            let err = error_msg(*tag, ErrorKind::PermissionDenied, why);
+                            let err = error_msg(tag, ErrorKind::PermissionDenied, why);
                             send(&mut wr, encoding, &err).await?;
                             continue;
                         }
@@ -515,7 +520,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_own_existing_processes_may_be_attached_unless_root() {
+    fn only_own_existing_processes_may_be_attached_unless_root_or_admin() {
         let me = std::process::id();
         // SAFETY: getuid has no preconditions.
         let my_uid = unsafe { libc::getuid() };
@@ -532,6 +537,14 @@ mod tests {
         assert!(
             pids_refused(peer(0), &[me]).is_none(),
             "root may attach any"
+        );
+        let admin = Peer {
+            admin: true,
+            ..peer(other)
+        };
+        assert!(
+            pids_refused(admin, &[me]).is_none(),
+            "an admin may attach any"
         );
         assert!(
             pids_refused(peer(0), &[u32::MAX - 3])

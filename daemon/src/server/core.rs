@@ -409,6 +409,14 @@ impl Core {
             LogEvent::PidsAttached { conn, id, pids } => {
                 info!(id = %id, conn = %conn, pid = self.pid(conn), pids = ?pids, "pids attached");
             }
+            LogEvent::Resized {
+                conn,
+                id,
+                from_bytes,
+                to_bytes,
+            } => {
+                info!(id = %id, conn = %conn, pid = self.pid(conn), from_bytes, to_bytes, "resized");
+            }
             LogEvent::IdleSet { conn, id, idle } => {
                 debug!(id = %id, conn = %conn, idle, "idle state set");
             }

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import atexit
 import os
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from ._errors import (
     BadRequest,
@@ -113,6 +113,7 @@ def reserve(
     label: Optional[str] = None,
     timeout: Optional[float] = None,
     evictable: bool = False,
+    for_pids: Optional[Sequence[int]] = None,
 ) -> Reservation:
     """Reserves VRAM through the default client and waits for the grant.
 
@@ -131,6 +132,7 @@ def reserve(
         label=label,
         timeout=timeout,
         evictable=evictable,
+        for_pids=None if for_pids is None else list(for_pids),
     )
     return pending.wait()
 
@@ -143,6 +145,7 @@ def reserve_async(
     label: Optional[str] = None,
     timeout: Optional[float] = None,
     evictable: bool = False,
+    for_pids: Optional[Sequence[int]] = None,
 ) -> ReserveAsync:
     """Like :func:`reserve`, for asyncio: await the result, or use it with
     ``async with``. The default client connects (if it has not yet) when the
@@ -155,6 +158,7 @@ def reserve_async(
         label=label,
         timeout=timeout,
         evictable=evictable,
+        for_pids=None if for_pids is None else list(for_pids),
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generator, Optional, Type, Union
+from typing import TYPE_CHECKING, Any, Generator, Optional, Sequence, Type, Union
 
 from . import _default
 
@@ -52,6 +52,7 @@ class ReserveAsync:
         label: Optional[str] = None,
         timeout: Optional[float] = None,
         evictable: bool = False,
+        for_pids: Optional[Sequence[int]] = None,
     ) -> None:
         self._client = client
         self._size = size
@@ -61,6 +62,7 @@ class ReserveAsync:
             "label": label,
             "timeout": timeout,
             "evictable": evictable,
+            "for_pids": None if for_pids is None else list(for_pids),
         }
         self._reservation: Optional[Reservation] = None
 

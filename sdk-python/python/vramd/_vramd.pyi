@@ -60,6 +60,7 @@ class Client:
         label: Optional[str] = None,
         timeout: Optional[float] = None,
         evictable: bool = False,
+        for_pids: Optional[Sequence[int]] = None,
     ) -> Reservation:
         """Reserves ``size`` and waits for the grant (GIL released; Ctrl-C
         withdraws the request). ``evictable=True`` makes it idle from the
@@ -73,6 +74,7 @@ class Client:
         label: Optional[str] = None,
         timeout: Optional[float] = None,
         evictable: bool = False,
+        for_pids: Optional[Sequence[int]] = None,
     ) -> Pending:
         """Sends a request and returns at once."""
     def reserve_async(
@@ -84,6 +86,7 @@ class Client:
         label: Optional[str] = None,
         timeout: Optional[float] = None,
         evictable: bool = False,
+        for_pids: Optional[Sequence[int]] = None,
     ) -> ReserveAsync:
         """Reserves from asyncio: await it or use ``async with``."""
     def status(self) -> dict[str, Any]:
@@ -124,7 +127,7 @@ class Reservation:
         """UUID of its device."""
     @property
     def bytes(self) -> int:
-        """Bytes reserved."""
+        """Bytes reserved (as granted, or as last resized)."""
     @property
     def label(self) -> Optional[str]:
         """The label it was requested with."""
@@ -161,6 +164,10 @@ class Reservation:
     def attach_pids(self, pids: Sequence[int]) -> list[int]:
         """Declares more processes whose GPU usage counts against it; returns
         every pid it now speaks for."""
+    def resize(self, size: Size) -> None:
+        """Changes its size: shrinks, or grows into room there is now (its
+        processes' own usage costs nothing); else raises ``WaitTimeout`` and
+        keeps its size. Never waits."""
     def apply_torch_limit(self, device: Any = None) -> float:
         """Caps PyTorch's caching allocator on its device to its bytes;
         returns the fraction set."""
