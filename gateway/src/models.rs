@@ -669,11 +669,13 @@ impl AppState {
                         }
                     }
                 }
+                *self.last_ps.lock().unwrap_or_else(|p| p.into_inner()) = Some(ps.clone());
+                // Attribution first: a watched app's mirrors then speak for
+                // the runners this pass found (see `watch`).
+                crate::attribution::attribute(self, &ps).await;
                 if self.cfg.listen.is_none() {
                     self.mirror_resident(&ps);
                 }
-                *self.last_ps.lock().unwrap_or_else(|p| p.into_inner()) = Some(ps.clone());
-                crate::attribution::attribute(self, &ps).await;
             }
             Err(e) => {
                 tracing::debug!(app = %self.cfg.name, error = %e, "polling /api/ps");

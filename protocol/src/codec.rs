@@ -705,6 +705,12 @@ mod wire_contract {
                 id: ReservationId(0),
                 idle: false,
             },
+            ClientMessage::EnableReclaim { tag: 1 },
+            ClientMessage::Reclaim {
+                tag: 0,
+                id: ReservationId(0),
+                token: String::new(),
+            },
             ClientMessage::ReserveFor {
                 request: ReserveRequest {
                     tag: 1,
@@ -729,8 +735,12 @@ mod wire_contract {
         assert_eq!(payload(&msgs[0]), [0, 1, 0]);
         assert_eq!(payload(&msgs[1]), [1, 1, 128, 8, 0, 0, 0, 0, 0]);
         assert_eq!(payload(&msgs[5]), [5, 9]);
-        assert_eq!(payload(&msgs[8]), [8, 1, 128, 8, 0, 0, 0, 0, 0, 1, 146, 33]);
-        assert_eq!(payload(&msgs[9]), [9, 2, 7, 128, 32]);
+        assert_eq!(payload(&msgs[8]), [8, 1]);
+        assert_eq!(
+            payload(&msgs[10]),
+            [10, 1, 128, 8, 0, 0, 0, 0, 0, 1, 146, 33]
+        );
+        assert_eq!(payload(&msgs[11]), [11, 2, 7, 128, 32]);
     }
 
     #[test]
@@ -759,7 +769,12 @@ mod wire_contract {
             id: ReservationId(7),
             bytes: 4096,
         };
-        assert_eq!(payload(&resized), [11, 2, 7, 128, 32]);
+        assert_eq!(payload(&resized), [13, 2, 7, 128, 32]);
+        let enabled = ServerMessage::ReclaimEnabled {
+            tag: 1,
+            grace_ms: 5,
+        };
+        assert_eq!(payload(&enabled), [11, 1, 5]);
         let e = payload(&ServerMessage::Error {
             tag: 0,
             kind: ErrorKind::Internal,

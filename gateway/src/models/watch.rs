@@ -132,7 +132,13 @@ impl AppState {
             }
         };
         let idle = !pinned || self.cfg.evict_pinned;
+        // The mirror speaks for the model's runners (known from the last
+        // attribution pass), never for the gateway's own process: vramd then
+        // adopts the memory they already use instead of counting it twice,
+        // and a mirror fits even on a full card. Runners not known yet are
+        // attached by the next pass.
         let req = Request::new(bytes)
+            .for_pids(self.attribution.runners_of(&model))
             .label(self.label(&model))
             .priority(self.cfg.priority)
             .evictable(idle)
