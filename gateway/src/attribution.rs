@@ -34,7 +34,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vramd_client::{Request, StatusReport};
 
@@ -48,6 +48,8 @@ const MAX_DEPTH: usize = 64;
 /// now + the largest Go duration, about 292 years, for a negative
 /// `keep_alive`).
 const FOREVER_YEAR: u32 = 2200;
+/// Shortest time between two failed lookups of the server process.
+const LOOKUP_RETRY: Duration = Duration::from_secs(10);
 
 /// What the gateway knows of an app's runner processes.
 #[derive(Debug, Default)]
@@ -61,6 +63,9 @@ pub struct Attribution {
 struct Inner {
     /// The server's pid, while it lives.
     server: Option<u32>,
+    /// When a lookup last failed to find it (lookups scan every process's
+    /// descriptors: not more often than [`LOOKUP_RETRY`]).
+    lookup_failed_at: Option<Instant>,
     /// Each model's weights path from `/api/show` (`None`: it names none).
     blobs: HashMap<String, Option<String>>,
     /// Runners of each resident model, as of the last pass.
@@ -120,8 +125,10 @@ pub async fn attribute(app: &Arc<AppState>, ps: &[Running]) {
     for (model, _) in &resident {
         let known = app.attribution.lock().blobs.contains_key(model);
         if !known {
-            let blob = show_blob(app, model).await;
-            app.attribution.lock().blobs.insert(model.clone(), blob);
+            // Kept once Ollama answered; a failed call is tried next poll.
+            if let Some(blob) = show_blob(app, model).await {
+                app.attribution.lock().blobs.insert(model.clone(), blob);
+            }
         }
     }
     let runners = map_runners(app, &candidates, &resident, &usage);
@@ -314,11 +321,16 @@ fn forever(expires_at: Option<&str>) -> bool {
 /// The server's pid: cached while it lives, else the process listening on
 /// the upstream's port.
 fn server_pid(app: &AppState) -> Option<u32> {
-    let cached = app.attribution.lock().server;
+    let (cached, failed_at) = {
+        let inner = app.attribution.lock();
+        (inner.server, inner.lookup_failed_at)
+    };
     if let Some(pid) = cached {
         if std::path::Path::new(&format!("/proc/{pid}")).exists() {
             return Some(pid);
         }
+    } else if failed_at.is_some_and(|t| t.elapsed() < LOOKUP_RETRY) {
+        return None;
     }
     let found = listening_pid(&app.cfg.upstream);
     if found != cached {
@@ -331,7 +343,9 @@ fn server_pid(app: &AppState) -> Option<u32> {
             }
         }
     }
-    app.attribution.lock().server = found;
+    let mut inner = app.attribution.lock();
+    inner.server = found;
+    inner.lookup_failed_at = found.is_none().then(Instant::now);
     found
 }
 
@@ -444,8 +458,9 @@ fn model_arg<'a>(mut tokens: impl Iterator<Item = &'a str>) -> Option<String> {
 }
 
 /// The weights path of `model`: the `FROM` line of its Modelfile in
-/// `/api/show` that names a file.
-async fn show_blob(app: &AppState, model: &str) -> Option<String> {
+/// `/api/show` that names a file (`Some(None)`: it names none; `None`: the
+/// call failed).
+async fn show_blob(app: &AppState, model: &str) -> Option<Option<String>> {
     let url = format!("{}/api/show", app.cfg.upstream.trim_end_matches('/'));
     let resp = app
         .http()
@@ -455,8 +470,15 @@ async fn show_blob(app: &AppState, model: &str) -> Option<String> {
         .send()
         .await
         .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
     let v: serde_json::Value = resp.json().await.ok()?;
-    from_line(v.get("modelfile")?.as_str()?)
+    Some(
+        v.get("modelfile")
+            .and_then(|m| m.as_str())
+            .and_then(from_line),
+    )
 }
 
 /// The first `FROM` of a Modelfile that names a file (an absolute path).
