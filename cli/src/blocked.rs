@@ -298,6 +298,7 @@ mod tests {
             queue_total: 1,
             reservations_total: 1,
             mps: None,
+            enforced: vec![],
             processes: vec![
                 GpuProcess {
                     device: 0,

@@ -243,6 +243,17 @@ pub fn run(
         report.released(id, false);
         return Ok(refuse_unenforced(&why, report));
     }
+    if mps.is_some() {
+        // Status shows the reservation as enforced, with the limit the
+        // command gets (whole MiB, as CUDA_MPS_PINNED_DEVICE_MEM_LIMIT).
+        let limit_bytes = crate::mps::limit_bytes(r.bytes());
+        if let Err(e) = r.set_enforced(limit_bytes, "mps") {
+            eprintln!(
+                "vramctl: warning: vramd did not record the enforcement ({e}); the command \
+                 is capped all the same"
+            );
+        }
+    }
     let code = run_command(&r, mps, command, &signals, loss.on_loss, report)?;
     if r.is_lost().is_some() {
         drop(r);

@@ -94,7 +94,13 @@ pub fn check_pipe_dir(pipe_dir: &Path) -> Result<(), Unusable> {
 /// `CUDA_MPS_PINNED_DEVICE_MEM_LIMIT` for `bytes` on device `ordinal`:
 /// `"0=8192M"` (MiB, rounded down so the cap never exceeds the reservation).
 pub fn pinned_limit(ordinal: u32, bytes: u64) -> String {
-    format!("{ordinal}={}M", bytes / (1024 * 1024))
+    format!("{ordinal}={}M", limit_bytes(bytes) / (1024 * 1024))
+}
+
+/// The limit a command gets for a reservation of `bytes`: whole MiB,
+/// rounded down.
+pub fn limit_bytes(bytes: u64) -> u64 {
+    bytes / (1024 * 1024) * (1024 * 1024)
 }
 
 #[cfg(test)]

@@ -266,6 +266,7 @@ mod tests {
             queue_total: 0,
             reservations_total: 1,
             mps: None,
+            enforced: vec![],
             processes: vec![
                 proc_(1234, 1000, 13 * GIB, Some(7), false),
                 proc_(0, 1001, 4 * GIB, None, false),

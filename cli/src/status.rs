@@ -133,6 +133,18 @@ pub(crate) fn write_reservations(out: &mut String, s: &StatusReport) -> std::fmt
     for r in &s.reservations {
         let flag = if r.over_reserved { " !" } else { "" };
         let idle = if r.idle { " (idle)" } else { "" };
+        let enforced = s
+            .enforced
+            .iter()
+            .find(|e| e.id == r.id)
+            .map(|e| {
+                format!(
+                    " (enforced: {} ≤ {})",
+                    e.mechanism,
+                    format_size(e.limit_bytes)
+                )
+            })
+            .unwrap_or_default();
         let label = r.label.as_deref().unwrap_or("-");
         t.add_row(vec![
             r.id.to_string(),
@@ -143,7 +155,7 @@ pub(crate) fn write_reservations(out: &mut String, s: &StatusReport) -> std::fmt
             r.uid.to_string(),
             r.priority.to_string(),
             format!("{}s", r.age_ms / 1000),
-            format!("{label}{idle}"),
+            format!("{label}{idle}{enforced}"),
         ]);
     }
     write_table(out, &t)?;
@@ -398,6 +410,7 @@ mod tests {
             queue_total: 4,
             reservations_total: 2,
             mps: None,
+            enforced: vec![],
             processes: vec![],
         }
     }

@@ -301,6 +301,7 @@ mod tests {
             queue_total: 0,
             reservations_total: 0,
             mps: None,
+            enforced: vec![],
             processes: vec![],
         }
     }

@@ -115,6 +115,9 @@ struct Reservation {
     last_busy: Instant,
     /// Deadline of an eviction request sent to its holder.
     evicting: Option<Instant>,
+    /// The hard limit its holder declared its processes run under (bytes,
+    /// mechanism), see [`ClientMessage::SetEnforced`].
+    enforced: Option<(u64, String)>,
 }
 
 impl Reservation {
@@ -386,6 +389,12 @@ impl Ledger {
             ClientMessage::Resize { tag, id, bytes } => {
                 self.on_resize(conn, peer, tag, id, bytes, now, fx)
             }
+            ClientMessage::SetEnforced {
+                tag,
+                id,
+                limit_bytes,
+                mechanism,
+            } => self.on_set_enforced(conn, tag, id, limit_bytes, mechanism, fx),
             ClientMessage::Cancel { tag } => self.on_cancel(conn, tag, fx),
             ClientMessage::Release { tag, id } => self.on_release(conn, tag, id, now, fx),
             ClientMessage::SetIdle { tag, id, idle } => {
@@ -1021,6 +1030,52 @@ impl Ledger {
             .saturating_add(bytes);
         let held = self.held_by_uid.entry(uid).or_default();
         *held = held.saturating_sub(old).saturating_add(bytes);
+    }
+
+    /// Records that reservation `id` held by `conn` runs under a hard limit
+    /// (see [`ClientMessage::SetEnforced`]) and answers `EnforcedSet`.
+    fn on_set_enforced(
+        &mut self,
+        conn: ConnId,
+        tag: u64,
+        id: ReservationId,
+        limit_bytes: u64,
+        mechanism: String,
+        fx: &mut Vec<Effect>,
+    ) -> bool {
+        let bad = if limit_bytes == 0 {
+            Some("limit_bytes must be at least 1")
+        } else if mechanism.is_empty() || mechanism.len() > 64 {
+            Some("mechanism must be 1 to 64 bytes (e.g. \"mps\")")
+        } else {
+            None
+        };
+        if let Some(why) = bad {
+            fx.push(Effect::Reply {
+                conn,
+                msg: error(tag, ErrorKind::BadRequest, format!("set_enforced: {why}")),
+            });
+            return false;
+        }
+        let Some(r) = self.held(conn, tag, id, fx) else {
+            return false;
+        };
+        r.enforced = Some((limit_bytes, mechanism.clone()));
+        fx.push(Effect::Reply {
+            conn,
+            msg: ServerMessage::EnforcedSet {
+                tag,
+                id,
+                limit_bytes,
+            },
+        });
+        fx.push(Effect::Log(LogEvent::Enforced {
+            conn,
+            id,
+            limit_bytes,
+            mechanism,
+        }));
+        false
     }
 
     /// Indices of the devices a selector names, or why there are none.

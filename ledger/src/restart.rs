@@ -246,6 +246,7 @@ impl Ledger {
                 idle: false,
                 last_busy: now,
                 evicting: None,
+                enforced: None,
             });
         }
         self.next_id = self.next_id.max(snapshot.next_id).max(max_id + 1);

@@ -237,6 +237,7 @@ impl Ledger {
             idle: w.evictable,
             last_busy: now,
             evicting: None,
+            enforced: None,
         });
         self.counters.grants += 1;
         effects.push(Effect::Granted {

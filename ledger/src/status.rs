@@ -7,7 +7,8 @@ use std::time::Instant;
 use std::cmp::Reverse;
 
 use vramd_protocol::{
-    ConsumerStatus, DeviceStatus, GpuProcess, QueueEntry, ReservationStatus, StatusReport,
+    ConsumerStatus, DeviceStatus, Enforcement, GpuProcess, QueueEntry, ReservationStatus,
+    StatusReport,
 };
 
 use crate::accounting::{Accounting, Holder};
@@ -58,6 +59,20 @@ impl Ledger {
             consumers: self.consumer_status(now),
             mps: None,
             processes: self.process_status(STATUS_PROCESS_LIMIT),
+            enforced: self
+                .reservations
+                .values()
+                .filter_map(|r| {
+                    r.enforced
+                        .as_ref()
+                        .map(|(limit_bytes, mechanism)| Enforcement {
+                            id: r.id,
+                            limit_bytes: *limit_bytes,
+                            mechanism: mechanism.clone(),
+                        })
+                })
+                .take(STATUS_RESERVATION_LIMIT)
+                .collect(),
         };
         if !peer.admin {
             redact(&mut status, peer.uid);

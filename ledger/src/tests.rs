@@ -2415,3 +2415,48 @@ fn adoption_keeps_the_reserved_sum_within_capacity_and_works_past_a_cushion() {
     let e = request(&mut l, ConnId(3), reserve_for(1, 3 * G, &[51]), ms(t0, 3));
     assert_eq!(granted(&e), vec![(ConnId(3), 1, 0)], "{e:?}");
 }
+
+#[test]
+fn set_enforced_is_listed_in_status_until_released_and_checks_its_input() {
+    let t0 = Instant::now();
+    let mut l = sim(&[10 * G]);
+    let id = grant_id(&request(
+        &mut l,
+        ConnId(1),
+        ClientMessage::Reserve(req(1, 4 * G)),
+        t0,
+    ));
+    let enforce = |tag, limit_bytes, mechanism: &str| ClientMessage::SetEnforced {
+        tag,
+        id,
+        limit_bytes,
+        mechanism: mechanism.into(),
+    };
+    // Bad input: a clear error, nothing recorded.
+    let e = request(&mut l, ConnId(1), enforce(2, 0, "mps"), ms(t0, 1));
+    assert_eq!(failed_reply(&e), Some(ErrorKind::BadRequest), "{e:?}");
+    let e = request(&mut l, ConnId(1), enforce(3, G, ""), ms(t0, 1));
+    assert_eq!(failed_reply(&e), Some(ErrorKind::BadRequest), "{e:?}");
+    // Another connection cannot declare it.
+    let e = request(&mut l, ConnId(2), enforce(4, G, "mps"), ms(t0, 1));
+    assert_eq!(failed_reply(&e), Some(ErrorKind::NotFound), "{e:?}");
+    assert!(l.status(admin(), ms(t0, 1)).enforced.is_empty());
+    // Its holder can.
+    let e = request(&mut l, ConnId(1), enforce(5, 4 * G, "mps"), ms(t0, 2));
+    assert!(
+        e.iter().any(|e| matches!(
+            e,
+            Effect::Reply { msg: ServerMessage::EnforcedSet { tag: 5, limit_bytes, .. }, .. }
+                if *limit_bytes == 4 * G
+        )),
+        "{e:?}"
+    );
+    let st = l.status(peer(77), ms(t0, 2));
+    assert_eq!(st.enforced.len(), 1);
+    assert_eq!(st.enforced[0].id, id);
+    assert_eq!(st.enforced[0].limit_bytes, 4 * G);
+    assert_eq!(st.enforced[0].mechanism, "mps");
+    // Released: no longer listed.
+    l.release(ConnId(1), id, ms(t0, 3)).unwrap();
+    assert!(l.status(admin(), ms(t0, 3)).enforced.is_empty());
+}

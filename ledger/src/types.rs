@@ -388,6 +388,17 @@ pub enum LogEvent {
         /// How many.
         count: u32,
     },
+    /// A holder declared that its reservation runs under a hard limit.
+    Enforced {
+        /// The connection.
+        conn: ConnId,
+        /// The reservation.
+        id: ReservationId,
+        /// The limit.
+        limit_bytes: u64,
+        /// How it is enforced.
+        mechanism: String,
+    },
     /// Processes now count against a reservation.
     PidsAttached {
         /// The connection.

@@ -502,6 +502,7 @@ mod tests {
             queue_total: 0,
             reservations_total: 0,
             mps: None,
+            enforced: vec![],
             processes: (0..200_000)
                 .map(|pid| GpuProcess {
                     device: 0,
@@ -552,6 +553,7 @@ mod tests {
             queue_total: 0,
             reservations_total: 100,
             mps: None,
+            enforced: vec![],
             processes: vec![],
         };
         let msg = |s: &StatusReport| ServerMessage::Status {
@@ -728,6 +730,12 @@ mod wire_contract {
                 id: ReservationId(7),
                 bytes: 4096,
             },
+            ClientMessage::SetEnforced {
+                tag: 3,
+                id: ReservationId(7),
+                limit_bytes: 4096,
+                mechanism: "mps".into(),
+            },
         ];
         for (i, m) in msgs.iter().enumerate() {
             assert_eq!(payload(m)[0] as usize, i, "{m:?}");
@@ -741,6 +749,7 @@ mod wire_contract {
             [10, 1, 128, 8, 0, 0, 0, 0, 0, 1, 146, 33]
         );
         assert_eq!(payload(&msgs[11]), [11, 2, 7, 128, 32]);
+        assert_eq!(payload(&msgs[12]), [12, 3, 7, 128, 32, 3, b'm', b'p', b's']);
     }
 
     #[test]
@@ -775,6 +784,12 @@ mod wire_contract {
             grace_ms: 5,
         };
         assert_eq!(payload(&enabled), [11, 1, 5]);
+        let enforced = ServerMessage::EnforcedSet {
+            tag: 3,
+            id: ReservationId(7),
+            limit_bytes: 4096,
+        };
+        assert_eq!(payload(&enforced), [14, 3, 7, 128, 32]);
         let e = payload(&ServerMessage::Error {
             tag: 0,
             kind: ErrorKind::Internal,

@@ -218,6 +218,24 @@ pub enum ClientMessage {
         /// Its new size in bytes (at least 1).
         bytes: u64,
     },
+    /// Declare that the processes of a reservation this connection holds run
+    /// under a hard limit of `limit_bytes` on its device, which the client
+    /// set up itself (`vramctl run --enforce`: an NVIDIA MPS pinned-memory
+    /// limit); status then lists the reservation as enforced. The daemon
+    /// records the declaration, it does not check it. Answered by
+    /// `EnforcedSet`.
+    SetEnforced {
+        /// Tag echoed in the answer.
+        #[serde(default)]
+        tag: u64,
+        /// The reservation.
+        id: ReservationId,
+        /// The limit its processes run under, in bytes (at least 1).
+        limit_bytes: u64,
+        /// How: `mps` (an NVIDIA MPS pinned-memory limit); free text of at
+        /// most 64 bytes.
+        mechanism: String,
+    },
 }
 
 /// A granted reservation.
@@ -357,6 +375,15 @@ pub enum ServerMessage {
         /// Its size now.
         bytes: u64,
     },
+    /// Answer to `SetEnforced`.
+    EnforcedSet {
+        /// The request's tag.
+        tag: u64,
+        /// The reservation.
+        id: ReservationId,
+        /// The limit recorded.
+        limit_bytes: u64,
+    },
 }
 
 /// Kinds of failure reported on the wire. Each maps to one SDK error class.
@@ -453,6 +480,22 @@ pub struct StatusReport {
     /// JSON from an older daemon without it reads as `None`.
     #[serde(default)]
     pub mps: Option<MpsStatus>,
+    /// The reservations whose processes run under a hard limit (declared with
+    /// `SetEnforced`, e.g. by `vramctl run --enforce`), by id. Appended after
+    /// `mps`; JSON from an older daemon without it reads as an empty list.
+    #[serde(default)]
+    pub enforced: Vec<Enforcement>,
+}
+
+/// One enforced reservation in [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enforcement {
+    /// The reservation.
+    pub id: ReservationId,
+    /// The hard limit its processes run under on its device.
+    pub limit_bytes: u64,
+    /// How it is enforced: `mps` (an NVIDIA MPS pinned-memory limit).
+    pub mechanism: String,
 }
 
 /// The MPS server in [`StatusReport`].

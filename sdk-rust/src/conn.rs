@@ -1013,7 +1013,8 @@ impl Conn {
             | ServerMessage::Error { tag, .. }
             | ServerMessage::Attached { tag, .. }
             | ServerMessage::IdleSet { tag, .. }
-            | ServerMessage::Resized { tag, .. } => (*tag, true),
+            | ServerMessage::Resized { tag, .. }
+            | ServerMessage::EnforcedSet { tag, .. } => (*tag, true),
         };
         if terminal {
             lock(&self.requests).remove(&tag);

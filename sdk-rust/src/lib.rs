@@ -504,6 +504,32 @@ impl Reservation {
         }
     }
 
+    /// Declares that this reservation's processes run under a hard limit of
+    /// `limit_bytes` that the caller set up (`mechanism`: `"mps"` for an
+    /// NVIDIA MPS pinned-memory limit, as `vramctl run --enforce` does);
+    /// status then lists it as enforced. The daemon records it, it does not
+    /// check it.
+    pub fn set_enforced(&self, limit_bytes: u64, mechanism: &str) -> Result<()> {
+        let (tag, slot) = self.conn.register();
+        if let Err(e) = self.conn.send(&ClientMessage::SetEnforced {
+            tag,
+            id: self.id,
+            limit_bytes,
+            mechanism: mechanism.to_string(),
+        }) {
+            self.conn.unregister(tag);
+            return Err(e);
+        }
+        match self.conn.next(&slot, None)? {
+            Some(ServerMessage::EnforcedSet { .. }) => Ok(()),
+            Some(ServerMessage::Error { kind, message, .. }) => {
+                Err(Error::from_wire(kind, message))
+            }
+            Some(other) => Err(unexpected(other)),
+            None => Err(Error::Disconnected),
+        }
+    }
+
     /// Marks it idle (its model is kept warm and may be unloaded when a
     /// waiter needs the room) or busy (never evicted). Mark it busy while
     /// the model is in use.

@@ -118,6 +118,45 @@ fn run_enforce_caps_the_command_at_its_reservation_through_the_named_server() {
 }
 
 #[test]
+fn status_lists_an_enforced_run_with_its_limit_and_a_plain_run_as_not_enforced() {
+    let d = Daemon::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (pipe, _log) = fake_mps_server(dir.path());
+    let vramctl = bin("vramctl");
+    let inside = format!(
+        "{v} status --json && echo ==== && {v} status",
+        v = vramctl.display()
+    );
+    let run = |enforce: bool| {
+        let mut c = d.vramctl();
+        c.args(["run", "--label", "capped", "--vram", "4295016447B"]);
+        if enforce {
+            c.arg("--enforce").arg("--mps-pipe-dir").arg(&pipe);
+        }
+        let out = c.args(["--", "sh", "-c", &inside]).output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        let (json, table) = text.split_once("====\n").expect("both statuses");
+        let status: serde_json::Value = serde_json::from_str(json).expect("status JSON");
+        (status, table.to_string())
+    };
+    let (status, table) = run(true);
+    let id = status["reservations"][0]["id"].clone();
+    assert_eq!(
+        status["enforced"],
+        serde_json::json!([{"id": id, "limit_bytes": 4096u64 << 20, "mechanism": "mps"}]),
+        "{status:#}"
+    );
+    assert!(
+        table.contains("capped (enforced: mps ≤ 4.00 GiB)"),
+        "{table}"
+    );
+    let (status, table) = run(false);
+    assert_eq!(status["enforced"], serde_json::json!([]), "{status:#}");
+    assert!(!table.contains("enforced"), "{table}");
+}
+
+#[test]
 fn run_enforce_takes_the_server_from_the_environment_and_rounds_down_to_mib() {
     let d = Daemon::start(&[]);
     let dir = tempfile::tempdir().unwrap();

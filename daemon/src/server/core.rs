@@ -406,6 +406,14 @@ impl Core {
             LogEvent::Cancelled { conn, tag, count } => {
                 info!(conn = %conn, pid = self.pid(conn), tag, count, "cancelled");
             }
+            LogEvent::Enforced {
+                conn,
+                id,
+                limit_bytes,
+                mechanism,
+            } => {
+                info!(id = %id, conn = %conn, pid = self.pid(conn), limit_bytes, mechanism, "enforced");
+            }
             LogEvent::PidsAttached { conn, id, pids } => {
                 info!(id = %id, conn = %conn, pid = self.pid(conn), pids = ?pids, "pids attached");
             }
