@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use vramd_client::Client;
 
+pub mod fake_comfyui;
 pub mod fake_gpu;
 pub mod fake_http;
 pub mod fake_ollama;
