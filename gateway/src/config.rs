@@ -70,6 +70,12 @@ pub struct AppConfig {
     /// `openai`: the models served (`[[app.model]]`).
     #[serde(default, rename = "model")]
     pub models: Vec<ModelConfig>,
+    /// `comfyui`: what the app takes on the card with its models loaded
+    /// (`"13GiB"`); may be left out when the state file has an observed size.
+    pub size: Option<String>,
+    /// `comfyui`: a file holding the app's pid (attributed to its
+    /// reservation); absent: the process listening on the upstream's port.
+    pub pid_file: Option<PathBuf>,
 }
 
 /// One `[[app.model]]` of an `openai` app.
@@ -114,6 +120,10 @@ pub enum Kind {
     /// Any OpenAI-compatible server: models routed to their own upstreams.
     #[serde(rename = "openai")]
     OpenAi,
+    /// ComfyUI: one reservation for the app, `POST /prompt` gated, busy
+    /// while its queue has prompts, evicted with `/free`.
+    #[serde(rename = "comfyui")]
+    ComfyUi,
 }
 
 /// A request the gateway makes, parsed.
@@ -190,6 +200,10 @@ pub struct App {
     pub drain_limit: Duration,
     /// See [`Config::aging`] (the same for every app).
     pub aging: Duration,
+    /// `comfyui`: see [`AppConfig::size`].
+    pub size_bytes: Option<u64>,
+    /// `comfyui`: see [`AppConfig::pid_file`].
+    pub pid_file: Option<PathBuf>,
 }
 
 impl App {
@@ -252,10 +266,13 @@ impl Settings {
             let kind = match a.kind.as_str() {
                 "ollama" => Kind::Ollama,
                 "openai" => Kind::OpenAi,
+                "comfyui" => Kind::ComfyUi,
                 other => {
                     return Err(at(
                         "kind",
-                        format!("unknown kind {other:?}; use \"ollama\" or \"openai\""),
+                        format!(
+                            "unknown kind {other:?}; use \"ollama\", \"openai\" or \"comfyui\""
+                        ),
                     ));
                 }
             };
@@ -272,12 +289,50 @@ impl Settings {
             };
             let upstream = match (&a.upstream, kind) {
                 (Some(u), _) => check_url("upstream", u)?,
-                (None, Kind::Ollama) => return Err(at("upstream", "required".into())),
+                (None, Kind::Ollama | Kind::ComfyUi) => {
+                    return Err(at("upstream", "required".into()));
+                }
                 (None, Kind::OpenAi) => String::new(),
             };
             let listen = a.listen;
             let mut models = Vec::new();
+            if kind != Kind::ComfyUi {
+                if a.size.is_some() {
+                    return Err(at("size", "only for kind \"comfyui\"".into()));
+                }
+                if a.pid_file.is_some() {
+                    return Err(at("pid_file", "only for kind \"comfyui\"".into()));
+                }
+            }
+            let size_bytes = a
+                .size
+                .as_deref()
+                .map(parse_size)
+                .transpose()
+                .map_err(|e| at("size", e.to_string()))?;
             match kind {
+                Kind::ComfyUi => {
+                    if listen.is_none() {
+                        return Err(at(
+                            "listen",
+                            "required for kind \"comfyui\" (its prompts must go through the gateway)"
+                                .into(),
+                        ));
+                    }
+                    if !a.models.is_empty() {
+                        return Err(at(
+                            "model",
+                            "[[app.model]] is for kind \"openai\"; a ComfyUI app has one size (size)"
+                                .into(),
+                        ));
+                    }
+                    if !a.sizes.is_empty() {
+                        return Err(at(
+                            "sizes",
+                            "not for kind \"comfyui\": give the app's size".into(),
+                        ));
+                    }
+                }
                 Kind::Ollama => {
                     if !a.models.is_empty() {
                         return Err(at(
@@ -399,6 +454,8 @@ impl Settings {
                 models,
                 drain_limit,
                 aging,
+                size_bytes,
+                pid_file: a.pid_file,
             });
         }
         if apps.is_empty() {
@@ -571,6 +628,58 @@ unload = { method = "delete", url = "http://127.0.0.1:9000/models/embed" }
             (
                 format!("{FIRST}\n[[app.model]]\nname = \"x\"\n"),
                 "is for kind \"openai\"",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = Settings::parse(Path::new("g.toml"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "want {want:?} in {e}");
+        }
+    }
+
+    const COMFY: &str = r#"
+[[app]]
+name = "comfy"
+kind = "comfyui"
+upstream = "http://127.0.0.1:8188"
+listen = "127.0.0.1:8189"
+size = "13GiB"
+pid_file = "/run/comfy.pid"
+"#;
+
+    #[test]
+    fn a_comfyui_app_has_one_size_and_maybe_a_pid_file() {
+        let s = Settings::parse(Path::new("g.toml"), COMFY).unwrap();
+        let a = &s.apps[0];
+        assert_eq!(a.kind, Kind::ComfyUi);
+        assert_eq!(a.size_bytes, Some(13 << 30));
+        assert_eq!(a.pid_file, Some(PathBuf::from("/run/comfy.pid")));
+        let cases = [
+            (
+                COMFY.replace("listen = \"127.0.0.1:8189\"\n", ""),
+                "app \"comfy\": listen: required for kind \"comfyui\"",
+            ),
+            (
+                COMFY.replace("upstream = \"http://127.0.0.1:8188\"\n", ""),
+                "app \"comfy\": upstream: required",
+            ),
+            (
+                COMFY.replace("\"13GiB\"", "\"lots\""),
+                "app \"comfy\": size",
+            ),
+            (
+                format!("{COMFY}[app.sizes]\nx = \"1GiB\"\n"),
+                "sizes: not for kind \"comfyui\"",
+            ),
+            (format!("{FIRST}size = \"1GiB\"\n"), "size: only for kind"),
+            (
+                format!("{FIRST}pid_file = \"/x\"\n"),
+                "pid_file: only for kind",
+            ),
+            (
+                FIRST.replace("kind = \"ollama\"", "kind = \"comfy\""),
+                "use \"ollama\", \"openai\" or \"comfyui\"",
             ),
         ];
         for (text, want) in cases {

@@ -1,5 +1,6 @@
 //! vramd-gateway: an HTTP gateway in front of apps that load models on
-//! their own (Ollama, OpenAI-compatible servers: [`openai`]), which reserves a model's memory through vramd's
+//! their own (Ollama, OpenAI-compatible servers: [`openai`], ComfyUI:
+//! [`comfyui`]), which reserves a model's memory through vramd's
 //! queue *before* forwarding a request that will load it, keeps one
 //! reservation per resident model (busy while requests run, idle and
 //! evictable between them), unloads a model through the app's API when
@@ -13,6 +14,7 @@
 //! SIGTERM.
 
 pub mod admin;
+pub mod comfyui;
 pub mod config;
 pub mod daemon;
 mod error;
@@ -34,6 +36,20 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let daemon = Arc::new(daemon::Daemon::new(settings.socket.clone()));
     let sizes = Arc::new(sizes::SizeStore::load(&settings.state_file));
     for app in &settings.apps {
+        if app.kind == config::Kind::ComfyUi
+            && app.size_bytes.is_none()
+            && sizes
+                .get(&format!("{}/{}", app.name, comfyui::MODEL))
+                .is_none()
+        {
+            return Err(Error::Config {
+                file: settings.state_file.clone(),
+                message: format!(
+                    "app {:?}: size: required (the state file has no observed size for it)",
+                    app.name
+                ),
+            });
+        }
         for m in &app.models {
             if m.size_bytes.is_none() && sizes.get(&format!("{}/{}", app.name, m.name)).is_none() {
                 return Err(Error::Config {
@@ -81,6 +97,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             let router = match cfg.kind {
                 config::Kind::Ollama => proxy::router(app.clone()),
                 config::Kind::OpenAi => openai::router(app.clone()),
+                config::Kind::ComfyUi => comfyui::router(app.clone()),
             };
             servers.spawn(serve(listener, router));
         } else {

@@ -112,6 +112,8 @@ pub struct AppState {
     last_ps: Mutex<Option<Vec<Running>>>,
     runtime: tokio::runtime::Handle,
     watch: Mutex<watch::Watch>,
+    /// `comfyui`: its queue and attributed process.
+    pub(crate) comfy: crate::comfyui::Comfy,
 }
 
 /// How long a model stays busy in vramd after its last request ended, so
@@ -212,6 +214,7 @@ impl AppState {
             last_ps: Mutex::new(None),
             runtime: tokio::runtime::Handle::current(),
             watch: Mutex::new(watch::Watch::default()),
+            comfy: crate::comfyui::Comfy::default(),
         }
     }
 
@@ -486,6 +489,9 @@ impl AppState {
         if self.cfg.kind == Kind::OpenAi {
             return Ok(self.cfg.model(&call.model).and_then(|m| m.size_bytes));
         }
+        if self.cfg.kind == Kind::ComfyUi {
+            return Ok(self.cfg.size_bytes);
+        }
         if let Some(b) = self.cfg.size_overrides.get(&call.model) {
             return Ok(Some(*b));
         }
@@ -500,7 +506,7 @@ impl AppState {
     /// Tells vramd whether the model's reservation is idle, if that changed.
     /// Calls are serialized per slot, and each sends the state current when
     /// it runs, so the daemon ends up with the latest.
-    async fn sync_idle(&self, model: &str) {
+    pub(crate) async fn sync_idle(&self, model: &str) {
         let Some((res, lock)) = self
             .lock()
             .get(model)
@@ -529,13 +535,25 @@ impl AppState {
             && s.in_flight == 0
             && (!s.pinned || self.cfg.evict_pinned)
             && self.can_unload(model)
+            && !(self.cfg.kind == Kind::ComfyUi && self.comfy.busy())
+    }
+
+    /// `model`'s reservation while held: its epoch, the reservation, its
+    /// device.
+    pub(crate) fn reservation(
+        &self,
+        model: &str,
+    ) -> Option<(u64, Arc<vramd_client::Reservation>, u32)> {
+        let slots = self.lock();
+        let s = slots.get(model).filter(|s| s.phase == Phase::Held)?;
+        Some((s.epoch, s.reservation.clone()?, s.device?))
     }
 
     /// Whether the gateway has a way to unload `model` (an `openai` model
     /// without an `unload` request has none, so it is never idle in vramd).
     fn can_unload(&self, model: &str) -> bool {
         match self.cfg.kind {
-            Kind::Ollama => true,
+            Kind::Ollama | Kind::ComfyUi => true,
             Kind::OpenAi => self.cfg.model(model).is_some_and(|m| m.unload.is_some()),
         }
     }
@@ -544,13 +562,14 @@ impl AppState {
     /// thread through `block_on`); the SDK releases it when this returns.
     async fn evict(&self, model: &str, epoch: u64, deadline: Duration, reason: &str) {
         let until = Instant::now() + deadline;
-        {
+        let device = {
             let mut slots = self.lock();
             let Some(s) = slots.get_mut(model).filter(|s| s.epoch == epoch) else {
                 return;
             };
             s.phase = Phase::Evicting;
-        }
+            s.device
+        };
         self.metrics.eviction(&self.cfg.name, model);
         tracing::info!(app = %self.cfg.name, model, reason, deadline_ms = deadline.as_millis() as u64, "evicting");
         // Let requests in flight finish, up to the deadline.
@@ -573,6 +592,7 @@ impl AppState {
             // gateway can know; vramd grants only on its readings.
             Kind::OpenAi => crate::openai::unload(self, model).await,
             Kind::Ollama => self.unload_ollama(model, until).await,
+            Kind::ComfyUi => crate::comfyui::unload(self, device, until).await,
         }
         {
             let mut slots = self.lock();
@@ -616,6 +636,11 @@ impl AppState {
     pub async fn poll(self: &Arc<Self>) {
         if self.cfg.kind == Kind::OpenAi {
             self.release_lost();
+            return self.update_drain();
+        }
+        if self.cfg.kind == Kind::ComfyUi {
+            self.release_lost();
+            crate::comfyui::poll(self).await;
             return self.update_drain();
         }
         let started = Instant::now();

@@ -1,18 +1,46 @@
-//! The fake ComfyUI (tests/src/fake_comfyui.rs) follows the real server:
+//! `kind = "comfyui"` end to end: the real daemon on the fake NVML card, a
+//! fake ComfyUI that follows the real server (tests/src/fake_comfyui.rs:
 //! one prompt worker, `/free` only sets flags it acts on after the running
-//! prompt. Every wait is bounded.
+//! prompt), and the gateway binary. Every wait is bounded.
 
-use std::time::Duration;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use vramd_client::GIB;
 use vramd_tests::fake_comfyui::FakeComfyUi;
 use vramd_tests::fake_gpu::FakeGpu;
-use vramd_tests::gateway_rig::http;
-use vramd_tests::{WAIT, wait_until};
+use vramd_tests::gateway_rig::{Gateway, free_port, http};
+use vramd_tests::{Daemon, WAIT, fake_nvml_lib, wait_until};
 
 const UUID0: &str = "GPU-00000000-1111-2222-3333-444444444444";
 const FLUX: &str = "flux1-dev.safetensors";
+
+/// A 24 GiB fake card and a daemon reading it every 50 ms.
+fn card() -> (Arc<FakeGpu>, Daemon) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let gpu = FakeGpu::create(&dir.join("state.json"), &[(UUID0, 24 * GIB)]);
+    let lib = fake_nvml_lib();
+    let d = Daemon::start_env(
+        &[
+            "--nvml-lib",
+            lib.to_str().unwrap(),
+            "--poll-interval",
+            "50ms",
+        ],
+        &[(fake_nvml::STATE_ENV, gpu.path())],
+    );
+    (gpu, d)
+}
+
+fn comfy_app(listen: std::net::SocketAddr, upstream: &str, extra: &str) -> String {
+    format!(
+        "[[app]]\nname = \"comfy\"\nkind = \"comfyui\"\nupstream = \"{upstream}\"\nlisten = \"{listen}\"\n{extra}\n"
+    )
+}
 
 fn prompt(ckpt: &str, seed: u64) -> Value {
     json!({
@@ -23,6 +51,27 @@ fn prompt(ckpt: &str, seed: u64) -> Value {
             "9": {"class_type": "SaveImage", "inputs": {"images": ["3", 0]}},
         }
     })
+}
+
+/// `vramctl reserve SIZE` as its own process (so its memory is its own
+/// pid's); the receiver gets the moment it printed its grant.
+fn image_job(d: &Daemon, size: &str) -> (Child, mpsc::Receiver<Instant>) {
+    let mut child = d
+        .vramctl()
+        .args(["reserve", size, "--label", "image-job"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn vramctl reserve");
+    let out = child.stdout.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        if BufReader::new(out).read_line(&mut line).is_ok() && line.starts_with("granted") {
+            let _ = tx.send(Instant::now());
+        }
+    });
+    (child, rx)
 }
 
 #[test]
@@ -108,4 +157,119 @@ fn the_fake_comfyui_acts_on_free_only_between_prompts() {
         "prompt_outputs_failed_validation"
     );
     assert_eq!(c.ooms(), 0);
+}
+
+#[test]
+fn a_busy_comfyui_is_not_evicted_until_its_queue_is_empty() {
+    let (gpu, d) = card();
+    let comfy = FakeComfyUi::start(
+        gpu.clone(),
+        0,
+        std::process::id(),
+        &[(FLUX, 13 * GIB)],
+        Duration::from_millis(1500),
+    );
+    let listen = free_port();
+    let g = Gateway::start(
+        d.socket(),
+        "",
+        &comfy_app(listen, &comfy.url(), "size = \"13GiB\""),
+        &[listen],
+    );
+
+    // A running prompt, and one queued behind it.
+    let r = http(listen, "POST", "/prompt", Some(&prompt(FLUX, 1)), &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["prompt_id"].is_string());
+    assert!(wait_until(WAIT, || comfy.queue().0), "never ran");
+    let r = http(listen, "POST", "/api/prompt", Some(&prompt(FLUX, 2)), &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // ComfyUI's process is attributed to the reservation: its 13 GiB count
+    // once, against it.
+    d.wait_status("ComfyUI's memory counted against its reservation", |s| {
+        s.reservations.iter().any(|r| {
+            r.label.as_deref() == Some("comfy/models")
+                && r.bytes == 13 * GIB
+                && r.actual_bytes == 13 * GIB
+                && r.pids.contains(&std::process::id())
+        })
+    });
+
+    // Busy in vramd while ComfyUI's queue has prompts, though the POSTs
+    // were answered long ago (past the gateway's 250 ms idle linger).
+    std::thread::sleep(Duration::from_millis(400));
+    let comfy_res = |s: &vramd_client::StatusReport| {
+        s.reservations
+            .iter()
+            .find(|r| r.label.as_deref() == Some("comfy/models"))
+            .map(|r| r.idle)
+    };
+    assert_eq!(
+        comfy_res(&d.client().status().unwrap()),
+        Some(false),
+        "idle in vramd while ComfyUI's queue is busy"
+    );
+
+    // The image job waits; 13 + 12 > 24.
+    let (mut job, granted) = image_job(&d, "12GiB");
+    let grant = granted
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("the image job was never granted; log:\n{}", g.log()));
+    let (running, pending) = comfy.queue();
+    assert!(
+        comfy.executed().len() == 2 && !running && pending == 0,
+        "granted while ComfyUI's queue was busy ({running}, {pending})"
+    );
+    assert_eq!(comfy.held_bytes(), 0, "granted before ComfyUI freed");
+    // The image job allocates what it was granted.
+    gpu.set_process(0, job.id(), 12 * GIB);
+    let frees = comfy.frees();
+    assert!(!frees.is_empty(), "ComfyUI was never asked to free");
+    for f in &frees {
+        assert!(
+            !f.running && f.pending == 0,
+            "/free came while the queue was busy: {f:?}"
+        );
+        assert_eq!((f.unload_models, f.free_memory), (Some(true), Some(true)));
+        assert!(f.at < grant);
+    }
+    assert_eq!(comfy.loads(), 1, "the model was loaded once");
+
+    // A prompt now waits for the room (the image job holds it), then runs.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = http(listen, "POST", "/prompt", Some(&prompt(FLUX, 3)), &[]);
+        let _ = tx.send((r.status, Instant::now()));
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        rx.try_recv().is_err(),
+        "a prompt was forwarded without room"
+    );
+    assert_eq!(comfy.executed().len(), 2);
+    let _ = job.kill();
+    let _ = job.wait();
+    gpu.set_process(0, job.id(), 0);
+    let (status, _) = rx
+        .recv_timeout(WAIT)
+        .expect("the prompt never went through");
+    assert_eq!(status, 200);
+    assert!(
+        wait_until(WAIT, || comfy.executed().len() == 3),
+        "never ran"
+    );
+
+    assert_eq!(comfy.ooms(), 0, "ComfyUI ran out of memory");
+    assert!(
+        gpu.peak_used(0) <= gpu.total(0),
+        "the card was oversubscribed: peak {} of {}",
+        gpu.peak_used(0),
+        gpu.total(0)
+    );
+    // The measured size is kept.
+    let state = std::fs::read_to_string(g.state_file()).unwrap_or_default();
+    assert!(state.contains("comfy/models"), "{state}");
+    let s = g.status();
+    assert_eq!(s["apps"][0]["kind"], "comfyui");
+    assert!(s["apps"][0]["comfyui"]["pids"].as_array().is_some());
 }
