@@ -55,6 +55,7 @@ async fn status(State(a): State<Admin>) -> impl IntoResponse {
                 "priority": app.cfg.priority,
                 "upstream_up": app.last_ps().is_some() || app.comfy.up(),
                 "comfyui": (app.cfg.kind == crate::config::Kind::ComfyUi).then(|| app.comfy.status_json()),
+                "attributed": app.attributed.status_json(),
                 "models": app.models(),
                 "loaded": app.last_ps().unwrap_or_default().iter().map(|r| serde_json::json!({
                     "name": r.name, "size_bytes": r.size, "size_vram_bytes": r.size_vram,

@@ -45,8 +45,7 @@ use crate::proxy::{MAX_MODEL_BODY_BYTES, PRIORITY_HEADER};
 pub const MODEL: &str = "models";
 /// The routes that queue a prompt.
 pub const PROMPT_ROUTES: [&str; 2] = ["/prompt", "/api/prompt"];
-/// What may stay on the card after `/free` (CUDA context, allocator slack).
-pub const FREED_SLACK_BYTES: u64 = 256 << 20;
+use crate::pids::FREED_SLACK_BYTES;
 /// How often an eviction re-reads `/queue` and the memory while it waits.
 const EVICT_POLL: Duration = Duration::from_millis(100);
 
@@ -66,14 +65,6 @@ struct Inner {
     last_forwarded: Option<Instant>,
     /// The last `/queue` read: (running, pending); `None`: no answer.
     queue: Option<(usize, usize)>,
-    /// The reservation (epoch) the pids were attached to.
-    attached_epoch: Option<u64>,
-    /// The attributed pids.
-    pids: Vec<u32>,
-    /// Their usage on the reservation's device when attached.
-    baseline_bytes: u64,
-    /// Largest usage vramd measured for the reservation.
-    peak_bytes: u64,
 }
 
 impl Comfy {
@@ -93,9 +84,6 @@ impl Comfy {
             "busy": i.busy,
             "queue_running": i.queue.map(|q| q.0),
             "queue_pending": i.queue.map(|q| q.1),
-            "pids": i.pids,
-            "baseline_bytes": i.baseline_bytes,
-            "peak_bytes": i.peak_bytes,
         })
     }
 
@@ -153,7 +141,7 @@ async fn handle(app: Arc<AppState>, req: Request<Body>) -> Result<Response, Erro
     };
     let hold = app.acquire(&call, priority).await?;
     if let Some(h) = &hold {
-        attach(&app, h.epoch()).await;
+        crate::pids::attach(&app, MODEL, h.epoch()).await;
     }
     {
         let mut i = app.comfy.lock();
@@ -174,141 +162,6 @@ async fn handle(app: Arc<AppState>, req: Request<Body>) -> Result<Response, Erro
         i.last_forwarded = Some(Instant::now());
     }
     r
-}
-
-/// Attaches ComfyUI's process to the reservation of `epoch`, once, and
-/// notes its usage then (what `/free` cannot take back).
-async fn attach(app: &Arc<AppState>, epoch: u64) {
-    if app.comfy.lock().attached_epoch == Some(epoch) {
-        return;
-    }
-    let Some((e, res, device)) = app.reservation(MODEL) else {
-        return;
-    };
-    if e != epoch {
-        return;
-    }
-    let pid_file = app.cfg.pid_file.clone();
-    let upstream = app.cfg.upstream.clone();
-    let found = tokio::task::spawn_blocking(move || find_pids(pid_file.as_deref(), &upstream))
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()));
-    let pids = match found {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(app = %app.cfg.name, error = %e, "cannot find ComfyUI's process: its memory stays unattributed");
-            app.comfy.lock().attached_epoch = Some(epoch);
-            return;
-        }
-    };
-    let r = {
-        let pids = pids.clone();
-        tokio::task::spawn_blocking(move || res.attach_pids(&pids)).await
-    };
-    match r {
-        Ok(Ok(all)) => {
-            let baseline = usage(app, &pids, device).await.unwrap_or(0);
-            tracing::info!(app = %app.cfg.name, ?pids, ?all, baseline_bytes = baseline, "attributed ComfyUI's process to its reservation");
-            let mut i = app.comfy.lock();
-            i.attached_epoch = Some(epoch);
-            i.pids = pids;
-            i.baseline_bytes = baseline;
-            i.peak_bytes = 0;
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(app = %app.cfg.name, ?pids, error = %e, "vramd refused to attribute ComfyUI's process");
-            let mut i = app.comfy.lock();
-            i.attached_epoch = Some(epoch);
-            i.pids.clear();
-        }
-        Err(e) => tracing::warn!(error = %e, "attach task failed"),
-    }
-}
-
-/// The pids' usage on `device` in vramd's readings (a fresh status).
-async fn usage(app: &AppState, pids: &[u32], device: u32) -> Option<u64> {
-    let s = app.daemon.status().await.ok()?;
-    Some(
-        s.processes
-            .iter()
-            .filter(|p| p.device == device && pids.contains(&p.pid))
-            .map(|p| p.bytes)
-            .sum(),
-    )
-}
-
-/// ComfyUI's pids: the one in `pid_file`, else the processes listening on
-/// the upstream's TCP port (Linux `/proc`).
-fn find_pids(pid_file: Option<&std::path::Path>, upstream: &str) -> Result<Vec<u32>, String> {
-    if let Some(f) = pid_file {
-        let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
-        let pid = text
-            .trim()
-            .parse::<u32>()
-            .map_err(|e| format!("{}: not a pid: {e}", f.display()))?;
-        return Ok(vec![pid]);
-    }
-    let port = upstream_port(upstream).ok_or_else(|| format!("no port in {upstream}"))?;
-    let mut inodes = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 10 || f[3] != "0A" {
-                continue;
-            }
-            let p = f[1]
-                .rsplit(':')
-                .next()
-                .and_then(|h| u16::from_str_radix(h, 16).ok());
-            if p == Some(port) {
-                inodes.push(format!("socket:[{}]", f[9]));
-            }
-        }
-    }
-    if inodes.is_empty() {
-        return Err(format!("nothing listens on port {port}"));
-    }
-    let mut pids = Vec::new();
-    let procs = std::fs::read_dir("/proc").map_err(|e| format!("/proc: {e}"))?;
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
-        };
-        let owns = fds.flatten().any(|fd| {
-            std::fs::read_link(fd.path())
-                .ok()
-                .and_then(|l| l.to_str().map(|l| inodes.iter().any(|i| i == l)))
-                .unwrap_or(false)
-        });
-        if owns {
-            pids.push(pid);
-        }
-    }
-    if pids.is_empty() {
-        return Err(format!(
-            "no process of this user holds the socket listening on port {port}"
-        ));
-    }
-    Ok(pids)
-}
-
-fn upstream_port(upstream: &str) -> Option<u16> {
-    let rest = upstream.strip_prefix("http://")?;
-    let host = rest.split('/').next()?;
-    match host.rsplit_once(':') {
-        Some((_, p)) if !p.ends_with(']') => p.parse().ok(),
-        _ => Some(80),
-    }
 }
 
 /// `GET /queue`: (running, pending).
@@ -363,32 +216,7 @@ pub(crate) async fn poll(app: &Arc<AppState>) {
         app.sync_idle(MODEL).await;
     }
     // The reservation's measured usage: the app's size.
-    let Some((_, res, _)) = app.reservation(MODEL) else {
-        return;
-    };
-    let actual = app.daemon.last_status().and_then(|s| {
-        s.reservations
-            .iter()
-            .find(|r| r.id == res.id())
-            .map(|r| r.actual_bytes)
-    });
-    if let Some(actual) = actual {
-        let grew = {
-            let mut i = app.comfy.lock();
-            let grew = actual > i.peak_bytes && !i.pids.is_empty();
-            if grew {
-                i.peak_bytes = actual;
-            }
-            grew
-        };
-        if grew {
-            let label = format!("{}/{MODEL}", app.cfg.name);
-            app.metrics.size(&app.cfg.name, MODEL, actual);
-            if let Err(e) = app.sizes.observe(&label, actual) {
-                tracing::warn!(error = %e, "cannot save the app's size");
-            }
-        }
-    }
+    crate::pids::observe_peak(app, MODEL);
 }
 
 /// Evicting: waits until ComfyUI's queue is empty, calls `/free`, waits
@@ -427,30 +255,27 @@ pub(crate) async fn unload(app: &AppState, device: Option<u32>, until: Instant) 
         }
         Err(e) => tracing::warn!(app = %app.cfg.name, error = %e, "ComfyUI's /free failed"),
     }
-    let (pids, baseline) = {
-        let i = app.comfy.lock();
-        (i.pids.clone(), i.baseline_bytes)
+    let freed = match crate::pids::wait_freed(app, device, until).await {
+        Some(freed) => freed,
+        None => loop {
+            if torch_vram(app, device)
+                .await
+                .is_some_and(|b| b <= FREED_SLACK_BYTES)
+            {
+                break true;
+            }
+            if Instant::now() >= until {
+                break false;
+            }
+            tokio::time::sleep(EVICT_POLL).await;
+        },
     };
-    loop {
-        let gone = match (pids.is_empty(), device) {
-            (false, Some(d)) => usage(app, &pids, d)
-                .await
-                .is_some_and(|b| b <= baseline + FREED_SLACK_BYTES),
-            _ => torch_vram(app, device)
-                .await
-                .is_some_and(|b| b <= FREED_SLACK_BYTES),
-        };
-        if gone {
-            tracing::info!(app = %app.cfg.name, "ComfyUI's memory is free");
-            break;
-        }
-        if Instant::now() >= until {
-            tracing::warn!(app = %app.cfg.name, "ComfyUI still holds memory at the eviction deadline; releasing anyway");
-            break;
-        }
-        tokio::time::sleep(EVICT_POLL).await;
+    if freed {
+        tracing::info!(app = %app.cfg.name, "ComfyUI's memory is free");
+    } else {
+        tracing::warn!(app = %app.cfg.name, "ComfyUI still holds memory at the eviction deadline; releasing anyway");
     }
-    app.comfy.lock().attached_epoch = None;
+    app.attributed.forget();
 }
 
 /// `/system_stats`' `torch_vram_total` of the device with `index` (the
@@ -475,26 +300,4 @@ async fn torch_vram(app: &AppState, index: Option<u32>) -> Option<u64> {
         })
         .or_else(|| devices.first())?;
     d.get("torch_vram_total")?.as_u64()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_upstream_port_is_read_from_the_url() {
-        assert_eq!(upstream_port("http://127.0.0.1:8188"), Some(8188));
-        assert_eq!(upstream_port("http://localhost"), Some(80));
-        assert_eq!(upstream_port("http://[::1]:8188/x"), Some(8188));
-    }
-
-    #[test]
-    fn the_process_listening_on_a_port_is_found() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let pids = find_pids(None, &format!("http://127.0.0.1:{port}")).unwrap();
-        assert_eq!(pids, vec![std::process::id()]);
-        drop(l);
-        assert!(find_pids(None, &format!("http://127.0.0.1:{port}")).is_err());
-    }
 }

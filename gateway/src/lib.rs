@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod models;
 pub mod ollama;
 pub mod openai;
+pub mod pids;
 pub mod proxy;
 pub mod sizes;
 

@@ -112,8 +112,10 @@ pub struct AppState {
     last_ps: Mutex<Option<Vec<Running>>>,
     runtime: tokio::runtime::Handle,
     watch: Mutex<watch::Watch>,
-    /// `comfyui`: its queue and attributed process.
+    /// `comfyui`: its queue.
     pub(crate) comfy: crate::comfyui::Comfy,
+    /// `comfyui`, `http`: the app's process, attributed to its reservation.
+    pub(crate) attributed: crate::pids::Attributed,
 }
 
 /// How long a model stays busy in vramd after its last request ended, so
@@ -215,6 +217,7 @@ impl AppState {
             runtime: tokio::runtime::Handle::current(),
             watch: Mutex::new(watch::Watch::default()),
             comfy: crate::comfyui::Comfy::default(),
+            attributed: crate::pids::Attributed::default(),
         }
     }
 

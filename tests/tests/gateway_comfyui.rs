@@ -271,5 +271,12 @@ fn a_busy_comfyui_is_not_evicted_until_its_queue_is_empty() {
     assert!(state.contains("comfy/models"), "{state}");
     let s = g.status();
     assert_eq!(s["apps"][0]["kind"], "comfyui");
-    assert!(s["apps"][0]["comfyui"]["pids"].as_array().is_some());
+    assert_eq!(
+        s["apps"][0]["attributed"]["pids"],
+        json!([std::process::id()])
+    );
+    assert!(
+        wait_until(WAIT, || g.status()["apps"][0]["comfyui"]["busy"] == false),
+        "still busy with an empty queue"
+    );
 }
