@@ -18,6 +18,7 @@ pub mod comfyui;
 pub mod config;
 pub mod daemon;
 mod error;
+pub mod http_app;
 pub mod metrics;
 pub mod models;
 pub mod ollama;
@@ -37,11 +38,14 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let daemon = Arc::new(daemon::Daemon::new(settings.socket.clone()));
     let sizes = Arc::new(sizes::SizeStore::load(&settings.state_file));
     for app in &settings.apps {
-        if app.kind == config::Kind::ComfyUi
+        let one = match app.kind {
+            config::Kind::ComfyUi => Some(comfyui::MODEL),
+            config::Kind::Http => Some(http_app::MODEL),
+            _ => None,
+        };
+        if let Some(model) = one
             && app.size_bytes.is_none()
-            && sizes
-                .get(&format!("{}/{}", app.name, comfyui::MODEL))
-                .is_none()
+            && sizes.get(&format!("{}/{model}", app.name)).is_none()
         {
             return Err(Error::Config {
                 file: settings.state_file.clone(),
@@ -99,6 +103,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
                 config::Kind::Ollama => proxy::router(app.clone()),
                 config::Kind::OpenAi => openai::router(app.clone()),
                 config::Kind::ComfyUi => comfyui::router(app.clone()),
+                config::Kind::Http => http_app::router(app.clone()),
             };
             servers.spawn(serve(listener, router));
         } else {
@@ -110,6 +115,10 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             async move { poller.poll().await }
         });
         apps.push(app);
+    }
+    for app in &apps {
+        app.http_app
+            .set_peers(apps.iter().map(Arc::downgrade).collect());
     }
     let watcher = daemon.clone();
     every(settings.poll_interval, move || {

@@ -116,6 +116,8 @@ pub struct AppState {
     pub(crate) comfy: crate::comfyui::Comfy,
     /// `comfyui`, `http`: the app's process, attributed to its reservation.
     pub(crate) attributed: crate::pids::Attributed,
+    /// `http`: health, loads, peers.
+    pub(crate) http_app: crate::http_app::HttpApp,
 }
 
 /// How long a model stays busy in vramd after its last request ended, so
@@ -218,6 +220,7 @@ impl AppState {
             watch: Mutex::new(watch::Watch::default()),
             comfy: crate::comfyui::Comfy::default(),
             attributed: crate::pids::Attributed::default(),
+            http_app: crate::http_app::HttpApp::default(),
         }
     }
 
@@ -492,7 +495,7 @@ impl AppState {
         if self.cfg.kind == Kind::OpenAi {
             return Ok(self.cfg.model(&call.model).and_then(|m| m.size_bytes));
         }
-        if self.cfg.kind == Kind::ComfyUi {
+        if matches!(self.cfg.kind, Kind::ComfyUi | Kind::Http) {
             return Ok(self.cfg.size_bytes);
         }
         if let Some(b) = self.cfg.size_overrides.get(&call.model) {
@@ -539,6 +542,7 @@ impl AppState {
             && (!s.pinned || self.cfg.evict_pinned)
             && self.can_unload(model)
             && !(self.cfg.kind == Kind::ComfyUi && self.comfy.busy())
+            && (self.cfg.kind != Kind::Http || crate::http_app::may_be_idle(self))
     }
 
     /// `model`'s reservation while held: its epoch, the reservation, its
@@ -558,6 +562,7 @@ impl AppState {
         match self.cfg.kind {
             Kind::Ollama | Kind::ComfyUi => true,
             Kind::OpenAi => self.cfg.model(model).is_some_and(|m| m.unload.is_some()),
+            Kind::Http => self.cfg.unload.is_some() && !self.cfg.always_on,
         }
     }
 
@@ -596,6 +601,7 @@ impl AppState {
             Kind::OpenAi => crate::openai::unload(self, model).await,
             Kind::Ollama => self.unload_ollama(model, until).await,
             Kind::ComfyUi => crate::comfyui::unload(self, device, until).await,
+            Kind::Http => crate::http_app::unload(self, device, until).await,
         }
         {
             let mut slots = self.lock();
@@ -644,6 +650,11 @@ impl AppState {
         if self.cfg.kind == Kind::ComfyUi {
             self.release_lost();
             crate::comfyui::poll(self).await;
+            return self.update_drain();
+        }
+        if self.cfg.kind == Kind::Http {
+            self.release_lost();
+            crate::http_app::poll(self).await;
             return self.update_drain();
         }
         let started = Instant::now();

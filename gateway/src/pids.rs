@@ -151,17 +151,24 @@ pub(crate) async fn wait_freed(
     }
 }
 
-/// Notes `model`'s reservation's measured usage (vramd's last status); a
-/// new peak becomes the app's observed size.
+/// Notes the attributed process's usage on `model`'s reservation's device
+/// (vramd's last status); a new peak becomes the app's observed size. (Not
+/// the reservation's `actual_bytes`: every reservation of the gateway also
+/// speaks for the gateway's own process, so that shows the whole group.)
 pub(crate) fn observe_peak(app: &AppState, model: &str) {
-    let Some((_, res, _)) = app.reservation(model) else {
+    let Some((_, _, device)) = app.reservation(model) else {
         return;
     };
-    let actual = app.daemon.last_status().and_then(|s| {
-        s.reservations
+    let (pids, _) = app.attributed.pids();
+    if pids.is_empty() {
+        return;
+    }
+    let actual = app.daemon.last_status().map(|s| {
+        s.processes
             .iter()
-            .find(|r| r.id == res.id())
-            .map(|r| r.actual_bytes)
+            .filter(|p| p.device == device && pids.contains(&p.pid))
+            .map(|p| p.bytes)
+            .sum::<u64>()
     });
     let Some(actual) = actual else { return };
     let grew = {

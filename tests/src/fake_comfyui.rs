@@ -408,13 +408,18 @@ fn prompt_worker(core: &Arc<Core>) {
     }
 }
 
-struct Req {
-    method: String,
-    path: String,
-    body: Vec<u8>,
+/// A request read by [`read_request`] (shared with the other fakes).
+pub(crate) struct Req {
+    /// The method.
+    pub(crate) method: String,
+    /// The path without the query.
+    pub(crate) path: String,
+    /// The body.
+    pub(crate) body: Vec<u8>,
 }
 
-fn read_request(conn: &TcpStream) -> io::Result<Option<Req>> {
+/// Reads one request (Content-Length bodies, bounded).
+pub(crate) fn read_request(conn: &TcpStream) -> io::Result<Option<Req>> {
     let mut r = BufReader::new(conn);
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {
@@ -443,12 +448,14 @@ fn read_request(conn: &TcpStream) -> io::Result<Option<Req>> {
     Ok(Some(Req { method, path, body }))
 }
 
-fn write_json(mut conn: &TcpStream, status: u16, v: &Value) {
+/// Writes a whole JSON answer.
+pub(crate) fn write_json(mut conn: &TcpStream, status: u16, v: &Value) {
     let body = serde_json::to_vec(v).unwrap_or_default();
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
+        503 => "Service Unavailable",
         _ => "Error",
     };
     let _ = write!(
