@@ -141,7 +141,10 @@ async fn handle(app: Arc<AppState>, req: Request<Body>) -> Result<Response, Erro
     };
     let hold = app.acquire(&call, priority).await?;
     if let Some(h) = &hold {
-        crate::pids::attach(&app, MODEL, h.epoch()).await;
+        // ComfyUI loads models only when a prompt runs: before the first
+        // prompt of a reservation (the gateway's first, or the first after
+        // an eviction's /free) it holds none, so its usage is its baseline.
+        crate::pids::attach(&app, MODEL, h.epoch(), true).await;
     }
     {
         let mut i = app.comfy.lock();

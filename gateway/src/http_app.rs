@@ -69,6 +69,11 @@ struct Inner {
     last_error: Option<(String, u64)>,
     /// Unloads asked and completed (memory seen freed, or nothing to watch).
     unloads: u64,
+    /// Evictions of an app that had unloaded itself already (no unload
+    /// asked, not counted in `unloads`).
+    already_unloaded: u64,
+    /// Reservations released because the app unloaded itself while idle.
+    self_unloads: u64,
 }
 
 fn now_ms() -> u64 {
@@ -121,6 +126,8 @@ impl HttpApp {
             "needs_load": i.needs_load,
             "held_for_peers": i.held_for_peers,
             "unloads": i.unloads,
+            "already_unloaded": i.already_unloaded,
+            "self_unloads": i.self_unloads,
             "last_error": i.last_error.as_ref().map(|(m, _)| m),
             "last_error_at_ms": i.last_error.as_ref().map(|(_, t)| t),
         })
@@ -205,7 +212,8 @@ async fn handle(app: Arc<AppState>, req: Request<Body>) -> Result<Response, Resp
     app.metrics.request(&app.cfg.name, MODEL);
     let hold = acquire(&app, priority).await.map_err(gateway_error)?;
     if let Some(h) = &hold {
-        crate::pids::attach(&app, MODEL, h.epoch()).await;
+        let unloaded = app.http_app.lock().needs_load;
+        crate::pids::attach(&app, MODEL, h.epoch(), unloaded).await;
         ensure_loaded(&app, h.epoch())
             .await
             .map_err(gateway_error)?;
@@ -345,7 +353,7 @@ pub(crate) async fn poll(app: &Arc<AppState>) {
         tokio::spawn(async move {
             match acquire(&app, app.cfg.priority).await {
                 Ok(Some(h)) => {
-                    crate::pids::attach(&app, MODEL, h.epoch()).await;
+                    crate::pids::attach(&app, MODEL, h.epoch(), false).await;
                     tracing::info!(app = %app.cfg.name, "always on: reserved");
                 }
                 Ok(None) => {}
@@ -357,12 +365,37 @@ pub(crate) async fn poll(app: &Arc<AppState>) {
             app.http_app.reserving.store(false, Ordering::SeqCst);
         });
     }
+    // An app that unloaded itself (its own idle timeout) is released, so
+    // vramd never picks it as a victim for memory it does not hold; the
+    // next request loads it again.
+    if let Some((epoch, _, device)) = app.reservation(MODEL)
+        && app.attributed.epoch() == Some(epoch)
+        && !app.http_app.lock().needs_load
+        && !app.cfg.always_on
+        && crate::pids::freed_now(app, Some(device)).await == Some(true)
+        && app.release_idle(MODEL, epoch, "the app unloaded itself")
+    {
+        app.attributed.forget();
+        let mut i = app.http_app.lock();
+        i.needs_load = true;
+        i.self_unloads += 1;
+        return;
+    }
     crate::pids::observe_peak(app, MODEL);
 }
 
 /// Evicting: the `unload` request, then (with an attributed process) the
 /// wait until its memory is back to the baseline.
 pub(crate) async fn unload(app: &AppState, device: Option<u32>, until: Instant) {
+    if crate::pids::freed_now(app, device).await == Some(true) {
+        // Nothing to free: not a completed unload.
+        tracing::info!(app = %app.cfg.name, "the app had unloaded itself already: nothing to unload");
+        app.attributed.forget();
+        let mut i = app.http_app.lock();
+        i.already_unloaded += 1;
+        i.needs_load = true;
+        return;
+    }
     if let Some(call) = &app.cfg.unload {
         match crate::openai::request(app.http(), call).await {
             Ok(()) => {

@@ -545,6 +545,27 @@ impl AppState {
             && (self.cfg.kind != Kind::Http || crate::http_app::may_be_idle(self))
     }
 
+    /// Releases `model`'s reservation of `epoch` if it is held and idle (no
+    /// request in flight, none within [`IDLE_LINGER`]); whether it did.
+    pub(crate) fn release_idle(&self, model: &str, epoch: u64, why: &str) -> bool {
+        let mut slots = self.lock();
+        let idle = slots.get(model).is_some_and(|s| {
+            s.epoch == epoch
+                && s.phase == Phase::Held
+                && s.in_flight == 0
+                && s.last_busy.elapsed() >= IDLE_LINGER
+        });
+        if idle {
+            slots.remove(model);
+        }
+        drop(slots);
+        if idle {
+            tracing::info!(app = %self.cfg.name, model, why, "released");
+            self.changed.notify_waiters();
+        }
+        idle
+    }
+
     /// `model`'s reservation while held: its epoch, the reservation, its
     /// device.
     pub(crate) fn reservation(

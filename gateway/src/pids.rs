@@ -10,9 +10,13 @@ use std::time::{Duration, Instant};
 
 use crate::models::AppState;
 
-/// What may stay on the card after an unload (CUDA context, allocator
-/// slack).
+/// What may stay on the card after an unload above the process's known
+/// baseline (allocator slack).
 pub const FREED_SLACK_BYTES: u64 = 256 << 20;
+/// What may stay on the card after an unload when the process's baseline
+/// is not known yet (it was attached with its model loaded): a CUDA
+/// context.
+pub const UNKNOWN_BASELINE_BYTES: u64 = 768 << 20;
 /// How often an eviction re-reads the usage while it waits.
 const FREED_POLL: Duration = Duration::from_millis(100);
 
@@ -28,8 +32,9 @@ struct Inner {
     epoch: Option<u64>,
     /// The attributed pids.
     pids: Vec<u32>,
-    /// Their usage on the reservation's device when attached.
-    baseline_bytes: u64,
+    /// Their usage without the model: measured when attached unloaded, or
+    /// after an unload freed the memory; `None`: not known yet.
+    baseline_bytes: Option<u64>,
     /// Largest usage vramd measured for the reservation.
     peak_bytes: u64,
 }
@@ -39,10 +44,16 @@ impl Attributed {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The pids attributed now (empty: none), with their baseline.
+    /// The pids attributed now (empty: none), with the usage at or below
+    /// which their memory counts as freed.
     pub fn pids(&self) -> (Vec<u32>, u64) {
         let i = self.lock();
-        (i.pids.clone(), i.baseline_bytes)
+        (i.pids.clone(), freed_at(i.baseline_bytes))
+    }
+
+    /// The epoch of the reservation the pids were last attached to.
+    pub fn epoch(&self) -> Option<u64> {
+        self.lock().epoch
     }
 
     /// For `/status`.
@@ -61,9 +72,14 @@ impl Attributed {
     }
 }
 
-/// Attaches the app's process to `model`'s reservation of `epoch`, once,
-/// and notes its usage then (what an unload cannot take back).
-pub(crate) async fn attach(app: &Arc<AppState>, model: &str, epoch: u64) {
+fn freed_at(baseline: Option<u64>) -> u64 {
+    baseline.map_or(UNKNOWN_BASELINE_BYTES, |b| b + FREED_SLACK_BYTES)
+}
+
+/// Attaches the app's process to `model`'s reservation of `epoch`, once.
+/// `unloaded`: the app holds no model now, so its usage now is its baseline
+/// (what an unload cannot take back); else a baseline learned before is kept.
+pub(crate) async fn attach(app: &Arc<AppState>, model: &str, epoch: u64, unloaded: bool) {
     if app.attributed.lock().epoch == Some(epoch) {
         return;
     }
@@ -94,12 +110,14 @@ pub(crate) async fn attach(app: &Arc<AppState>, model: &str, epoch: u64) {
     };
     match r {
         Ok(Ok(all)) => {
-            let baseline = usage(app, &pids, device).await.unwrap_or(0);
-            tracing::info!(app = %app.cfg.name, ?pids, ?all, baseline_bytes = baseline, "attributed the app's process to its reservation");
+            let now = usage(app, &pids, device).await;
             let mut i = app.attributed.lock();
+            if unloaded && now.is_some() {
+                i.baseline_bytes = now;
+            }
+            tracing::info!(app = %app.cfg.name, ?pids, ?all, baseline_bytes = ?i.baseline_bytes, "attributed the app's process to its reservation");
             i.epoch = Some(epoch);
             i.pids = pids;
-            i.baseline_bytes = baseline;
             i.peak_bytes = 0;
         }
         Ok(Err(e)) => {
@@ -124,24 +142,37 @@ pub(crate) async fn usage(app: &AppState, pids: &[u32], device: u32) -> Option<u
     )
 }
 
-/// Waits (until `until`) until the attributed process's usage on `device`
-/// is back to its baseline (+ [`FREED_SLACK_BYTES`]). `None`: nothing is
-/// attributed, so nothing can be watched; else whether it was freed.
+/// Whether the attributed process's memory on `device` counts as freed
+/// now: its usage at most its baseline + [`FREED_SLACK_BYTES`] (baseline
+/// unknown: at most [`UNKNOWN_BASELINE_BYTES`]). `None`: nothing is
+/// attributed or no reading.
+pub(crate) async fn freed_now(app: &AppState, device: Option<u32>) -> Option<bool> {
+    let (pids, limit) = app.attributed.pids();
+    if pids.is_empty() {
+        return None;
+    }
+    usage(app, &pids, device?).await.map(|b| b <= limit)
+}
+
+/// Waits (until `until`) until the attributed process's memory on `device`
+/// counts as freed ([`freed_now`]); its usage then is its baseline from
+/// now on. `None`: nothing is attributed, so nothing can be watched; else
+/// whether it was freed.
 pub(crate) async fn wait_freed(
     app: &AppState,
     device: Option<u32>,
     until: Instant,
 ) -> Option<bool> {
-    let (pids, baseline) = app.attributed.pids();
+    let (pids, limit) = app.attributed.pids();
     let device = device?;
     if pids.is_empty() {
         return None;
     }
     loop {
-        if usage(app, &pids, device)
-            .await
-            .is_some_and(|b| b <= baseline + FREED_SLACK_BYTES)
+        if let Some(b) = usage(app, &pids, device).await
+            && b <= limit
         {
+            app.attributed.lock().baseline_bytes = Some(b);
             return Some(true);
         }
         if Instant::now() >= until {

@@ -212,7 +212,7 @@ pid_file = {stt_pidf:?}
         "never ran"
     );
 
-    // The TTS is used every 300 ms through the gateway.
+    // The TTS is used every 700 ms (idle 450 ms between requests, past the 250 ms linger) through the gateway.
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, statuses) = mpsc::channel();
     let client = {
@@ -222,14 +222,14 @@ pid_file = {stt_pidf:?}
             while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
                 let r = http(lt, "POST", "/v1/tts", Some(&json!({"text": "hi"})), &[]);
                 let _ = tx.send((r.status, r.text()));
-                std::thread::sleep(Duration::from_millis(300));
+                std::thread::sleep(Duration::from_millis(700));
             }
         })
     };
     d.wait_status("the TTS reserved and attributed", |s| {
         attributed(s, "tts/app", tts_pid, true)
     });
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(Duration::from_millis(1500));
 
     // An 8 GiB job: 13 + 2.8 + 1.5 + 8 > 24. The idle ComfyUI is the victim.
     let (mut a, a_granted) = job(&d, "8GiB", "job-a");
@@ -446,4 +446,60 @@ fn an_unhealthy_app_is_answered_503_and_its_error_stays_visible_until_healthy() 
         "never served again"
     );
     assert_eq!(g.status()["apps"][0]["http"]["last_error"], Value::Null);
+}
+
+#[test]
+fn an_app_that_unloaded_itself_is_released_not_evicted_and_loaded_again_on_its_next_request() {
+    let (gpu, d) = card();
+    let dir = tempfile::tempdir().unwrap();
+    let (_p, pid, pidf) = app_process(dir.path(), "tts");
+    let tts = FakeService::start(
+        gpu.clone(),
+        0,
+        pid,
+        2867 * MIB,
+        "/v1/tts",
+        Duration::from_millis(100),
+        Duration::from_millis(10),
+    );
+    let lt = free_port();
+    let apps = format!(
+        r#"
+[[app]]
+name = "tts"
+kind = "http"
+upstream = "{}"
+listen = "{lt}"
+routes = ["/v1/tts"]
+size = "2867MiB"
+load = {{ path = "/load" }}
+unload = {{ path = "/unload" }}
+health = {{ path = "/health" }}
+pid_file = {pidf:?}
+"#,
+        tts.url()
+    );
+    let g = Gateway::start(d.socket(), "", &apps, &[lt]);
+    assert_eq!(
+        http(lt, "POST", "/v1/tts", Some(&json!({})), &[]).status,
+        200
+    );
+    d.wait_status("the TTS reserved and attributed", |s| {
+        attributed(s, "tts/app", pid, true)
+    });
+    // Its own idle timeout: it frees its memory by itself.
+    tts.unload_self();
+    d.wait_status("the reservation of the unloaded TTS released", |s| {
+        !s.reservations
+            .iter()
+            .any(|r| r.label.as_deref() == Some("tts/app"))
+    });
+    let h = &g.status()["apps"][0]["http"];
+    assert_eq!(h["self_unloads"], 1, "{h}");
+    assert_eq!(h["needs_load"], true, "{h}");
+    // Never asked to unload; the next request loads it first.
+    let r = http(lt, "POST", "/v1/tts", Some(&json!({})), &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!((tts.unloads(), tts.loads(), tts.not_loaded()), (0, 1, 0));
+    assert!(tts.loaded());
 }
