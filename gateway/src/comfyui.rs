@@ -110,6 +110,9 @@ async fn forward(State(app): State<Arc<AppState>>, req: Request<Body>) -> Respon
 
 async fn handle(app: Arc<AppState>, req: Request<Body>) -> Result<Response, Error> {
     let (parts, body) = req.into_parts();
+    if parts.headers.contains_key(axum::http::header::UPGRADE) {
+        return tunnel(&app, parts).await;
+    }
     if parts.method != Method::POST || !PROMPT_ROUTES.contains(&parts.uri.path()) {
         let stream = body.into_data_stream().map_err(std::io::Error::other);
         return crate::proxy::send(
@@ -165,6 +168,70 @@ async fn handle(app: Arc<AppState>, req: Request<Body>) -> Result<Response, Erro
         i.last_forwarded = Some(Instant::now());
     }
     r
+}
+
+/// A protocol upgrade (ComfyUI's `/ws` WebSocket): the request is sent to
+/// the upstream with its upgrade headers; if it answers `101`, the client's
+/// connection and the upstream's are spliced byte for byte until either
+/// side closes. Anything else is answered as ComfyUI answered it.
+async fn tunnel(
+    app: &Arc<AppState>,
+    mut parts: axum::http::request::Parts,
+) -> Result<Response, Error> {
+    use axum::http::{HeaderMap, StatusCode, header};
+    let on_upgrade = parts
+        .extensions
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or_else(|| Error::BadRequest("this connection cannot be upgraded".into()))?;
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let url = format!("{}{pq}", app.cfg.upstream);
+    let mut headers = HeaderMap::new();
+    for (k, v) in &parts.headers {
+        if k != header::HOST && k != header::CONTENT_LENGTH {
+            headers.append(k.clone(), v.clone());
+        }
+    }
+    let resp = app
+        .http()
+        .request(parts.method.clone(), &url)
+        .headers(headers)
+        .send()
+        .await
+        .map_err(|e| Error::Upstream {
+            upstream: app.cfg.upstream.clone(),
+            message: e.to_string(),
+        })?;
+    let mut out = Response::builder().status(resp.status());
+    if let Some(hs) = out.headers_mut() {
+        for (k, v) in resp.headers() {
+            hs.append(k.clone(), v.clone());
+        }
+    }
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let body = resp.bytes().await.unwrap_or_default();
+        return out
+            .body(Body::from(body))
+            .map_err(|e| Error::Internal(format!("building the response: {e}")));
+    }
+    let upstream = resp.upgrade().await.map_err(|e| Error::Upstream {
+        upstream: app.cfg.upstream.clone(),
+        message: format!("upgrading {url}: {e}"),
+    })?;
+    let name = app.cfg.name.clone();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(client) => {
+                let mut client = hyper_util::rt::TokioIo::new(client);
+                let mut upstream = upstream;
+                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                    tracing::debug!(app = %name, error = %e, "upgraded connection ended");
+                }
+            }
+            Err(e) => tracing::debug!(app = %name, error = %e, "the client's upgrade failed"),
+        }
+    });
+    out.body(Body::empty())
+        .map_err(|e| Error::Internal(format!("building the response: {e}")))
 }
 
 /// `GET /queue`: (running, pending).

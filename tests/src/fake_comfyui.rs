@@ -36,6 +36,12 @@
 //!   fake holds, `torch_vram_free` 0);
 //! - `GET /object_info` (minimal: `CheckpointLoaderSimple` with the fake's
 //!   checkpoints);
+//! - `GET /ws?clientId=…` with `Upgrade: websocket`: `101`, then a text
+//!   frame `{"type": "status", "data": {"status": {"exec_info":
+//!   {"queue_remaining": N}}, "sid": clientId}}` as the real server sends
+//!   first; text frames the client sends (masked, short) are recorded
+//!   ([`FakeComfyUi::ws_messages`]). (`Sec-WebSocket-Accept` is not
+//!   computed: the fake's test clients do not check it.)
 //! - every route also under `/api/…`, as the real server registers them.
 //!
 //! It serves HTTP/1.1 on `127.0.0.1`, one request per connection
@@ -125,6 +131,7 @@ struct State {
     frees: Vec<FreeCall>,
     executed: Vec<String>,
     log: Vec<(String, String)>,
+    ws_messages: Vec<String>,
 }
 
 struct Core {
@@ -261,6 +268,11 @@ impl FakeComfyUi {
     /// Every request as `(method, path)`.
     pub fn log(&self) -> Vec<(String, String)> {
         self.core.lock().log.clone()
+    }
+
+    /// Text frames received on `/ws` connections, in order.
+    pub fn ws_messages(&self) -> Vec<String> {
+        self.core.lock().ws_messages.clone()
     }
 
     /// Sets how long each prompt runs from now on.
@@ -414,6 +426,8 @@ pub(crate) struct Req {
     pub(crate) method: String,
     /// The path without the query.
     pub(crate) path: String,
+    /// The query (without `?`), possibly empty.
+    pub(crate) query: String,
     /// The body.
     pub(crate) body: Vec<u8>,
 }
@@ -444,8 +458,13 @@ pub(crate) fn read_request(conn: &TcpStream) -> io::Result<Option<Req>> {
     }
     let mut body = vec![0; len];
     r.read_exact(&mut body)?;
-    let path = target.split('?').next().unwrap_or_default().to_string();
-    Ok(Some(Req { method, path, body }))
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    Ok(Some(Req {
+        method,
+        path: path.to_string(),
+        query: query.to_string(),
+        body,
+    }))
 }
 
 /// Writes a whole JSON answer.
@@ -464,6 +483,58 @@ pub(crate) fn write_json(mut conn: &TcpStream, status: u16, v: &Value) {
         body.len()
     );
     let _ = conn.write_all(&body);
+}
+
+/// ComfyUI's `/ws`: the status message first, then the client's text
+/// frames are recorded until it closes (or the read timeout).
+fn websocket(core: &Arc<Core>, mut conn: TcpStream, query: &str) {
+    let sid = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("clientId="))
+        .unwrap_or("fake-sid")
+        .to_string();
+    let remaining = {
+        let s = core.lock();
+        s.pending.len() + usize::from(s.running.is_some())
+    };
+    let msg = json!({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": remaining}}, "sid": sid}})
+        .to_string();
+    let mut out = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: fake\r\n\r\n".to_vec();
+    out.push(0x81);
+    if msg.len() < 126 {
+        out.push(msg.len() as u8);
+    } else {
+        out.push(126);
+        out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    }
+    out.extend_from_slice(msg.as_bytes());
+    if conn.write_all(&out).is_err() {
+        return;
+    }
+    // Client frames: FIN+opcode, MASK+len (< 126), 4 mask bytes, payload.
+    loop {
+        let mut head = [0u8; 2];
+        if conn.read_exact(&mut head).is_err() {
+            return;
+        }
+        let len = usize::from(head[1] & 0x7f);
+        if head[0] & 0x0f == 0x8 || len >= 126 || head[1] & 0x80 == 0 {
+            return;
+        }
+        let mut mask = [0u8; 4];
+        let mut payload = vec![0u8; len];
+        if conn.read_exact(&mut mask).is_err() || conn.read_exact(&mut payload).is_err() {
+            return;
+        }
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= mask[i % 4];
+        }
+        if head[0] & 0x0f == 0x1 {
+            core.lock()
+                .ws_messages
+                .push(String::from_utf8_lossy(&payload).into_owned());
+        }
+    }
 }
 
 fn write_empty(mut conn: &TcpStream) {
@@ -493,6 +564,9 @@ fn serve(core: &Arc<Core>, conn: TcpStream) {
         .unwrap_or(&req.path)
         .to_string();
     core.lock().log.push((req.method.clone(), path.clone()));
+    if req.method == "GET" && path == "/ws" {
+        return websocket(core, conn, &req.query);
+    }
     let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
     match (req.method.as_str(), path.as_str()) {
         ("POST", "/prompt") => {

@@ -280,3 +280,73 @@ fn a_busy_comfyui_is_not_evicted_until_its_queue_is_empty() {
         "still busy with an empty queue"
     );
 }
+
+#[test]
+fn comfyuis_websocket_is_forwarded_both_ways() {
+    use std::io::{Read, Write};
+    let d = Daemon::start_raw(&["--simulate", "24GiB"]);
+    let dir = tempfile::tempdir().unwrap();
+    let gpu = FakeGpu::create(&dir.path().join("s.json"), &[(UUID0, 24 * GIB)]);
+    let comfy = FakeComfyUi::start(
+        gpu,
+        0,
+        4_000_002,
+        &[(FLUX, 13 * GIB)],
+        Duration::from_millis(100),
+    );
+    let listen = free_port();
+    let _g = Gateway::start(
+        d.socket(),
+        "",
+        &comfy_app(listen, &comfy.url(), "size = \"13GiB\""),
+        &[listen],
+    );
+    let mut s = std::net::TcpStream::connect(listen).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(
+        b"GET /ws?clientId=abc HTTP/1.1\r\nHost: comfy\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 101"), "{status:?}");
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).unwrap();
+        if h == "\r\n" {
+            break;
+        }
+    }
+    // ComfyUI's first message, through the gateway.
+    let mut head = [0u8; 2];
+    r.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], 0x81, "a text frame");
+    let len = match head[1] {
+        126 => {
+            let mut l = [0u8; 2];
+            r.read_exact(&mut l).unwrap();
+            usize::from(u16::from_be_bytes(l))
+        }
+        n => usize::from(n),
+    };
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).unwrap();
+    let v: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(v["type"], "status");
+    assert_eq!(v["data"]["sid"], "abc");
+    // A client message, masked, reaches ComfyUI.
+    let msg = br#"{"type":"feature_flags","data":{}}"#;
+    let mask = [7u8, 1, 2, 3];
+    let mut frame = vec![0x81, 0x80 | msg.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(msg.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    s.write_all(&frame).unwrap();
+    assert!(
+        wait_until(WAIT, || comfy.ws_messages()
+            == [String::from_utf8_lossy(msg).into_owned()]),
+        "got {:?}",
+        comfy.ws_messages()
+    );
+}
