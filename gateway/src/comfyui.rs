@@ -65,6 +65,9 @@ struct Inner {
     last_forwarded: Option<Instant>,
     /// The last `/queue` read: (running, pending); `None`: no answer.
     queue: Option<(usize, usize)>,
+    /// The last failure and when (Unix milliseconds), kept until a later
+    /// success of the same call.
+    last_error: Option<(String, u64)>,
 }
 
 impl Comfy {
@@ -84,7 +87,26 @@ impl Comfy {
             "busy": i.busy,
             "queue_running": i.queue.map(|q| q.0),
             "queue_pending": i.queue.map(|q| q.1),
+            "last_error": i.last_error.as_ref().map(|(m, _)| m),
+            "last_error_at_ms": i.last_error.as_ref().map(|(_, t)| t),
         })
+    }
+
+    fn fail(&self, what: &str, e: impl std::fmt::Display) {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.lock().last_error = Some((format!("{what}: {e}"), ms));
+    }
+
+    fn succeed(&self, what: &str) {
+        let mut i = self.lock();
+        if i.last_error
+            .as_ref()
+            .is_some_and(|(m, _)| m.starts_with(&format!("{what}:")))
+        {
+            i.last_error = None;
+        }
     }
 
     /// Whether the last `/queue` read was answered.
@@ -149,11 +171,13 @@ async fn handle(app: Arc<AppState>, req: Request<Body>) -> Result<Response, Erro
         // an eviction's /free) it holds none, so its usage is its baseline.
         crate::pids::attach(&app, MODEL, h.epoch(), true).await;
     }
-    {
+    let was_busy = {
         let mut i = app.comfy.lock();
+        let was = i.busy;
         i.busy = true;
         i.forwarding += 1;
-    }
+        was
+    };
     let r = crate::proxy::send(
         &app,
         &app.cfg.upstream,
@@ -165,7 +189,14 @@ async fn handle(app: Arc<AppState>, req: Request<Body>) -> Result<Response, Erro
     {
         let mut i = app.comfy.lock();
         i.forwarding -= 1;
-        i.last_forwarded = Some(Instant::now());
+        let queued = r.as_ref().is_ok_and(|r| r.status().is_success());
+        if queued {
+            i.last_forwarded = Some(Instant::now());
+        } else if i.forwarding == 0 {
+            // ComfyUI did not queue it (unreachable, or it refused the
+            // prompt): this prompt makes nothing busy.
+            i.busy = was_busy;
+        }
     }
     r
 }
@@ -281,6 +312,10 @@ pub(crate) async fn poll(app: &Arc<AppState>) {
         }
         before != i.busy
     };
+    match &q {
+        Ok(_) => app.comfy.succeed("queue"),
+        Err(e) => app.comfy.fail("queue", e),
+    }
     if changed {
         tracing::debug!(app = %app.cfg.name, busy = app.comfy.busy(), "ComfyUI's queue changed");
         app.sync_idle(MODEL).await;
@@ -318,12 +353,18 @@ pub(crate) async fn unload(app: &AppState, device: Option<u32>, until: Instant) 
         .await;
     match sent {
         Ok(r) if r.status().is_success() => {
+            app.comfy.succeed("free");
             tracing::info!(app = %app.cfg.name, "asked ComfyUI to free its memory")
         }
         Ok(r) => {
+            app.comfy
+                .fail("free", format!("{url} answered {}", r.status()));
             tracing::warn!(app = %app.cfg.name, status = %r.status(), "ComfyUI's /free failed")
         }
-        Err(e) => tracing::warn!(app = %app.cfg.name, error = %e, "ComfyUI's /free failed"),
+        Err(e) => {
+            app.comfy.fail("free", &e);
+            tracing::warn!(app = %app.cfg.name, error = %e, "ComfyUI's /free failed")
+        }
     }
     let freed = match crate::pids::wait_freed(app, device, until).await {
         Some(freed) => freed,
@@ -341,8 +382,11 @@ pub(crate) async fn unload(app: &AppState, device: Option<u32>, until: Instant) 
         },
     };
     if freed {
+        app.comfy.succeed("eviction");
         tracing::info!(app = %app.cfg.name, "ComfyUI's memory is free");
     } else {
+        app.comfy
+            .fail("eviction", "memory not freed by the eviction deadline");
         tracing::warn!(app = %app.cfg.name, "ComfyUI still holds memory at the eviction deadline; releasing anyway");
     }
     app.attributed.forget();

@@ -350,3 +350,37 @@ fn comfyuis_websocket_is_forwarded_both_ways() {
         comfy.ws_messages()
     );
 }
+
+#[test]
+fn a_comfyui_that_does_not_answer_shows_its_error_and_time_in_status() {
+    let d = Daemon::start_raw(&["--simulate", "24GiB"]);
+    let (listen, nobody) = (free_port(), free_port());
+    let g = Gateway::start(
+        d.socket(),
+        "",
+        &comfy_app(listen, &format!("http://{nobody}"), "size = \"13GiB\""),
+        &[listen],
+    );
+    let mut last = Value::Null;
+    assert!(
+        wait_until(WAIT, || {
+            last = g.status()["apps"][0].clone();
+            last["comfyui"]["last_error"].is_string()
+        }),
+        "no error shown: {last}"
+    );
+    let e = last["comfyui"]["last_error"].as_str().unwrap();
+    assert!(e.starts_with("queue:"), "{e}");
+    assert!(last["comfyui"]["last_error_at_ms"].as_u64().unwrap() > 1_700_000_000_000);
+    assert_eq!(last["upstream_up"], false);
+    // A prompt is answered 502 naming the upstream (after its reservation).
+    let r = http(listen, "POST", "/prompt", Some(&prompt(FLUX, 1)), &[]);
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains(&nobody.to_string()), "{}", r.text());
+    // Nothing was queued: the reservation is not held busy for it.
+    d.wait_status("the reservation idle (evictable)", |s| {
+        s.reservations
+            .iter()
+            .any(|r| r.label.as_deref() == Some("comfy/models") && r.idle)
+    });
+}
