@@ -598,7 +598,19 @@ impl Settings {
         if apps.is_empty() {
             return Err(err("no [[app]]: nothing to serve".into()));
         }
-        for a in &apps {
+        for (i, a) in apps.iter().enumerate() {
+            if let Some(b) = apps[..i]
+                .iter()
+                .find(|b| b.listen.is_some() && b.listen == a.listen)
+                && (a.kind != Kind::Http || b.kind != Kind::Http)
+            {
+                return Err(err(format!(
+                    "app {:?}: listen: {} is also app {:?}'s; only http apps may share a listen (routed by their routes)",
+                    a.name,
+                    a.listen.map(|l| l.to_string()).unwrap_or_default(),
+                    b.name
+                )));
+            }
             for other in &a.coexists_with {
                 if !apps
                     .iter()
@@ -914,6 +926,18 @@ load_timeout = "5s"
                 .to_string();
             assert!(e.contains(want), "want {want:?} in {e}");
         }
+    }
+
+    #[test]
+    fn only_http_apps_may_share_a_listen() {
+        let two = HTTP.replace("127.0.0.1:9101", "127.0.0.1:9001");
+        let s = Settings::parse(Path::new("g.toml"), &two).unwrap();
+        assert_eq!(s.apps[0].listen, s.apps[1].listen);
+        let mixed = COMFY.replace("127.0.0.1:8189", "127.0.0.1:9001") + HTTP;
+        let e = Settings::parse(Path::new("g.toml"), &mixed)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only http apps may share a listen"), "{e}");
     }
 
     #[test]

@@ -136,7 +136,15 @@ impl HttpApp {
 
 /// The app's router: requests under its `routes` are forwarded.
 pub fn router(app: Arc<AppState>) -> axum::Router {
-    axum::Router::new().fallback(forward).with_state(app)
+    router_for(vec![app])
+}
+
+/// The router of `http` apps sharing one listen: a request goes to the app
+/// with the longest of its `routes` prefixes that the path is under.
+pub fn router_for(apps: Vec<Arc<AppState>>) -> axum::Router {
+    axum::Router::new()
+        .fallback(forward)
+        .with_state(Arc::new(apps))
 }
 
 fn json_error(status: axum::http::StatusCode, message: String, retry: bool) -> Response {
@@ -150,7 +158,33 @@ fn json_error(status: axum::http::StatusCode, message: String, retry: bool) -> R
     r
 }
 
-async fn forward(State(app): State<Arc<AppState>>, req: Request<Body>) -> Response {
+async fn forward(State(apps): State<Arc<Vec<Arc<AppState>>>>, req: Request<Body>) -> Response {
+    let path = req.uri().path().to_string();
+    let best = apps
+        .iter()
+        .flat_map(|a| a.cfg.routes.iter().map(move |p| (a, p)))
+        .filter(|(_, p)| under(&path, p))
+        .max_by_key(|(_, p)| p.len())
+        .map(|(a, _)| a.clone());
+    let Some(app) = best else {
+        let routes: Vec<String> = apps
+            .iter()
+            .flat_map(|a| {
+                a.cfg
+                    .routes
+                    .iter()
+                    .map(move |p| format!("{p} ({})", a.cfg.name))
+            })
+            .collect();
+        return json_error(
+            axum::http::StatusCode::NOT_FOUND,
+            format!(
+                "{path} is not routed to any app here (routes: {})",
+                routes.join(", ")
+            ),
+            false,
+        );
+    };
     match handle(app, req).await {
         Ok(r) => r,
         Err(r) => r,
@@ -171,18 +205,6 @@ async fn handle(app: Arc<AppState>, req: Request<Body>) -> Result<Response, Resp
         e.into_response()
     };
     let (parts, body) = req.into_parts();
-    let path = parts.uri.path().to_string();
-    if !app.cfg.routes.iter().any(|p| under(&path, p)) {
-        return Err(json_error(
-            axum::http::StatusCode::NOT_FOUND,
-            format!(
-                "{path} is not routed to app {:?} (its routes: {})",
-                app.cfg.name,
-                app.cfg.routes.join(", ")
-            ),
-            false,
-        ));
-    }
     if app.http_app.lock().healthy == Some(false) {
         let why = app
             .http_app

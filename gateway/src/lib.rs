@@ -83,13 +83,12 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             .map_err(|source| Error::Listen { addr, source })
     };
     let admin_listener = bind(settings.listen).await?;
-    let mut apps = Vec::new();
+    let mut apps: Vec<Arc<models::AppState>> = Vec::new();
     let mut servers = tokio::task::JoinSet::new();
+    // One server per listen; `http` apps that share a listen are routed by
+    // their prefixes (the config allows sharing among `http` apps only).
+    let mut listens: Vec<(std::net::SocketAddr, Vec<Arc<models::AppState>>)> = Vec::new();
     for cfg in &settings.apps {
-        let listener = match cfg.listen {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
-        };
         let app = Arc::new(models::AppState::new(
             cfg.clone(),
             http.clone(),
@@ -97,24 +96,36 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             sizes.clone(),
             metrics.clone(),
         ));
-        if let Some(listener) = listener {
-            tracing::info!(app = %cfg.name, listen = ?cfg.listen, upstream = %cfg.upstream, "serving");
-            let router = match cfg.kind {
-                config::Kind::Ollama => proxy::router(app.clone()),
-                config::Kind::OpenAi => openai::router(app.clone()),
-                config::Kind::ComfyUi => comfyui::router(app.clone()),
-                config::Kind::Http => http_app::router(app.clone()),
-            };
-            servers.spawn(serve(listener, router));
-        } else {
-            tracing::info!(app = %cfg.name, upstream = %cfg.upstream, "watching (no listen: resident models are mirrored as idle reservations)");
+        match cfg.listen {
+            Some(addr) => {
+                tracing::info!(app = %cfg.name, listen = %addr, upstream = %cfg.upstream, "serving");
+                match listens.iter_mut().find(|(a, _)| *a == addr) {
+                    Some((_, group)) => group.push(app.clone()),
+                    None => listens.push((addr, vec![app.clone()])),
+                }
+            }
+            None => {
+                tracing::info!(app = %cfg.name, upstream = %cfg.upstream, "watching (no listen: resident models are mirrored as idle reservations)");
+            }
         }
+        apps.push(app);
+    }
+    for (addr, group) in listens {
+        let listener = bind(addr).await?;
+        let router = match group[0].cfg.kind {
+            config::Kind::Ollama => proxy::router(group[0].clone()),
+            config::Kind::OpenAi => openai::router(group[0].clone()),
+            config::Kind::ComfyUi => comfyui::router(group[0].clone()),
+            config::Kind::Http => http_app::router_for(group),
+        };
+        servers.spawn(serve(listener, router));
+    }
+    for app in &apps {
         let poller = app.clone();
         every(settings.poll_interval, move || {
             let poller = poller.clone();
             async move { poller.poll().await }
         });
-        apps.push(app);
     }
     for app in &apps {
         app.http_app

@@ -503,3 +503,49 @@ pid_file = {pidf:?}
     assert_eq!((tts.unloads(), tts.loads(), tts.not_loaded()), (0, 1, 0));
     assert!(tts.loaded());
 }
+
+#[test]
+fn http_apps_sharing_a_listen_are_routed_by_their_prefixes() {
+    let d = Daemon::start_raw(&["--simulate", "24GiB"]);
+    let dir = tempfile::tempdir().unwrap();
+    let gpu = FakeGpu::create(&dir.path().join("s.json"), &[(UUID0, 80 * GIB)]);
+    let svc = |pid, prefix| {
+        FakeService::start(
+            gpu.clone(),
+            0,
+            pid,
+            GIB,
+            prefix,
+            Duration::from_millis(10),
+            Duration::from_millis(10),
+        )
+    };
+    let (tts, stt) = (svc(4_200_001, "/v1/tts"), svc(4_200_002, "/v1/stt"));
+    let l = free_port();
+    let app = |name: &str, url: &str, route: &str| {
+        format!(
+            "[[app]]\nname = \"{name}\"\nkind = \"http\"\nupstream = \"{url}\"\nlisten = \"{l}\"\nroutes = [\"{route}\"]\nsize = \"1GiB\"\npid_file = \"/nonexistent\"\n\n"
+        )
+    };
+    let apps = app("tts", &tts.url(), "/v1/tts") + &app("stt", &stt.url(), "/v1/stt");
+    let _g = Gateway::start(d.socket(), "", &apps, &[l]);
+    assert_eq!(
+        http(l, "POST", "/v1/tts", Some(&json!({})), &[]).status,
+        200
+    );
+    assert_eq!(
+        http(l, "POST", "/v1/stt/x", Some(&json!({})), &[]).status,
+        200
+    );
+    assert_eq!((tts.served(), stt.served()), (1, 1));
+    let r = http(l, "POST", "/v1/llm", Some(&json!({})), &[]);
+    assert_eq!(r.status, 404);
+    let e = r.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        e.contains("/v1/tts (tts)") && e.contains("/v1/stt (stt)"),
+        "{e}"
+    );
+    let mut l = labels(&d);
+    l.sort();
+    assert_eq!(l, ["stt/app", "tts/app"]);
+}
