@@ -53,7 +53,10 @@ async fn status(State(a): State<Admin>) -> impl IntoResponse {
                 "listen": app.cfg.listen.map(|l| l.to_string()),
                 "watched": app.cfg.listen.is_none(),
                 "priority": app.cfg.priority,
-                "upstream_up": app.last_ps().is_some(),
+                "upstream_up": app.last_ps().is_some() || app.comfy.up() || app.http_app.healthy(),
+                "comfyui": (app.cfg.kind == crate::config::Kind::ComfyUi).then(|| app.comfy.status_json()),
+                "attributed": app.attributed.status_json(),
+                "http": (app.cfg.kind == crate::config::Kind::Http).then(|| app.http_app.status_json()),
                 "models": app.models(),
                 "loaded": app.last_ps().unwrap_or_default().iter().map(|r| serde_json::json!({
                     "name": r.name, "size_bytes": r.size, "size_vram_bytes": r.size_vram,

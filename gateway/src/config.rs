@@ -70,6 +70,31 @@ pub struct AppConfig {
     /// `openai`: the models served (`[[app.model]]`).
     #[serde(default, rename = "model")]
     pub models: Vec<ModelConfig>,
+    /// `comfyui`: what the app takes on the card with its models loaded
+    /// (`"13GiB"`); may be left out when the state file has an observed size.
+    pub size: Option<String>,
+    /// `comfyui`, `http`: a file holding the app's pid (attributed to its
+    /// reservation); absent: the process listening on the upstream's port.
+    pub pid_file: Option<PathBuf>,
+    /// `http`: the path prefixes forwarded (others are `404`); default `["/"]`.
+    #[serde(default)]
+    pub routes: Vec<String>,
+    /// `http`: the request that loads the app's model again after an eviction.
+    pub load: Option<CallConfig>,
+    /// `http`: the request that frees the app's memory; without it the app
+    /// is never evicted.
+    pub unload: Option<CallConfig>,
+    /// `http`: the request whose 2xx answer means the app is up.
+    pub health: Option<CallConfig>,
+    /// `http`: reserved from the start and never evicted.
+    #[serde(default)]
+    pub always_on: bool,
+    /// `http`: other apps of this gateway that are never evicted for this
+    /// one (nor it for them).
+    #[serde(default)]
+    pub coexists_with: Vec<String>,
+    /// `http`: longest the load request and the wait for health may take.
+    pub load_timeout: Option<String>,
 }
 
 /// One `[[app.model]]` of an `openai` app.
@@ -114,6 +139,14 @@ pub enum Kind {
     /// Any OpenAI-compatible server: models routed to their own upstreams.
     #[serde(rename = "openai")]
     OpenAi,
+    /// ComfyUI: one reservation for the app, `POST /prompt` gated, busy
+    /// while its queue has prompts, evicted with `/free`.
+    #[serde(rename = "comfyui")]
+    ComfyUi,
+    /// Any HTTP model service with load, unload and health routes: one
+    /// reservation for the app, loaded again before the first request after
+    /// an eviction.
+    Http,
 }
 
 /// A request the gateway makes, parsed.
@@ -190,6 +223,24 @@ pub struct App {
     pub drain_limit: Duration,
     /// See [`Config::aging`] (the same for every app).
     pub aging: Duration,
+    /// `comfyui`: see [`AppConfig::size`].
+    pub size_bytes: Option<u64>,
+    /// `comfyui`, `http`: see [`AppConfig::pid_file`].
+    pub pid_file: Option<PathBuf>,
+    /// `http`: see [`AppConfig::routes`] (each starting with `/`).
+    pub routes: Vec<String>,
+    /// `http`: see [`AppConfig::load`].
+    pub load: Option<Call>,
+    /// `http`: see [`AppConfig::unload`].
+    pub unload: Option<Call>,
+    /// `http`: see [`AppConfig::health`].
+    pub health: Option<Call>,
+    /// `http`: see [`AppConfig::always_on`].
+    pub always_on: bool,
+    /// `http`: see [`AppConfig::coexists_with`].
+    pub coexists_with: Vec<String>,
+    /// `http`: see [`AppConfig::load_timeout`] (default 60 s).
+    pub load_timeout: Duration,
 }
 
 impl App {
@@ -252,10 +303,14 @@ impl Settings {
             let kind = match a.kind.as_str() {
                 "ollama" => Kind::Ollama,
                 "openai" => Kind::OpenAi,
+                "comfyui" => Kind::ComfyUi,
+                "http" => Kind::Http,
                 other => {
                     return Err(at(
                         "kind",
-                        format!("unknown kind {other:?}; use \"ollama\" or \"openai\""),
+                        format!(
+                            "unknown kind {other:?}; use \"ollama\", \"openai\", \"comfyui\" or \"http\""
+                        ),
                     ));
                 }
             };
@@ -272,12 +327,142 @@ impl Settings {
             };
             let upstream = match (&a.upstream, kind) {
                 (Some(u), _) => check_url("upstream", u)?,
-                (None, Kind::Ollama) => return Err(at("upstream", "required".into())),
+                (None, Kind::Ollama | Kind::ComfyUi | Kind::Http) => {
+                    return Err(at("upstream", "required".into()));
+                }
                 (None, Kind::OpenAi) => String::new(),
             };
             let listen = a.listen;
             let mut models = Vec::new();
+            if !matches!(kind, Kind::ComfyUi | Kind::Http) {
+                if a.size.is_some() {
+                    return Err(at("size", "only for kinds \"comfyui\" and \"http\"".into()));
+                }
+                if a.pid_file.is_some() {
+                    return Err(at(
+                        "pid_file",
+                        "only for kinds \"comfyui\" and \"http\"".into(),
+                    ));
+                }
+            }
+            if kind != Kind::Http {
+                let http_only = [
+                    ("routes", !a.routes.is_empty()),
+                    ("load", a.load.is_some()),
+                    ("unload", a.unload.is_some()),
+                    ("health", a.health.is_some()),
+                    ("always_on", a.always_on),
+                    ("coexists_with", !a.coexists_with.is_empty()),
+                    ("load_timeout", a.load_timeout.is_some()),
+                ];
+                if let Some((key, _)) = http_only.iter().find(|(_, set)| *set) {
+                    return Err(at(key, "only for kind \"http\"".into()));
+                }
+            }
+            let app_call = |key: &str, c: &CallConfig| -> Result<Call, Error> {
+                let url = match (&c.path, &c.url) {
+                    (Some(p), None) => {
+                        let p = p.trim();
+                        if p.starts_with('/') {
+                            format!("{upstream}{p}")
+                        } else {
+                            format!("{upstream}/{p}")
+                        }
+                    }
+                    (None, Some(u)) => check_url(&format!("{key}.url"), u)?,
+                    _ => return Err(at(key, "give exactly one of path and url".into())),
+                };
+                let method = c.method.as_deref().unwrap_or("POST").to_ascii_uppercase();
+                if reqwest::Method::from_bytes(method.as_bytes()).is_err() {
+                    return Err(at(
+                        &format!("{key}.method"),
+                        format!("{method:?} is not an HTTP method"),
+                    ));
+                }
+                Ok(Call {
+                    method,
+                    url,
+                    body: c.body.clone(),
+                })
+            };
+            let load = a.load.as_ref().map(|c| app_call("load", c)).transpose()?;
+            let unload = a
+                .unload
+                .as_ref()
+                .map(|c| app_call("unload", c))
+                .transpose()?;
+            let health = a
+                .health
+                .as_ref()
+                .map(|c| {
+                    let mut c = c.clone();
+                    c.method = Some(c.method.unwrap_or_else(|| "GET".into()));
+                    app_call("health", &c)
+                })
+                .transpose()?;
+            let load_timeout = match &a.load_timeout {
+                Some(t) => parse_duration(t).map_err(|e| at("load_timeout", e.to_string()))?,
+                None => Duration::from_secs(60),
+            };
+            let routes = if a.routes.is_empty() {
+                vec!["/".to_string()]
+            } else {
+                a.routes.clone()
+            };
+            if let Some(r) = routes.iter().find(|r| !r.starts_with('/')) {
+                return Err(at("routes", format!("{r:?} does not start with '/'")));
+            }
+            let size_bytes = a
+                .size
+                .as_deref()
+                .map(parse_size)
+                .transpose()
+                .map_err(|e| at("size", e.to_string()))?;
             match kind {
+                Kind::Http => {
+                    if listen.is_none() {
+                        return Err(at(
+                            "listen",
+                            "required for kind \"http\" (its requests must go through the gateway)"
+                                .into(),
+                        ));
+                    }
+                    if !a.models.is_empty() {
+                        return Err(at(
+                            "model",
+                            "[[app.model]] is for kind \"openai\"; an http app has one size (size)"
+                                .into(),
+                        ));
+                    }
+                    if !a.sizes.is_empty() {
+                        return Err(at(
+                            "sizes",
+                            "not for kind \"http\": give the app's size".into(),
+                        ));
+                    }
+                }
+                Kind::ComfyUi => {
+                    if listen.is_none() {
+                        return Err(at(
+                            "listen",
+                            "required for kind \"comfyui\" (its prompts must go through the gateway)"
+                                .into(),
+                        ));
+                    }
+                    if !a.models.is_empty() {
+                        return Err(at(
+                            "model",
+                            "[[app.model]] is for kind \"openai\"; a ComfyUI app has one size (size)"
+                                .into(),
+                        ));
+                    }
+                    if !a.sizes.is_empty() {
+                        return Err(at(
+                            "sizes",
+                            "not for kind \"comfyui\": give the app's size".into(),
+                        ));
+                    }
+                }
                 Kind::Ollama => {
                     if !a.models.is_empty() {
                         return Err(at(
@@ -399,10 +584,44 @@ impl Settings {
                 models,
                 drain_limit,
                 aging,
+                size_bytes,
+                pid_file: a.pid_file,
+                routes,
+                load,
+                unload,
+                health,
+                always_on: a.always_on,
+                coexists_with: a.coexists_with,
+                load_timeout,
             });
         }
         if apps.is_empty() {
             return Err(err("no [[app]]: nothing to serve".into()));
+        }
+        for (i, a) in apps.iter().enumerate() {
+            if let Some(b) = apps[..i]
+                .iter()
+                .find(|b| b.listen.is_some() && b.listen == a.listen)
+                && (a.kind != Kind::Http || b.kind != Kind::Http)
+            {
+                return Err(err(format!(
+                    "app {:?}: listen: {} is also app {:?}'s; only http apps may share a listen (routed by their routes)",
+                    a.name,
+                    a.listen.map(|l| l.to_string()).unwrap_or_default(),
+                    b.name
+                )));
+            }
+            for other in &a.coexists_with {
+                if !apps
+                    .iter()
+                    .any(|x| &x.name == other && x.kind == Kind::Http)
+                {
+                    return Err(err(format!(
+                        "app {:?}: coexists_with: {other:?} is not an http app of this file",
+                        a.name
+                    )));
+                }
+            }
         }
         Ok(Settings {
             socket: c
@@ -579,6 +798,146 @@ unload = { method = "delete", url = "http://127.0.0.1:9000/models/embed" }
                 .to_string();
             assert!(e.contains(want), "want {want:?} in {e}");
         }
+    }
+
+    const COMFY: &str = r#"
+[[app]]
+name = "comfy"
+kind = "comfyui"
+upstream = "http://127.0.0.1:8188"
+listen = "127.0.0.1:8189"
+size = "13GiB"
+pid_file = "/run/comfy.pid"
+"#;
+
+    #[test]
+    fn a_comfyui_app_has_one_size_and_maybe_a_pid_file() {
+        let s = Settings::parse(Path::new("g.toml"), COMFY).unwrap();
+        let a = &s.apps[0];
+        assert_eq!(a.kind, Kind::ComfyUi);
+        assert_eq!(a.size_bytes, Some(13 << 30));
+        assert_eq!(a.pid_file, Some(PathBuf::from("/run/comfy.pid")));
+        let cases = [
+            (
+                COMFY.replace("listen = \"127.0.0.1:8189\"\n", ""),
+                "app \"comfy\": listen: required for kind \"comfyui\"",
+            ),
+            (
+                COMFY.replace("upstream = \"http://127.0.0.1:8188\"\n", ""),
+                "app \"comfy\": upstream: required",
+            ),
+            (
+                COMFY.replace("\"13GiB\"", "\"lots\""),
+                "app \"comfy\": size",
+            ),
+            (
+                format!("{COMFY}[app.sizes]\nx = \"1GiB\"\n"),
+                "sizes: not for kind \"comfyui\"",
+            ),
+            (format!("{FIRST}size = \"1GiB\"\n"), "size: only for kinds"),
+            (
+                format!("{FIRST}pid_file = \"/x\"\n"),
+                "pid_file: only for kinds",
+            ),
+            (
+                FIRST.replace("kind = \"ollama\"", "kind = \"comfy\""),
+                "use \"ollama\", \"openai\", \"comfyui\" or \"http\"",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = Settings::parse(Path::new("g.toml"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "want {want:?} in {e}");
+        }
+    }
+
+    const HTTP: &str = r#"
+[[app]]
+name = "tts"
+kind = "http"
+upstream = "http://127.0.0.1:9000"
+listen = "127.0.0.1:9001"
+routes = ["/v1/tts"]
+size = "2.8GiB"
+load = { path = "/load" }
+unload = { path = "unload", body = "{}" }
+health = { path = "/health" }
+coexists_with = ["whisper"]
+
+[[app]]
+name = "whisper"
+kind = "http"
+upstream = "http://127.0.0.1:9100"
+listen = "127.0.0.1:9101"
+size = "1.5GiB"
+always_on = true
+load_timeout = "5s"
+"#;
+
+    #[test]
+    fn http_apps_get_routes_calls_and_their_flags() {
+        let s = Settings::parse(Path::new("g.toml"), HTTP).unwrap();
+        let (t, w) = (&s.apps[0], &s.apps[1]);
+        assert_eq!(t.kind, Kind::Http);
+        assert_eq!(t.routes, ["/v1/tts"]);
+        assert_eq!(t.load.as_ref().unwrap().url, "http://127.0.0.1:9000/load");
+        let u = t.unload.as_ref().unwrap();
+        assert_eq!(
+            (u.method.as_str(), u.url.as_str()),
+            ("POST", "http://127.0.0.1:9000/unload")
+        );
+        let h = t.health.as_ref().unwrap();
+        assert_eq!(h.method, "GET", "health defaults to GET");
+        assert_eq!(t.coexists_with, ["whisper"]);
+        assert_eq!(t.load_timeout, Duration::from_secs(60));
+        assert_eq!(w.routes, ["/"]);
+        assert!(w.always_on && w.unload.is_none());
+        assert_eq!(w.load_timeout, Duration::from_secs(5));
+        let cases = [
+            (
+                HTTP.replace("\"whisper\"]", "\"nobody\"]"),
+                "coexists_with: \"nobody\" is not an http app",
+            ),
+            (
+                HTTP.replace("[\"/v1/tts\"]", "[\"v1\"]"),
+                "routes: \"v1\" does not start with '/'",
+            ),
+            (
+                HTTP.replace("load_timeout = \"5s\"", "load_timeout = \"x\""),
+                "load_timeout",
+            ),
+            (
+                HTTP.replacen("listen = \"127.0.0.1:9001\"\n", "", 1),
+                "listen: required for kind \"http\"",
+            ),
+            (
+                format!("{FIRST}always_on = true\n"),
+                "always_on: only for kind \"http\"",
+            ),
+            (
+                format!("{FIRST}routes = [\"/\"]\n"),
+                "routes: only for kind \"http\"",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = Settings::parse(Path::new("g.toml"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "want {want:?} in {e}");
+        }
+    }
+
+    #[test]
+    fn only_http_apps_may_share_a_listen() {
+        let two = HTTP.replace("127.0.0.1:9101", "127.0.0.1:9001");
+        let s = Settings::parse(Path::new("g.toml"), &two).unwrap();
+        assert_eq!(s.apps[0].listen, s.apps[1].listen);
+        let mixed = COMFY.replace("127.0.0.1:8189", "127.0.0.1:9001") + HTTP;
+        let e = Settings::parse(Path::new("g.toml"), &mixed)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only http apps may share a listen"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! vramd-gateway: an HTTP gateway in front of apps that load models on
-//! their own (Ollama, OpenAI-compatible servers: [`openai`]), which reserves a model's memory through vramd's
+//! their own (Ollama, OpenAI-compatible servers: [`openai`], ComfyUI:
+//! [`comfyui`]), which reserves a model's memory through vramd's
 //! queue *before* forwarding a request that will load it, keeps one
 //! reservation per resident model (busy while requests run, idle and
 //! evictable between them), unloads a model through the app's API when
@@ -14,13 +15,16 @@
 
 pub mod admin;
 pub mod attribution;
+pub mod comfyui;
 pub mod config;
 pub mod daemon;
 mod error;
+pub mod http_app;
 pub mod metrics;
 pub mod models;
 pub mod ollama;
 pub mod openai;
+pub mod pids;
 pub mod proxy;
 pub mod sizes;
 
@@ -35,6 +39,23 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let daemon = Arc::new(daemon::Daemon::new(settings.socket.clone()));
     let sizes = Arc::new(sizes::SizeStore::load(&settings.state_file));
     for app in &settings.apps {
+        let one = match app.kind {
+            config::Kind::ComfyUi => Some(comfyui::MODEL),
+            config::Kind::Http => Some(http_app::MODEL),
+            _ => None,
+        };
+        if let Some(model) = one
+            && app.size_bytes.is_none()
+            && sizes.get(&format!("{}/{model}", app.name)).is_none()
+        {
+            return Err(Error::Config {
+                file: settings.state_file.clone(),
+                message: format!(
+                    "app {:?}: size: required (the state file has no observed size for it)",
+                    app.name
+                ),
+            });
+        }
         for m in &app.models {
             if m.size_bytes.is_none() && sizes.get(&format!("{}/{}", app.name, m.name)).is_none() {
                 return Err(Error::Config {
@@ -63,13 +84,12 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             .map_err(|source| Error::Listen { addr, source })
     };
     let admin_listener = bind(settings.listen).await?;
-    let mut apps = Vec::new();
+    let mut apps: Vec<Arc<models::AppState>> = Vec::new();
     let mut servers = tokio::task::JoinSet::new();
+    // One server per listen; `http` apps that share a listen are routed by
+    // their prefixes (the config allows sharing among `http` apps only).
+    let mut listens: Vec<(std::net::SocketAddr, Vec<Arc<models::AppState>>)> = Vec::new();
     for cfg in &settings.apps {
-        let listener = match cfg.listen {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
-        };
         let app = Arc::new(models::AppState::new(
             cfg.clone(),
             http.clone(),
@@ -77,22 +97,40 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             sizes.clone(),
             metrics.clone(),
         ));
-        if let Some(listener) = listener {
-            tracing::info!(app = %cfg.name, listen = ?cfg.listen, upstream = %cfg.upstream, "serving");
-            let router = match cfg.kind {
-                config::Kind::Ollama => proxy::router(app.clone()),
-                config::Kind::OpenAi => openai::router(app.clone()),
-            };
-            servers.spawn(serve(listener, router));
-        } else {
-            tracing::info!(app = %cfg.name, upstream = %cfg.upstream, "watching (no listen: resident models are mirrored as idle reservations)");
+        match cfg.listen {
+            Some(addr) => {
+                tracing::info!(app = %cfg.name, listen = %addr, upstream = %cfg.upstream, "serving");
+                match listens.iter_mut().find(|(a, _)| *a == addr) {
+                    Some((_, group)) => group.push(app.clone()),
+                    None => listens.push((addr, vec![app.clone()])),
+                }
+            }
+            None => {
+                tracing::info!(app = %cfg.name, upstream = %cfg.upstream, "watching (no listen: resident models are mirrored as idle reservations)");
+            }
         }
+        apps.push(app);
+    }
+    for (addr, group) in listens {
+        let listener = bind(addr).await?;
+        let router = match group[0].cfg.kind {
+            config::Kind::Ollama => proxy::router(group[0].clone()),
+            config::Kind::OpenAi => openai::router(group[0].clone()),
+            config::Kind::ComfyUi => comfyui::router(group[0].clone()),
+            config::Kind::Http => http_app::router_for(group),
+        };
+        servers.spawn(serve(listener, router));
+    }
+    for app in &apps {
         let poller = app.clone();
         every(settings.poll_interval, move || {
             let poller = poller.clone();
             async move { poller.poll().await }
         });
-        apps.push(app);
+    }
+    for app in &apps {
+        app.http_app
+            .set_peers(apps.iter().map(Arc::downgrade).collect());
     }
     let watcher = daemon.clone();
     every(settings.poll_interval, move || {

@@ -114,6 +114,12 @@ pub struct AppState {
     watch: Mutex<watch::Watch>,
     /// Which runner process holds each model (see `attribution`).
     pub attribution: crate::attribution::Attribution,
+    /// `comfyui`: its queue.
+    pub(crate) comfy: crate::comfyui::Comfy,
+    /// `comfyui`, `http`: the app's process, attributed to its reservation.
+    pub(crate) attributed: crate::pids::Attributed,
+    /// `http`: health, loads, peers.
+    pub(crate) http_app: crate::http_app::HttpApp,
 }
 
 /// How long a model stays busy in vramd after its last request ended, so
@@ -215,6 +221,9 @@ impl AppState {
             runtime: tokio::runtime::Handle::current(),
             watch: Mutex::new(watch::Watch::default()),
             attribution: crate::attribution::Attribution::default(),
+            comfy: crate::comfyui::Comfy::default(),
+            attributed: crate::pids::Attributed::default(),
+            http_app: crate::http_app::HttpApp::default(),
         }
     }
 
@@ -492,6 +501,9 @@ impl AppState {
         if self.cfg.kind == Kind::OpenAi {
             return Ok(self.cfg.model(&call.model).and_then(|m| m.size_bytes));
         }
+        if matches!(self.cfg.kind, Kind::ComfyUi | Kind::Http) {
+            return Ok(self.cfg.size_bytes);
+        }
         if let Some(b) = self.cfg.size_overrides.get(&call.model) {
             return Ok(Some(*b));
         }
@@ -506,7 +518,7 @@ impl AppState {
     /// Tells vramd whether the model's reservation is idle, if that changed.
     /// Calls are serialized per slot, and each sends the state current when
     /// it runs, so the daemon ends up with the latest.
-    async fn sync_idle(&self, model: &str) {
+    pub(crate) async fn sync_idle(&self, model: &str) {
         let Some((res, lock)) = self
             .lock()
             .get(model)
@@ -535,14 +547,49 @@ impl AppState {
             && s.in_flight == 0
             && (!s.pinned || self.cfg.evict_pinned)
             && self.can_unload(model)
+            && !(self.cfg.kind == Kind::ComfyUi && self.comfy.busy())
+            && (self.cfg.kind != Kind::Http || crate::http_app::may_be_idle(self))
+    }
+
+    /// Releases `model`'s reservation of `epoch` if it is held and idle (no
+    /// request in flight, none within [`IDLE_LINGER`]); whether it did.
+    pub(crate) fn release_idle(&self, model: &str, epoch: u64, why: &str) -> bool {
+        let mut slots = self.lock();
+        let idle = slots.get(model).is_some_and(|s| {
+            s.epoch == epoch
+                && s.phase == Phase::Held
+                && s.in_flight == 0
+                && s.last_busy.elapsed() >= IDLE_LINGER
+        });
+        if idle {
+            slots.remove(model);
+        }
+        drop(slots);
+        if idle {
+            tracing::info!(app = %self.cfg.name, model, why, "released");
+            self.changed.notify_waiters();
+        }
+        idle
+    }
+
+    /// `model`'s reservation while held: its epoch, the reservation, its
+    /// device.
+    pub(crate) fn reservation(
+        &self,
+        model: &str,
+    ) -> Option<(u64, Arc<vramd_client::Reservation>, u32)> {
+        let slots = self.lock();
+        let s = slots.get(model).filter(|s| s.phase == Phase::Held)?;
+        Some((s.epoch, s.reservation.clone()?, s.device?))
     }
 
     /// Whether the gateway has a way to unload `model` (an `openai` model
     /// without an `unload` request has none, so it is never idle in vramd).
     fn can_unload(&self, model: &str) -> bool {
         match self.cfg.kind {
-            Kind::Ollama => true,
+            Kind::Ollama | Kind::ComfyUi => true,
             Kind::OpenAi => self.cfg.model(model).is_some_and(|m| m.unload.is_some()),
+            Kind::Http => self.cfg.unload.is_some() && !self.cfg.always_on,
         }
     }
 
@@ -550,13 +597,14 @@ impl AppState {
     /// thread through `block_on`); the SDK releases it when this returns.
     async fn evict(&self, model: &str, epoch: u64, deadline: Duration, reason: &str) {
         let until = Instant::now() + deadline;
-        {
+        let device = {
             let mut slots = self.lock();
             let Some(s) = slots.get_mut(model).filter(|s| s.epoch == epoch) else {
                 return;
             };
             s.phase = Phase::Evicting;
-        }
+            s.device
+        };
         self.metrics.eviction(&self.cfg.name, model);
         tracing::info!(app = %self.cfg.name, model, reason, deadline_ms = deadline.as_millis() as u64, "evicting");
         // Let requests in flight finish, up to the deadline.
@@ -579,6 +627,8 @@ impl AppState {
             // gateway can know; vramd grants only on its readings.
             Kind::OpenAi => crate::openai::unload(self, model).await,
             Kind::Ollama => self.unload_ollama(model, until).await,
+            Kind::ComfyUi => crate::comfyui::unload(self, device, until).await,
+            Kind::Http => crate::http_app::unload(self, device, until).await,
         }
         {
             let mut slots = self.lock();
@@ -622,6 +672,16 @@ impl AppState {
     pub async fn poll(self: &Arc<Self>) {
         if self.cfg.kind == Kind::OpenAi {
             self.release_lost();
+            return self.update_drain();
+        }
+        if self.cfg.kind == Kind::ComfyUi {
+            self.release_lost();
+            crate::comfyui::poll(self).await;
+            return self.update_drain();
+        }
+        if self.cfg.kind == Kind::Http {
+            self.release_lost();
+            crate::http_app::poll(self).await;
             return self.update_drain();
         }
         let started = Instant::now();

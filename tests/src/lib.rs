@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 
 use vramd_client::Client;
 
+pub mod fake_comfyui;
 pub mod fake_gpu;
 pub mod fake_http;
 pub mod fake_ollama;
 pub mod fake_openai;
+pub mod fake_service;
 pub mod gateway_rig;
 
 /// Longest any single wait in a test may take.
