@@ -361,57 +361,7 @@ fn listening_pid(url: &str) -> Option<u32> {
         return None;
     }
     let port = url.port_or_known_default()?;
-    let inodes = listening_inodes(port);
-    if inodes.is_empty() {
-        return None;
-    }
-    let wanted: HashSet<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            if let Ok(link) = std::fs::read_link(fd.path()) {
-                if link.to_str().is_some_and(|l| wanted.contains(l)) {
-                    return Some(pid);
-                }
-            }
-        }
-    }
-    None
-}
-
-/// Inodes of the TCP sockets listening on `port` (IPv4 and IPv6).
-fn listening_inodes(port: u16) -> Vec<u64> {
-    let mut inodes = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 10 || f[3] != "0A" {
-                continue;
-            }
-            let local_port = f[1]
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if local_port == Some(port) {
-                if let Ok(inode) = f[9].parse::<u64>() {
-                    inodes.push(inode);
-                }
-            }
-        }
-    }
-    inodes
+    crate::procfs::listening_pids(port).first().copied()
 }
 
 /// Whether `pid` is a (proper) descendant of `ancestor`, by `/proc` parent

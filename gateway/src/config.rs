@@ -419,47 +419,37 @@ impl Settings {
                 .transpose()
                 .map_err(|e| at("size", e.to_string()))?;
             match kind {
-                Kind::Http => {
+                Kind::Http | Kind::ComfyUi => {
+                    let (name, what) = if kind == Kind::Http {
+                        ("http", "its requests")
+                    } else {
+                        ("comfyui", "its prompts")
+                    };
+                    let one = if kind == Kind::Http {
+                        "an http app"
+                    } else {
+                        "a ComfyUI app"
+                    };
                     if listen.is_none() {
                         return Err(at(
                             "listen",
-                            "required for kind \"http\" (its requests must go through the gateway)"
-                                .into(),
+                            format!(
+                                "required for kind \"{name}\" ({what} must go through the gateway)"
+                            ),
                         ));
                     }
                     if !a.models.is_empty() {
                         return Err(at(
                             "model",
-                            "[[app.model]] is for kind \"openai\"; an http app has one size (size)"
-                                .into(),
+                            format!(
+                                "[[app.model]] is for kind \"openai\"; {one} has one size (size)"
+                            ),
                         ));
                     }
                     if !a.sizes.is_empty() {
                         return Err(at(
                             "sizes",
-                            "not for kind \"http\": give the app's size".into(),
-                        ));
-                    }
-                }
-                Kind::ComfyUi => {
-                    if listen.is_none() {
-                        return Err(at(
-                            "listen",
-                            "required for kind \"comfyui\" (its prompts must go through the gateway)"
-                                .into(),
-                        ));
-                    }
-                    if !a.models.is_empty() {
-                        return Err(at(
-                            "model",
-                            "[[app.model]] is for kind \"openai\"; a ComfyUI app has one size (size)"
-                                .into(),
-                        ));
-                    }
-                    if !a.sizes.is_empty() {
-                        return Err(at(
-                            "sizes",
-                            "not for kind \"comfyui\": give the app's size".into(),
+                            format!("not for kind \"{name}\": give the app's size"),
                         ));
                     }
                 }

@@ -25,6 +25,7 @@ pub mod models;
 pub mod ollama;
 pub mod openai;
 pub mod pids;
+mod procfs;
 pub mod proxy;
 pub mod sizes;
 

@@ -231,51 +231,10 @@ fn find_pids(pid_file: Option<&std::path::Path>, upstream: &str) -> Result<Vec<u
         return Ok(vec![pid]);
     }
     let port = upstream_port(upstream).ok_or_else(|| format!("no port in {upstream}"))?;
-    let mut inodes = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 10 || f[3] != "0A" {
-                continue;
-            }
-            let p = f[1]
-                .rsplit(':')
-                .next()
-                .and_then(|h| u16::from_str_radix(h, 16).ok());
-            if p == Some(port) {
-                inodes.push(format!("socket:[{}]", f[9]));
-            }
-        }
-    }
-    if inodes.is_empty() {
+    if !crate::procfs::is_listening(port) {
         return Err(format!("nothing listens on port {port}"));
     }
-    let mut pids = Vec::new();
-    let procs = std::fs::read_dir("/proc").map_err(|e| format!("/proc: {e}"))?;
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
-        };
-        let owns = fds.flatten().any(|fd| {
-            std::fs::read_link(fd.path())
-                .ok()
-                .and_then(|l| l.to_str().map(|l| inodes.iter().any(|i| i == l)))
-                .unwrap_or(false)
-        });
-        if owns {
-            pids.push(pid);
-        }
-    }
+    let pids = crate::procfs::listening_pids(port);
     if pids.is_empty() {
         return Err(format!(
             "no process of this user holds the socket listening on port {port}"
