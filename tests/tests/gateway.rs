@@ -3,8 +3,8 @@
 //! binary, over loopback TCP and the daemon's Unix socket. Every wait is
 //! bounded.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::BufReader;
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -13,14 +13,10 @@ use serde_json::{Value, json};
 use vramd_client::{GIB, Request};
 use vramd_harness::ChildGuard;
 use vramd_tests::fake_ollama::{FakeOllama, ModelDef, TOKENS};
+use vramd_tests::gateway_rig::{Resp, free_port, http, read_chunk, read_head, send_request};
 use vramd_tests::{Daemon, WAIT, bin, wait_until};
 
 const TINY: &str = "tiny:latest";
-
-fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
 
 /// A running `vramd-gateway`, killed when dropped.
 struct Gateway {
@@ -117,125 +113,6 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.child.kill();
-    }
-}
-
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text()))
-    }
-}
-
-fn send_request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<&Value>,
-    headers: &[(&str, &str)],
-) -> TcpStream {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(WAIT)).expect("timeout");
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if !body.is_empty() {
-        head.push_str("Content-Type: application/json\r\n");
-    }
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).expect("write");
-    s.write_all(body.as_bytes()).expect("write");
-    s
-}
-
-/// Reads a response head.
-fn read_head(r: &mut BufReader<TcpStream>) -> (u16, Vec<(String, String)>) {
-    let mut line = String::new();
-    r.read_line(&mut line).expect("status line");
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {line:?}"));
-    let mut headers = Vec::new();
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h).expect("header");
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        let (k, v) = h.split_once(':').expect("header line");
-        headers.push((k.trim().to_string(), v.trim().to_string()));
-    }
-    (status, headers)
-}
-
-/// Reads one chunk of a chunked body (`None` at its end).
-fn read_chunk(r: &mut BufReader<TcpStream>) -> Option<Vec<u8>> {
-    let mut size = String::new();
-    r.read_line(&mut size).expect("chunk size");
-    let n = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
-    let mut data = vec![0; n + 2];
-    r.read_exact(&mut data).expect("chunk");
-    data.truncate(n);
-    (n > 0).then_some(data)
-}
-
-fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<&Value>,
-    headers: &[(&str, &str)],
-) -> Resp {
-    let Ok(probe) = TcpStream::connect(addr) else {
-        return Resp {
-            status: 0,
-            headers: vec![],
-            body: vec![],
-        };
-    };
-    drop(probe);
-    let mut r = BufReader::new(send_request(addr, method, path, body, headers));
-    let (status, headers) = read_head(&mut r);
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
-    let mut body = Vec::new();
-    if chunked {
-        while let Some(c) = read_chunk(&mut r) {
-            body.extend(c);
-        }
-    } else {
-        r.read_to_end(&mut body).expect("body");
-    }
-    Resp {
-        status,
-        headers,
-        body,
     }
 }
 
