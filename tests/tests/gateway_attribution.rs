@@ -3,29 +3,22 @@
 //! holding the model's memory on the fake card), the real daemon with
 //! `--nvml-lib`, and the gateway binary. Every wait is bounded.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use vramd_client::{Error, GIB, Request, StatusReport};
-use vramd_harness::ChildGuard;
 use vramd_tests::fake_gpu::FakeGpu;
 use vramd_tests::fake_ollama::{FakeOllama, ModelDef};
-use vramd_tests::{Daemon, WAIT, bin, fake_nvml_lib, wait_until};
+use vramd_tests::gateway_rig::{Gateway, free_port, http};
+use vramd_tests::{Daemon, WAIT, fake_nvml_lib, wait_until};
 
 const UUID0: &str = "GPU-00000000-1111-2222-3333-444444444444";
 const A: &str = "alpha:latest";
 const B: &str = "beta:latest";
 const C: &str = "gamma:latest";
-
-fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
 
 /// A fake card of `total` bytes and a daemon reading it.
 fn card(total: u64) -> (Arc<FakeGpu>, Daemon) {
@@ -48,123 +41,38 @@ fn card_with(total: u64, extra: &[&str]) -> (Arc<FakeGpu>, Daemon) {
     (gpu, daemon)
 }
 
-/// A running `vramd-gateway` for one Ollama app, killed when dropped.
-struct Gateway {
-    child: ChildGuard,
-    admin: SocketAddr,
+/// The rig's gateway fronting one Ollama app named `ollama`, and that
+/// app's address.
+struct Fronted {
+    gw: Gateway,
     app: SocketAddr,
-    dir: tempfile::TempDir,
 }
 
-impl Gateway {
-    fn start(socket: &Path, upstream: &str, extra: &str) -> Gateway {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let state = dir.path().join("state/sizes.json");
-        let (admin, app) = (free_port(), free_port());
-        let config = format!(
-            "socket = {socket:?}\nlisten = \"{admin}\"\nstate_file = {state:?}\npoll_interval = \"100ms\"\n\n\
-             [[app]]\nname = \"ollama\"\nkind = \"ollama\"\nupstream = \"{upstream}\"\nlisten = \"{app}\"\npriority = 0\n{extra}\n",
-        );
-        let path = dir.path().join("gateway.toml");
-        std::fs::write(&path, config).expect("write config");
-        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log");
-        let child = ChildGuard::spawn(
-            Command::new(bin("vramd-gateway"))
-                .arg("--config")
-                .arg(&path)
-                .env("RUST_LOG", "debug")
-                .stdout(Stdio::null())
-                .stderr(log),
-        )
-        .expect("spawn vramd-gateway");
-        let g = Gateway {
-            child,
-            admin,
-            app,
-            dir,
-        };
-        assert!(
-            wait_until(WAIT, || TcpStream::connect(g.app).is_ok()
-                && http(g.admin, "GET", "/status", None).0 == 200),
-            "the gateway never answered; log:\n{}",
-            g.log()
-        );
-        g
-    }
+impl std::ops::Deref for Fronted {
+    type Target = Gateway;
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
-    }
-
-    fn status(&self) -> Value {
-        let (code, body) = http(self.admin, "GET", "/status", None);
-        assert_eq!(code, 200);
-        serde_json::from_slice(&body).expect("JSON status")
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.pid()
+    fn deref(&self) -> &Gateway {
+        &self.gw
     }
 }
 
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.child.kill();
-    }
-}
-
-/// One HTTP/1.1 request (`Connection: close`); the status and the body
-/// (chunked bodies decoded).
-fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(WAIT)).expect("timeout");
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line).expect("status line");
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let mut chunked = false;
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h).expect("header");
-        if h.trim_end().is_empty() {
-            break;
-        }
-        let lower = h.to_ascii_lowercase();
-        chunked |= lower.starts_with("transfer-encoding:") && lower.contains("chunked");
-    }
-    let mut out = Vec::new();
-    if chunked {
-        for _ in 0..100_000 {
-            let mut size = String::new();
-            r.read_line(&mut size).expect("chunk size");
-            let n = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
-            let mut data = vec![0; n + 2];
-            r.read_exact(&mut data).expect("chunk");
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&data[..n]);
-        }
-    } else {
-        r.read_to_end(&mut out).expect("body");
-    }
-    (status, out)
+fn start_gateway(socket: &Path, upstream: &str, extra: &str) -> Fronted {
+    let app = free_port();
+    let gw = Gateway::start(
+        socket,
+        "",
+        &format!(
+            "[[app]]\nname = \"ollama\"\nkind = \"ollama\"\nupstream = \"{upstream}\"\n\
+             listen = \"{app}\"\npriority = 0\n{extra}\n"
+        ),
+        &[app],
+    );
+    Fronted { gw, app }
 }
 
 fn generate(addr: SocketAddr, model: &str) -> u16 {
     let body = json!({"model": model, "prompt": "x", "stream": false});
-    http(addr, "POST", "/api/generate", Some(&body)).0
+    http(addr, "POST", "/api/generate", Some(&body), &[]).status
 }
 
 fn held<'a>(s: &'a StatusReport, model: &str) -> Option<&'a vramd_protocol::ReservationStatus> {
@@ -185,7 +93,7 @@ fn runners_are_attributed_per_model_and_a_direct_load_stays_unattributed() {
         ],
         gpu.clone(),
     );
-    let g = Gateway::start(
+    let g = start_gateway(
         d.socket(),
         &o.url(),
         "[app.sizes]\n\"alpha\" = \"2GiB\"\n\"beta\" = \"3GiB\"\n",
@@ -258,7 +166,7 @@ fn a_restarted_gateway_adopts_resident_models_without_waiting() {
         gpu.clone(),
     );
     let sizes = "[app.sizes]\n\"alpha\" = \"4GiB\"\n\"beta\" = \"6GiB\"\n";
-    let g = Gateway::start(d.socket(), &o.url(), sizes);
+    let g = start_gateway(d.socket(), &o.url(), sizes);
     assert_eq!(generate(g.app, A), 200);
     assert_eq!(generate(g.app, B), 200);
     d.wait_status("both held", |s| s.reservations.len() == 2);
@@ -275,7 +183,7 @@ fn a_restarted_gateway_adopts_resident_models_without_waiting() {
         .unwrap_err();
     assert!(matches!(e, Error::WaitTimeout(_)), "{e}");
     // A new gateway adopts them at once, each with its runner.
-    let g = Gateway::start(d.socket(), &o.url(), sizes);
+    let g = start_gateway(d.socket(), &o.url(), sizes);
     let (ra, rb) = (o.runner_pid(A).unwrap(), o.runner_pid(B).unwrap());
     let s = d.wait_status("both adopted", |s| {
         held(s, A).is_some_and(|r| r.pids == vec![ra] && r.bytes == 4 * GIB)
@@ -295,7 +203,7 @@ fn a_restarted_gateway_adopts_resident_models_without_waiting() {
 fn a_load_larger_than_declared_grows_the_reservation() {
     let (gpu, d) = card(24 * GIB);
     let o = FakeOllama::start_with_runners(&[ModelDef::new(A, GIB, 5 * GIB)], gpu.clone());
-    let g = Gateway::start(d.socket(), &o.url(), "[app.sizes]\n\"alpha\" = \"2GiB\"\n");
+    let g = start_gateway(d.socket(), &o.url(), "[app.sizes]\n\"alpha\" = \"2GiB\"\n");
     assert_eq!(generate(g.app, A), 200);
     let s = d.wait_status("grown to the runner's usage", |s| {
         held(s, A).is_some_and(|r| r.bytes == 5 * GIB && !r.over_reserved)
@@ -318,7 +226,7 @@ fn a_load_that_cannot_grow_its_reservation_is_flagged_in_status() {
     // the job's 3 cannot both be reserved on a 6 GiB card.
     let c = d.client();
     let _job = c.reserve(Request::new(3 * GIB).label("job")).unwrap();
-    let g = Gateway::start(d.socket(), &o.url(), "[app.sizes]\n\"alpha\" = \"2GiB\"\n");
+    let g = start_gateway(d.socket(), &o.url(), "[app.sizes]\n\"alpha\" = \"2GiB\"\n");
     assert_eq!(generate(g.app, A), 200);
     let mut last = Value::Null;
     let ok = wait_until(WAIT, || {
@@ -351,7 +259,7 @@ fn a_waiter_that_needs_two_of_the_gateways_models_gets_both_unloaded_at_once() {
         gpu.clone(),
     );
     let sizes = "[app.sizes]\n\"alpha\" = \"3GiB\"\n\"beta\" = \"3GiB\"\n\"gamma\" = \"3GiB\"\n";
-    let g = Gateway::start(d.socket(), &o.url(), sizes);
+    let g = start_gateway(d.socket(), &o.url(), sizes);
     for m in [A, B, C] {
         assert_eq!(generate(g.app, m), 200);
     }
