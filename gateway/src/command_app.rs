@@ -201,6 +201,11 @@ async fn mirror(app: &Arc<AppState>, load: bool) {
             return;
         }
     };
+    // vramd grants a try-once request that fits even while others wait:
+    // a restore reads the queue fresh right before it asks.
+    if load && !app.daemon.status().await.is_ok_and(|s| s.queue.is_empty()) {
+        return;
+    }
     let pids = pid_of(app);
     let mut req = Request::new(bytes)
         .for_pids(pids.clone())

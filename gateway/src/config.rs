@@ -101,8 +101,8 @@ pub struct AppConfig {
     pub unload_timeout: Option<String>,
     /// `command`: the device index the app uses (default: any).
     pub device: Option<u32>,
-    /// `command`: loaded again (its `load` run, its reservation taken) when
-    /// it was evicted and vramd's queue is empty.
+    /// `http`, `command`: loaded again (its reservation taken, its `load`
+    /// made) when it was evicted and vramd's queue is empty.
     #[serde(default)]
     pub restore: bool,
 }
@@ -287,7 +287,7 @@ pub struct App {
     pub unload_timeout: Duration,
     /// `command`: see [`AppConfig::device`].
     pub device: Option<u32>,
-    /// `command`: see [`AppConfig::restore`].
+    /// `http`, `command`: see [`AppConfig::restore`].
     pub restore: bool,
 }
 
@@ -397,6 +397,15 @@ impl Settings {
                     ));
                 }
             }
+            if a.restore && !matches!(kind, Kind::Http | Kind::Command) {
+                return Err(at(
+                    "restore",
+                    "only for kinds \"http\" and \"command\"".into(),
+                ));
+            }
+            if a.restore && kind == Kind::Http && a.load.is_none() {
+                return Err(at("restore", "needs a load request".into()));
+            }
             if !matches!(kind, Kind::Http | Kind::Command) {
                 let shared = [
                     ("load", a.load.is_some()),
@@ -422,7 +431,6 @@ impl Settings {
                 let command_only = [
                     ("unload_timeout", a.unload_timeout.is_some()),
                     ("device", a.device.is_some()),
-                    ("restore", a.restore),
                 ];
                 if let Some((key, _)) = command_only.iter().find(|(_, set)| *set) {
                     return Err(at(key, "only for kind \"command\"".into()));
@@ -1169,6 +1177,9 @@ restore = true
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("restore: only for kind \"command\""), "{e}");
+        assert!(
+            e.contains("restore: only for kinds \"http\" and \"command\""),
+            "{e}"
+        );
     }
 }

@@ -292,3 +292,58 @@ fn an_unload_that_exits_non_zero_is_shown_with_its_time_and_counted_failed() {
     let _ = j.kill();
     let _ = j.wait();
 }
+
+#[test]
+fn restore_waits_while_someone_waits_in_vramds_queue() {
+    let (gpu, d) = card();
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(&gpu, dir.path());
+    let g = Gateway::start(
+        d.socket(),
+        "",
+        &app.config(&app.unload_script(), &app.load_script(), "restore = true"),
+        &[],
+    );
+    assert!(
+        wait_until(WAIT, || has_label(&d, "cmd/app")),
+        "the app was never mirrored; log:\n{}",
+        g.log()
+    );
+    // A takes the 14 GiB left; B (10 GiB) evicts the app; C (12 GiB) waits.
+    let (mut a, a_granted) = job(&d, "14GiB", "job-a");
+    a_granted.recv_timeout(WAIT).expect("job A never granted");
+    gpu.set_process(0, a.id(), 14 * GIB);
+    let (mut b, b_granted) = job(&d, "10GiB", "job-b");
+    b_granted
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("job B never granted; log:\n{}", g.log()));
+    gpu.set_process(0, b.id(), 10 * GIB);
+    let (mut c, c_granted) = job(&d, "12GiB", "job-c");
+    std::thread::sleep(Duration::from_millis(300));
+    // B ends: the app's 10 GiB are free again, but C waits in vramd's queue.
+    let _ = b.kill();
+    let _ = b.wait();
+    gpu.set_process(0, b.id(), 0);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        app.runs(),
+        vec!["unload".to_string()],
+        "restored while C waits; log:\n{}",
+        g.log()
+    );
+    assert!(!has_label(&d, "cmd/app"));
+    // A ends: C is granted, nobody waits, the app comes back.
+    let _ = a.kill();
+    let _ = a.wait();
+    gpu.set_process(0, a.id(), 0);
+    c_granted.recv_timeout(WAIT).expect("job C never granted");
+    gpu.set_process(0, c.id(), 12 * GIB);
+    assert!(
+        wait_until(WAIT, || has_label(&d, "cmd/app") && app.marker.exists()),
+        "the app was never restored; log:\n{}",
+        g.log()
+    );
+    assert!(gpu.peak_used(0) <= gpu.total(0));
+    let _ = c.kill();
+    let _ = c.wait();
+}
