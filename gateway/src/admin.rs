@@ -57,6 +57,7 @@ async fn status(State(a): State<Admin>) -> impl IntoResponse {
                 "comfyui": (app.cfg.kind == crate::config::Kind::ComfyUi).then(|| app.comfy.status_json()),
                 "attributed": app.attributed.status_json(),
                 "http": (app.cfg.kind == crate::config::Kind::Http).then(|| app.http_app.status_json()),
+                "command": (app.cfg.kind == crate::config::Kind::Command).then(|| app.command.status_json()),
                 "models": app.models(),
                 "loaded": app.last_ps().unwrap_or_default().iter().map(|r| serde_json::json!({
                     "name": r.name, "size_bytes": r.size, "size_vram_bytes": r.size_vram,

@@ -79,11 +79,12 @@ pub struct AppConfig {
     /// `http`: the path prefixes forwarded (others are `404`); default `["/"]`.
     #[serde(default)]
     pub routes: Vec<String>,
-    /// `http`: the request that loads the app's model again after an eviction.
-    pub load: Option<CallConfig>,
-    /// `http`: the request that frees the app's memory; without it the app
-    /// is never evicted.
-    pub unload: Option<CallConfig>,
+    /// `http`: the request that loads the app's model again after an
+    /// eviction; `command`: the shell command that does.
+    pub load: Option<Action>,
+    /// `http`: the request that frees the app's memory (without it the app
+    /// is never evicted); `command`: the shell command that does (required).
+    pub unload: Option<Action>,
     /// `http`: the request whose 2xx answer means the app is up.
     pub health: Option<CallConfig>,
     /// `http`: reserved from the start and never evicted.
@@ -93,8 +94,42 @@ pub struct AppConfig {
     /// one (nor it for them).
     #[serde(default)]
     pub coexists_with: Vec<String>,
-    /// `http`: longest the load request and the wait for health may take.
+    /// `http`: longest the load request and the wait for health may take;
+    /// `command`: longest the `load` command may run.
     pub load_timeout: Option<String>,
+    /// `command`: longest the `unload` command may run (default 60 s).
+    pub unload_timeout: Option<String>,
+    /// `command`: the device index the app uses (default: any).
+    pub device: Option<u32>,
+    /// `http`, `command`: loaded again (its reservation taken, its `load`
+    /// made) when it was evicted and vramd's queue is empty.
+    #[serde(default)]
+    pub restore: bool,
+}
+
+/// `load`/`unload`: a request (`http`) or a shell command (`command`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Action {
+    /// A shell command, run with `sh -c`.
+    Command(String),
+    /// An HTTP request.
+    Call(CallConfig),
+}
+
+impl Action {
+    fn call(&self) -> Option<&CallConfig> {
+        match self {
+            Action::Call(c) => Some(c),
+            Action::Command(_) => None,
+        }
+    }
+    fn command(&self) -> Option<&str> {
+        match self {
+            Action::Command(c) => Some(c),
+            Action::Call(_) => None,
+        }
+    }
 }
 
 /// One `[[app.model]]` of an `openai` app.
@@ -147,6 +182,9 @@ pub enum Kind {
     /// reservation for the app, loaded again before the first request after
     /// an eviction.
     Http,
+    /// An app with no API: one idle reservation mirrored while it is
+    /// loaded, evicted by running its `unload` shell command.
+    Command,
 }
 
 /// A request the gateway makes, parsed.
@@ -241,6 +279,16 @@ pub struct App {
     pub coexists_with: Vec<String>,
     /// `http`: see [`AppConfig::load_timeout`] (default 60 s).
     pub load_timeout: Duration,
+    /// `command`: the `load` shell command.
+    pub load_command: Option<String>,
+    /// `command`: the `unload` shell command.
+    pub unload_command: Option<String>,
+    /// `command`: see [`AppConfig::unload_timeout`] (default 60 s).
+    pub unload_timeout: Duration,
+    /// `command`: see [`AppConfig::device`].
+    pub device: Option<u32>,
+    /// `http`, `command`: see [`AppConfig::restore`].
+    pub restore: bool,
 }
 
 impl App {
@@ -305,11 +353,12 @@ impl Settings {
                 "openai" => Kind::OpenAi,
                 "comfyui" => Kind::ComfyUi,
                 "http" => Kind::Http,
+                "command" => Kind::Command,
                 other => {
                     return Err(at(
                         "kind",
                         format!(
-                            "unknown kind {other:?}; use \"ollama\", \"openai\", \"comfyui\" or \"http\""
+                            "unknown kind {other:?}; use \"ollama\", \"openai\", \"comfyui\", \"http\" or \"command\""
                         ),
                     ));
                 }
@@ -330,35 +379,108 @@ impl Settings {
                 (None, Kind::Ollama | Kind::ComfyUi | Kind::Http) => {
                     return Err(at("upstream", "required".into()));
                 }
-                (None, Kind::OpenAi) => String::new(),
+                (None, Kind::OpenAi | Kind::Command) => String::new(),
             };
             let listen = a.listen;
             let mut models = Vec::new();
-            if !matches!(kind, Kind::ComfyUi | Kind::Http) {
+            if !matches!(kind, Kind::ComfyUi | Kind::Http | Kind::Command) {
                 if a.size.is_some() {
-                    return Err(at("size", "only for kinds \"comfyui\" and \"http\"".into()));
+                    return Err(at(
+                        "size",
+                        "only for kinds \"comfyui\", \"http\" and \"command\"".into(),
+                    ));
                 }
                 if a.pid_file.is_some() {
                     return Err(at(
                         "pid_file",
-                        "only for kinds \"comfyui\" and \"http\"".into(),
+                        "only for kinds \"comfyui\", \"http\" and \"command\"".into(),
                     ));
+                }
+            }
+            if a.restore && !matches!(kind, Kind::Http | Kind::Command) {
+                return Err(at(
+                    "restore",
+                    "only for kinds \"http\" and \"command\"".into(),
+                ));
+            }
+            if a.restore && kind == Kind::Http && a.load.is_none() {
+                return Err(at("restore", "needs a load request".into()));
+            }
+            if !matches!(kind, Kind::Http | Kind::Command) {
+                let shared = [
+                    ("load", a.load.is_some()),
+                    ("unload", a.unload.is_some()),
+                    ("load_timeout", a.load_timeout.is_some()),
+                ];
+                if let Some((key, _)) = shared.iter().find(|(_, set)| *set) {
+                    return Err(at(key, "only for kinds \"http\" and \"command\"".into()));
                 }
             }
             if kind != Kind::Http {
                 let http_only = [
                     ("routes", !a.routes.is_empty()),
-                    ("load", a.load.is_some()),
-                    ("unload", a.unload.is_some()),
                     ("health", a.health.is_some()),
                     ("always_on", a.always_on),
                     ("coexists_with", !a.coexists_with.is_empty()),
-                    ("load_timeout", a.load_timeout.is_some()),
                 ];
                 if let Some((key, _)) = http_only.iter().find(|(_, set)| *set) {
                     return Err(at(key, "only for kind \"http\"".into()));
                 }
             }
+            if kind != Kind::Command {
+                let command_only = [
+                    ("unload_timeout", a.unload_timeout.is_some()),
+                    ("device", a.device.is_some()),
+                ];
+                if let Some((key, _)) = command_only.iter().find(|(_, set)| *set) {
+                    return Err(at(key, "only for kind \"command\"".into()));
+                }
+            }
+            let (mut load_command, mut unload_command) = (None, None);
+            if kind == Kind::Command {
+                if a.upstream.is_some() || a.listen.is_some() {
+                    let key = if a.upstream.is_some() {
+                        "upstream"
+                    } else {
+                        "listen"
+                    };
+                    return Err(at(
+                        key,
+                        "not for kind \"command\" (the gateway fronts no requests for it)".into(),
+                    ));
+                }
+                let cmd = |key: &str, x: &Option<Action>| -> Result<Option<String>, Error> {
+                    match x {
+                        None => Ok(None),
+                        Some(Action::Command(c)) if !c.trim().is_empty() => Ok(Some(c.clone())),
+                        Some(_) => Err(at(
+                            key,
+                            "a shell command (a non-empty string) for kind \"command\"".into(),
+                        )),
+                    }
+                };
+                load_command = cmd("load", &a.load)?;
+                unload_command = cmd("unload", &a.unload)?;
+                if unload_command.is_none() {
+                    return Err(at("unload", "required for kind \"command\"".into()));
+                }
+                if a.size.is_none() {
+                    return Err(at("size", "required for kind \"command\"".into()));
+                }
+                if a.restore && load_command.is_none() {
+                    return Err(at("restore", "needs a load command".into()));
+                }
+            } else if let Some(key) = [("load", &a.load), ("unload", &a.unload)]
+                .iter()
+                .find(|(_, x)| x.as_ref().is_some_and(|x| x.command().is_some()))
+                .map(|(k, _)| *k)
+            {
+                return Err(at(key, "a shell command is only for kind \"command\"; give { path = ... } or { url = ... }".into()));
+            }
+            let unload_timeout = match &a.unload_timeout {
+                Some(t) => parse_duration(t).map_err(|e| at("unload_timeout", e.to_string()))?,
+                None => Duration::from_secs(60),
+            };
             let app_call = |key: &str, c: &CallConfig| -> Result<Call, Error> {
                 let url = match (&c.path, &c.url) {
                     (Some(p), None) => {
@@ -385,10 +507,16 @@ impl Settings {
                     body: c.body.clone(),
                 })
             };
-            let load = a.load.as_ref().map(|c| app_call("load", c)).transpose()?;
+            let load = a
+                .load
+                .as_ref()
+                .and_then(Action::call)
+                .map(|c| app_call("load", c))
+                .transpose()?;
             let unload = a
                 .unload
                 .as_ref()
+                .and_then(Action::call)
                 .map(|c| app_call("unload", c))
                 .transpose()?;
             let health = a
@@ -450,6 +578,14 @@ impl Settings {
                         return Err(at(
                             "sizes",
                             format!("not for kind \"{name}\": give the app's size"),
+                        ));
+                    }
+                }
+                Kind::Command => {
+                    if !a.models.is_empty() || !a.sizes.is_empty() {
+                        return Err(at(
+                            if a.sizes.is_empty() { "model" } else { "sizes" },
+                            "not for kind \"command\": give the app's size".into(),
                         ));
                     }
                 }
@@ -583,6 +719,11 @@ impl Settings {
                 always_on: a.always_on,
                 coexists_with: a.coexists_with,
                 load_timeout,
+                load_command,
+                unload_command,
+                unload_timeout,
+                device: a.device,
+                restore: a.restore,
             });
         }
         if apps.is_empty() {
@@ -831,7 +972,7 @@ pid_file = "/run/comfy.pid"
             ),
             (
                 FIRST.replace("kind = \"ollama\"", "kind = \"comfy\""),
-                "use \"ollama\", \"openai\", \"comfyui\" or \"http\"",
+                "use \"ollama\", \"openai\", \"comfyui\", \"http\" or \"command\"",
             ),
         ];
         for (text, want) in cases {
@@ -954,5 +1095,91 @@ load_timeout = "5s"
             .unwrap_err()
             .to_string();
         assert!(e.contains("drain_limit"), "{e}");
+    }
+
+    const COMMAND: &str = r#"
+[[app]]
+name = "sd"
+kind = "command"
+size = "6GiB"
+unload = "systemctl --user stop sd"
+load = "systemctl --user start sd"
+pid_file = "/run/sd.pid"
+unload_timeout = "20s"
+device = 1
+restore = true
+"#;
+
+    #[test]
+    fn command_apps_get_their_commands_timeouts_and_restore() {
+        let s = Settings::parse(Path::new("g.toml"), COMMAND).unwrap();
+        let a = &s.apps[0];
+        assert_eq!(a.kind, Kind::Command);
+        assert_eq!(
+            a.unload_command.as_deref(),
+            Some("systemctl --user stop sd")
+        );
+        assert_eq!(a.load_command.as_deref(), Some("systemctl --user start sd"));
+        assert!(a.unload.is_none() && a.load.is_none());
+        assert_eq!(a.unload_timeout, Duration::from_secs(20));
+        assert_eq!(
+            (a.device, a.restore, a.size_bytes),
+            (Some(1), true, Some(6 << 30))
+        );
+        let cases = [
+            (
+                COMMAND.replace("unload = \"systemctl --user stop sd\"\n", ""),
+                "unload: required for kind \"command\"",
+            ),
+            (
+                format!("{COMMAND}upstream = \"http://127.0.0.1:1\"\n"),
+                "upstream: not for kind \"command\"",
+            ),
+            (
+                COMMAND.replace("size = \"6GiB\"\n", ""),
+                "size: required for kind \"command\"",
+            ),
+            (
+                COMMAND.replace("load = \"systemctl --user start sd\"\n", ""),
+                "restore: needs a load command",
+            ),
+            (
+                COMMAND.replace("\"systemctl --user stop sd\"", "{ path = \"/x\" }"),
+                "unload: a shell command",
+            ),
+            (
+                format!("{COMMAND}always_on = true\n"),
+                "always_on: only for kind \"http\"",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = Settings::parse(Path::new("g.toml"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+        }
+        let e = Settings::parse(
+            Path::new("g.toml"),
+            "[[app]]\nname = \"x\"\nkind = \"http\"\nupstream = \"http://127.0.0.1:1\"\nlisten = \"127.0.0.1:2\"\nsize = \"1GiB\"\nunload = \"rm -rf /\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("unload: a shell command is only for kind \"command\""),
+            "{e}"
+        );
+        let e = Settings::parse(
+            Path::new("g.toml"),
+            &format!(
+                "{}restore = true\n",
+                "[[app]]\nname = \"x\"\nkind = \"ollama\"\nupstream = \"http://127.0.0.1:1\"\n"
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("restore: only for kinds \"http\" and \"command\""),
+            "{e}"
+        );
     }
 }

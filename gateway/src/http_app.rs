@@ -74,6 +74,8 @@ struct Inner {
     already_unloaded: u64,
     /// Reservations released because the app unloaded itself while idle.
     self_unloads: u64,
+    /// Loads made by `restore`.
+    restores: u64,
 }
 
 fn now_ms() -> u64 {
@@ -128,6 +130,7 @@ impl HttpApp {
             "unloads": i.unloads,
             "already_unloaded": i.already_unloaded,
             "self_unloads": i.self_unloads,
+            "restores": i.restores,
             "last_error": i.last_error.as_ref().map(|(m, _)| m),
             "last_error_at_ms": i.last_error.as_ref().map(|(_, t)| t),
         })
@@ -337,6 +340,57 @@ async fn ensure_loaded(app: &AppState, epoch: u64) -> Result<(), Error> {
     Ok(())
 }
 
+/// `restore`: the app was evicted and vramd's queue is empty: its
+/// reservation taken again try-once (never queued, evicting nothing), then
+/// its load request and the wait for health; on failure the reservation is
+/// released and a later poll tries again.
+async fn restore(app: &Arc<AppState>) {
+    let Some(bytes) = app
+        .sizes
+        .get(&format!("{}/{MODEL}", app.cfg.name))
+        .or(app.cfg.size_bytes)
+    else {
+        return;
+    };
+    let Ok((generation, client)) = app.daemon.client().await else {
+        return;
+    };
+    // vramd grants a try-once request that fits even while others wait:
+    // the queue is read fresh right before asking.
+    if !app.daemon.status().await.is_ok_and(|s| s.queue.is_empty()) {
+        return;
+    }
+    let req = vramd_client::Request::new(bytes)
+        .label(format!("{}/{MODEL}", app.cfg.name))
+        .priority(app.cfg.priority)
+        .evictable(true)
+        .timeout(Duration::ZERO);
+    let r = match client.reserve(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(app = %app.cfg.name, error = %e, "restore: no room now");
+            return;
+        }
+    };
+    if !app.adopt(MODEL, r, generation, false) {
+        return;
+    }
+    let Some((epoch, _, _)) = app.reservation(MODEL) else {
+        return;
+    };
+    tracing::info!(app = %app.cfg.name, bytes, "restoring: the room is back with nobody waiting");
+    crate::pids::attach(app, MODEL, epoch, true).await;
+    if let Err(e) = ensure_loaded(app, epoch).await {
+        tracing::warn!(app = %app.cfg.name, error = %e, "restore failed; releasing");
+        tokio::time::sleep(crate::models::IDLE_LINGER).await;
+        if app.release_idle(MODEL, epoch, "its restore failed") {
+            app.attributed.forget();
+        }
+        return;
+    }
+    app.http_app.lock().restores += 1;
+}
+
 /// Whether vramd may evict the app now.
 pub(crate) fn may_be_idle(app: &AppState) -> bool {
     app.cfg.unload.is_some() && !app.cfg.always_on && !app.http_app.held_for_peers()
@@ -384,6 +438,18 @@ pub(crate) async fn poll(app: &Arc<AppState>) {
                     app.http_app.fail("reserving", &e);
                 }
             }
+            app.http_app.reserving.store(false, Ordering::SeqCst);
+        });
+    }
+    if app.cfg.restore
+        && app.http_app.lock().needs_load
+        && !app.has_slot(MODEL)
+        && app.daemon.last_status().is_some_and(|s| s.queue.is_empty())
+        && !app.http_app.reserving.swap(true, Ordering::SeqCst)
+    {
+        let app = app.clone();
+        tokio::spawn(async move {
+            restore(&app).await;
             app.http_app.reserving.store(false, Ordering::SeqCst);
         });
     }

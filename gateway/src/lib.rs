@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod attribution;
 pub mod comfyui;
+pub mod command_app;
 pub mod config;
 pub mod daemon;
 mod error;
@@ -43,6 +44,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         let one = match app.kind {
             config::Kind::ComfyUi => Some(comfyui::MODEL),
             config::Kind::Http => Some(http_app::MODEL),
+            config::Kind::Command => Some(command_app::MODEL),
             _ => None,
         };
         if let Some(model) = one
@@ -119,6 +121,8 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             config::Kind::OpenAi => openai::router(group[0].clone()),
             config::Kind::ComfyUi => comfyui::router(group[0].clone()),
             config::Kind::Http => http_app::router_for(group),
+            // No listen (refused by the config check).
+            config::Kind::Command => continue,
         };
         servers.spawn(serve(listener, router));
     }

@@ -120,6 +120,8 @@ pub struct AppState {
     pub(crate) attributed: crate::pids::Attributed,
     /// `http`: health, loads, peers.
     pub(crate) http_app: crate::http_app::HttpApp,
+    /// `command`: loads, unloads, last error.
+    pub(crate) command: crate::command_app::CommandApp,
 }
 
 /// How long a model stays busy in vramd after its last request ended, so
@@ -224,6 +226,7 @@ impl AppState {
             comfy: crate::comfyui::Comfy::default(),
             attributed: crate::pids::Attributed::default(),
             http_app: crate::http_app::HttpApp::default(),
+            command: crate::command_app::CommandApp::default(),
         }
     }
 
@@ -501,7 +504,7 @@ impl AppState {
         if self.cfg.kind == Kind::OpenAi {
             return Ok(self.cfg.model(&call.model).and_then(|m| m.size_bytes));
         }
-        if matches!(self.cfg.kind, Kind::ComfyUi | Kind::Http) {
+        if matches!(self.cfg.kind, Kind::ComfyUi | Kind::Http | Kind::Command) {
             return Ok(self.cfg.size_bytes);
         }
         if let Some(b) = self.cfg.size_overrides.get(&call.model) {
@@ -590,6 +593,7 @@ impl AppState {
             Kind::Ollama | Kind::ComfyUi => true,
             Kind::OpenAi => self.cfg.model(model).is_some_and(|m| m.unload.is_some()),
             Kind::Http => self.cfg.unload.is_some() && !self.cfg.always_on,
+            Kind::Command => true,
         }
     }
 
@@ -629,6 +633,7 @@ impl AppState {
             Kind::Ollama => self.unload_ollama(model, until).await,
             Kind::ComfyUi => crate::comfyui::unload(self, device, until).await,
             Kind::Http => crate::http_app::unload(self, device, until).await,
+            Kind::Command => crate::command_app::unload(self, device, until).await,
         }
         {
             let mut slots = self.lock();
@@ -683,6 +688,10 @@ impl AppState {
             self.release_lost();
             crate::http_app::poll(self).await;
             return self.update_drain();
+        }
+        if self.cfg.kind == Kind::Command {
+            self.release_lost();
+            return crate::command_app::poll(self).await;
         }
         let started = Instant::now();
         let ps = self.upstream.ps().await;

@@ -130,6 +130,15 @@ pub(crate) async fn attach(app: &Arc<AppState>, model: &str, epoch: u64, unloade
     }
 }
 
+/// Records `pids` (already given to vramd with the reservation) as
+/// attributed to the reservation of `epoch`, without attaching them again.
+pub(crate) fn note(app: &AppState, epoch: u64, pids: Vec<u32>) {
+    let mut i = app.attributed.lock();
+    i.epoch = Some(epoch);
+    i.pids = pids;
+    i.peak_bytes = 0;
+}
+
 /// The pids' usage on `device` in vramd's readings (a fresh status).
 pub(crate) async fn usage(app: &AppState, pids: &[u32], device: u32) -> Option<u64> {
     let s = app.daemon.status().await.ok()?;

@@ -549,3 +549,70 @@ fn http_apps_sharing_a_listen_are_routed_by_their_prefixes() {
     l.sort();
     assert_eq!(l, ["stt/app", "tts/app"]);
 }
+
+#[test]
+fn restore_loads_an_evicted_http_app_again_when_the_room_comes_back_with_nobody_waiting() {
+    let (gpu, d) = card();
+    let dir = tempfile::tempdir().unwrap();
+    let (_p, pid, pidf) = app_process(dir.path(), "tts");
+    let tts = FakeService::start(
+        gpu.clone(),
+        0,
+        pid,
+        10 * GIB,
+        "/v1/tts",
+        Duration::from_millis(200),
+        Duration::from_millis(10),
+    );
+    let lt = free_port();
+    let apps = format!(
+        r#"
+[[app]]
+name = "tts"
+kind = "http"
+upstream = "{}"
+listen = "{lt}"
+routes = ["/v1/tts"]
+size = "10GiB"
+load = {{ path = "/load" }}
+unload = {{ path = "/unload" }}
+health = {{ path = "/health" }}
+pid_file = {pidf:?}
+restore = true
+"#,
+        tts.url()
+    );
+    let g = Gateway::start(d.socket(), "", &apps, &[lt]);
+    assert_eq!(
+        http(lt, "POST", "/v1/tts", Some(&json!({})), &[]).status,
+        200
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    // A 20 GiB job needs the idle TTS's room.
+    let (mut j, granted) = job(&d, "20GiB", "job");
+    granted
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("the job was never granted; log:\n{}", g.log()));
+    gpu.set_process(0, j.id(), 20 * GIB);
+    assert_eq!(tts.unloads(), 1);
+    // Not loaded again while the job holds the room.
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(tts.loads(), 0);
+    let _ = j.kill();
+    let _ = j.wait();
+    gpu.set_process(0, j.id(), 0);
+    // Nobody waiting: loaded again through its load route, with no request.
+    assert!(
+        wait_until(WAIT, || tts.loaded()
+            && labels(&d).contains(&"tts/app".to_string())),
+        "never restored; log:\n{}",
+        g.log()
+    );
+    assert!(
+        wait_until(WAIT, || g.status()["apps"][0]["http"]["restores"] == 1),
+        "the restore was not counted"
+    );
+    assert_eq!(tts.loads(), 1);
+    assert_eq!(tts.ooms(), 0);
+    assert!(gpu.peak_used(0) <= gpu.total(0));
+}
