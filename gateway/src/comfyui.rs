@@ -67,7 +67,7 @@ struct Inner {
     queue: Option<(usize, usize)>,
     /// The last failure and when (Unix milliseconds), kept until a later
     /// success of the same call.
-    last_error: Option<(String, u64)>,
+    last_error: crate::last_error::LastError,
 }
 
 impl Comfy {
@@ -87,26 +87,17 @@ impl Comfy {
             "busy": i.busy,
             "queue_running": i.queue.map(|q| q.0),
             "queue_pending": i.queue.map(|q| q.1),
-            "last_error": i.last_error.as_ref().map(|(m, _)| m),
-            "last_error_at_ms": i.last_error.as_ref().map(|(_, t)| t),
+            "last_error": i.last_error.message(),
+            "last_error_at_ms": i.last_error.at_ms(),
         })
     }
 
     fn fail(&self, what: &str, e: impl std::fmt::Display) {
-        let ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        self.lock().last_error = Some((format!("{what}: {e}"), ms));
+        self.lock().last_error.fail(what, e);
     }
 
     fn succeed(&self, what: &str) {
-        let mut i = self.lock();
-        if i.last_error
-            .as_ref()
-            .is_some_and(|(m, _)| m.starts_with(&format!("{what}:")))
-        {
-            i.last_error = None;
-        }
+        self.lock().last_error.succeed(what);
     }
 
     /// Whether the last `/queue` read was answered.

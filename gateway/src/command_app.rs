@@ -48,7 +48,7 @@ struct Inner {
     unloaded: bool,
     /// The last failure and when (Unix milliseconds), kept until a later
     /// success of the same command.
-    last_error: Option<(String, u64)>,
+    last_error: crate::last_error::LastError,
     /// Unloads that succeeded (command exited 0, memory seen freed or
     /// nothing to watch).
     unloads: u64,
@@ -60,29 +60,17 @@ struct Inner {
     failed_loads: u64,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl CommandApp {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn fail(&self, what: &str, e: impl std::fmt::Display) {
-        self.lock().last_error = Some((format!("{what}: {e}"), now_ms()));
+        self.lock().last_error.fail(what, e);
     }
 
     fn succeed(&self, what: &str) {
-        let mut i = self.lock();
-        if i.last_error
-            .as_ref()
-            .is_some_and(|(m, _)| m.starts_with(&format!("{what}:")))
-        {
-            i.last_error = None;
-        }
+        self.lock().last_error.succeed(what);
     }
 
     /// For `/status`.
@@ -94,8 +82,8 @@ impl CommandApp {
             "failed_unloads": i.failed_unloads,
             "loads": i.loads,
             "failed_loads": i.failed_loads,
-            "last_error": i.last_error.as_ref().map(|(m, _)| m),
-            "last_error_at_ms": i.last_error.as_ref().map(|(_, t)| t),
+            "last_error": i.last_error.message(),
+            "last_error_at_ms": i.last_error.at_ms(),
         })
     }
 }

@@ -66,7 +66,7 @@ struct Inner {
     held_for_peers: u32,
     /// The last failure and when (Unix milliseconds), kept until a later
     /// success of the same call.
-    last_error: Option<(String, u64)>,
+    last_error: crate::last_error::LastError,
     /// Unloads asked and completed (memory seen freed, or nothing to watch).
     unloads: u64,
     /// Evictions of an app that had unloaded itself already (no unload
@@ -76,12 +76,6 @@ struct Inner {
     self_unloads: u64,
     /// Loads made by `restore`.
     restores: u64,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl HttpApp {
@@ -106,18 +100,12 @@ impl HttpApp {
     }
 
     fn fail(&self, what: &str, e: impl std::fmt::Display) {
-        self.lock().last_error = Some((format!("{what}: {e}"), now_ms()));
+        self.lock().last_error.fail(what, e);
     }
 
     /// A success of `what` clears a last error of `what` (only).
     fn succeed(&self, what: &str) {
-        let mut i = self.lock();
-        if i.last_error
-            .as_ref()
-            .is_some_and(|(m, _)| m.starts_with(&format!("{what}:")))
-        {
-            i.last_error = None;
-        }
+        self.lock().last_error.succeed(what);
     }
 
     /// For `/status`.
@@ -131,8 +119,8 @@ impl HttpApp {
             "already_unloaded": i.already_unloaded,
             "self_unloads": i.self_unloads,
             "restores": i.restores,
-            "last_error": i.last_error.as_ref().map(|(m, _)| m),
-            "last_error_at_ms": i.last_error.as_ref().map(|(_, t)| t),
+            "last_error": i.last_error.message(),
+            "last_error_at_ms": i.last_error.at_ms(),
         })
     }
 }
@@ -213,9 +201,9 @@ async fn handle(app: Arc<AppState>, req: Request<Body>) -> Result<Response, Resp
             .http_app
             .lock()
             .last_error
-            .as_ref()
-            .map(|(m, _)| m.clone())
-            .unwrap_or_default();
+            .message()
+            .unwrap_or_default()
+            .to_string();
         return Err(json_error(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             format!("app {:?} is unhealthy: {why}", app.cfg.name),
@@ -417,7 +405,7 @@ pub(crate) async fn poll(app: &Arc<AppState>) {
                     tracing::warn!(app = %app.cfg.name, error = %e, "unhealthy");
                 }
                 i.healthy = Some(false);
-                i.last_error = Some((format!("health: {e}"), now_ms()));
+                i.last_error.fail("health", e);
             }
         }
     }

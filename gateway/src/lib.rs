@@ -21,6 +21,7 @@ pub mod config;
 pub mod daemon;
 mod error;
 pub mod http_app;
+mod last_error;
 pub mod metrics;
 pub mod models;
 pub mod ollama;
