@@ -202,6 +202,41 @@ mod tests {
     }
 
     #[test]
+    fn an_enforcement_is_saved_and_a_file_from_before_it_existed_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StateFile::for_socket(&dir.path().join("v.sock"), None);
+        let mut s = snapshot();
+        s.reservations.push(vramd_ledger::SavedReservation {
+            id: vramd_protocol::ReservationId(3),
+            device_uuid: "SIM-0".into(),
+            bytes: 1 << 30,
+            label: None,
+            priority: 0,
+            pid: 42,
+            uid: 1000,
+            gid: 1000,
+            admin: false,
+            pids: vec![42],
+            idle: false,
+            age_ms: 5,
+            enforced: Some((1 << 30, "mps".into())),
+        });
+        f.save(s.clone()).unwrap();
+        assert_eq!(f.load(), Ok(Some(s.clone())));
+        // The same file as an older daemon wrote it: no `enforced` key.
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(f.path()).unwrap()).unwrap();
+        v["reservations"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("enforced")
+            .expect("saved with the key");
+        std::fs::write(f.path(), serde_json::to_vec(&v).unwrap()).unwrap();
+        s.reservations[0].enforced = None;
+        assert_eq!(f.load(), Ok(Some(s)));
+    }
+
+    #[test]
     fn corrupt_foreign_and_unsafe_files_are_refused_with_a_reason() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("v.sock");

@@ -87,6 +87,10 @@ pub struct SavedReservation {
     pub idle: bool,
     /// How long it had been held when saved, in milliseconds.
     pub age_ms: u64,
+    /// The hard limit its holder declared (`SetEnforced`): bytes and
+    /// mechanism. Absent in files written before it existed.
+    #[serde(default)]
+    pub enforced: Option<(u64, String)>,
 }
 
 /// What [`Ledger::restore`] did.
@@ -173,6 +177,7 @@ impl Ledger {
                     pids: r.pids.clone(),
                     idle: self.restart.held.get(&r.id).copied().unwrap_or(r.idle),
                     age_ms: millis(now.saturating_duration_since(r.granted_at)),
+                    enforced: r.enforced.clone(),
                 })
                 .collect(),
         }
@@ -246,7 +251,7 @@ impl Ledger {
                 idle: false,
                 last_busy: now,
                 evicting: None,
-                enforced: None,
+                enforced: s.enforced,
             });
         }
         self.next_id = self.next_id.max(snapshot.next_id).max(max_id + 1);
@@ -552,6 +557,52 @@ mod tests {
         assert_eq!((report.held, report.held_bytes), (1, 16 * GIB));
         assert!(report.dropped.is_empty());
         (new, id, token)
+    }
+
+    #[test]
+    fn an_enforcement_declaration_survives_a_restart() {
+        let now = Instant::now();
+        let mut old = ledger(now);
+        send(
+            &mut old,
+            1,
+            1000,
+            ClientMessage::EnableReclaim { tag: 1 },
+            now,
+        );
+        let fx = send(&mut old, 1, 1000, reserve(2, 4 * GIB), now);
+        let id = match &replies(&fx)[0] {
+            ServerMessage::Granted { grant, .. } => grant.id,
+            other => panic!("{other:?}"),
+        };
+        let enforce = ClientMessage::SetEnforced {
+            tag: 3,
+            id,
+            limit_bytes: 4 * GIB,
+            mechanism: "mps".into(),
+        };
+        send(&mut old, 1, 1000, enforce, now);
+        let snapshot = old.snapshot(now);
+        assert_eq!(
+            snapshot.reservations[0].enforced,
+            Some((4 * GIB, "mps".to_string()))
+        );
+        let mut new = ledger(now).with_reclaim(0x9999, Duration::from_secs(30));
+        new.restore(snapshot, now);
+        let st = new.status(
+            Peer {
+                pid: 1,
+                uid: 0,
+                gid: 0,
+                admin: true,
+            },
+            now,
+        );
+        assert_eq!(st.enforced.len(), 1);
+        assert_eq!(
+            (st.enforced[0].id, st.enforced[0].limit_bytes),
+            (id, 4 * GIB)
+        );
     }
 
     #[test]
