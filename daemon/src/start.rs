@@ -362,6 +362,7 @@ fn notify(state: sd_notify::NotifyState<'_>) {
 
 /// Starts the daemon as `args` say and serves until SIGTERM or SIGINT.
 pub fn run(args: Args) -> Result<(), StartError> {
+    crate::server::raise_open_file_limit_logged();
     let inherited = inherited_listener()?;
     let file = match &args.config {
         Some(path) => Config::load(path)?,

@@ -111,6 +111,23 @@ impl Reload {
     }
 }
 
+/// Raises the open-file soft limit to the hard limit (every connection is a
+/// file descriptor: take all the system allows) and logs it. Called at the
+/// very start, before the socket is bound: a client that can connect must
+/// find the limit already raised.
+pub fn raise_open_file_limit_logged() {
+    match raise_open_file_limit() {
+        Ok((before, after)) if after > before => {
+            info!(
+                before,
+                after, "raised the open-file limit to its hard limit"
+            );
+        }
+        Ok((_, after)) => debug!(limit = after, "open-file limit"),
+        Err(e) => warn!(error = %e, "cannot raise the open-file limit"),
+    }
+}
+
 /// Serves clients on `listener` until `shutdown` completes, then removes the
 /// socket file (also when it fails) if `config.remove_socket_on_exit` (a
 /// socket passed by systemd stays). SIGHUP reads the config file again
@@ -136,17 +153,6 @@ pub async fn serve(
     // SIGHUP would otherwise end the process without cleaning up: it
     // reloads the config file, or without one is logged and ignored.
     let mut hangup = signal(SignalKind::hangup())?;
-    // Every connection is a file descriptor: take all the system allows.
-    match raise_open_file_limit() {
-        Ok((before, after)) if after > before => {
-            info!(
-                before,
-                after, "raised the open-file limit to its hard limit"
-            );
-        }
-        Ok((_, after)) => debug!(limit = after, "open-file limit"),
-        Err(e) => warn!(error = %e, "cannot raise the open-file limit"),
-    }
     let listener = UnixListener::from_std(listener)?;
     let (events_tx, events_rx) = mpsc::channel::<Event>(4096);
     let devices = ledger.device_count();
