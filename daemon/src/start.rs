@@ -78,14 +78,16 @@ pub struct Args {
     /// then only decides what a waiter may evict). Off by default.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub priority_window: Option<Duration>,
-    /// Make each request's starvation guard its own: the recent mean wait
+    /// Each request's starvation guard is its own: the recent mean wait
     /// times `--adaptive-guard-factor`, at least `--starvation-guard` and at
-    /// most this. Off by default.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub adaptive_guard: Option<Duration>,
-    /// With `--adaptive-guard`: a request's guard is this many times the
-    /// mean wait of the last 64 grants.
-    #[arg(long, value_name = "N", default_value_t = AdaptiveGuard::DEFAULT_FACTOR, requires = "adaptive_guard")]
+    /// most this; `off`: every request's guard is `--starvation-guard`
+    /// (the policy before 0.2; docs/architecture.md, "Scheduling")
+    /// [default: 3h].
+    #[arg(long, value_name = "DURATION|off", value_parser = parse_guard_cap)]
+    pub adaptive_guard: Option<GuardCap>,
+    /// A request's adaptive guard is this many times the mean wait of the
+    /// last 64 grants.
+    #[arg(long, value_name = "N", default_value_t = AdaptiveGuard::DEFAULT_FACTOR, value_parser = clap::value_parser!(u32).range(1..))]
     pub adaptive_guard_factor: u32,
     /// Where requests for any device go: spread (most room) or pack (least room that fits).
     #[arg(long, value_parser = clap::value_parser!(Placement))]
@@ -265,13 +267,17 @@ impl Args {
             aging: self.aging.unwrap_or(d.aging).max(Duration::from_millis(1)),
             starvation_guard: self.starvation_guard.unwrap_or(d.starvation_guard),
             priority_window: self.priority_window.or(d.priority_window),
-            adaptive_guard: self
-                .adaptive_guard
-                .map(|cap| AdaptiveGuard {
+            adaptive_guard: match self.adaptive_guard {
+                Some(GuardCap::Off) => None,
+                Some(GuardCap::Cap(cap)) => Some(AdaptiveGuard {
                     factor: self.adaptive_guard_factor,
                     cap,
-                })
-                .or(d.adaptive_guard),
+                }),
+                None => d.adaptive_guard.map(|g| AdaptiveGuard {
+                    factor: self.adaptive_guard_factor,
+                    ..g
+                }),
+            },
             placement: self.placement.unwrap_or(d.placement),
             eviction_deadline: self
                 .eviction_deadline
@@ -287,6 +293,43 @@ impl Args {
                 .max_reservations_per_uid
                 .unwrap_or(d.max_reservations_per_uid),
         }
+    }
+}
+
+/// Logs the scheduling policy in force (docs/architecture.md, "Scheduling").
+fn log_policy(c: &LedgerConfig) {
+    let adaptive = c.adaptive_guard.map_or_else(
+        || "off".to_string(),
+        |g| {
+            format!(
+                "{} x recent mean wait, cap {}",
+                g.factor,
+                format_duration(g.cap)
+            )
+        },
+    );
+    let window = c
+        .priority_window
+        .map_or_else(|| "off".to_string(), format_duration);
+    tracing::info!(aging = %format_duration(c.aging), starvation_guard = %format_duration(c.starvation_guard),
+        adaptive_guard = %adaptive, priority_window = %window, "scheduling policy");
+}
+
+/// `--adaptive-guard`: a cap, or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuardCap {
+    /// A fixed guard (`--starvation-guard`) for every request.
+    Off,
+    /// The adaptive guard, at most this long.
+    Cap(Duration),
+}
+
+fn parse_guard_cap(s: &str) -> Result<GuardCap, String> {
+    match s.trim() {
+        "off" | "none" => Ok(GuardCap::Off),
+        other => parse_duration(other)
+            .map(GuardCap::Cap)
+            .map_err(|e| format!("{e} (or `off` for a fixed guard)")),
     }
 }
 
@@ -444,6 +487,7 @@ pub fn run(args: Args) -> Result<(), StartError> {
         tracing::info!(index = d.index, uuid = %d.uuid, name = %d.name, total_bytes = d.total_bytes,
             size = %format_size(d.total_bytes), backend = backend.name, "device");
     }
+    log_policy(&args.ledger_config(&file));
     for c in &file.consumers {
         let device = match c.device {
             None => None,
@@ -667,5 +711,45 @@ mod tests {
         let factor2 =
             parse(&["--adaptive-guard", "1h", "--adaptive-guard-factor", "2"]).ledger_config(&file);
         assert_eq!(factor2.adaptive_guard.map(|g| g.factor), Some(2));
+    }
+
+    #[test]
+    fn the_adaptive_guard_is_on_by_default_and_can_be_turned_off() {
+        let file = Config::default();
+        assert_eq!(
+            parse(&[]).ledger_config(&file).adaptive_guard,
+            Some(AdaptiveGuard::DEFAULT)
+        );
+        // The factor alone keeps the default cap.
+        assert_eq!(
+            parse(&["--adaptive-guard-factor", "2"])
+                .ledger_config(&file)
+                .adaptive_guard,
+            Some(AdaptiveGuard {
+                factor: 2,
+                cap: AdaptiveGuard::DEFAULT_CAP
+            })
+        );
+        for off in ["off", "none"] {
+            assert_eq!(
+                parse(&["--adaptive-guard", off])
+                    .ledger_config(&file)
+                    .adaptive_guard,
+                None
+            );
+        }
+        for bad in [
+            &["--adaptive-guard", "later"][..],
+            &["--adaptive-guard-factor", "0"],
+        ] {
+            let mut argv = vec!["vramd"];
+            argv.extend_from_slice(bad);
+            assert!(
+                Args::command_with_defaults()
+                    .try_get_matches_from(argv)
+                    .is_err(),
+                "{bad:?}"
+            );
+        }
     }
 }

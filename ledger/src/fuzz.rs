@@ -132,7 +132,8 @@ fn ledger(measured: bool, small_limits: bool, policy: u8) -> Ledger {
     } else {
         LedgerConfig::default()
     };
-    // The optional scheduling rules: a priority window, an adaptive guard.
+    // The scheduling rules: the default (adaptive guard), a priority
+    // window, a short adaptive cap, the fixed guard.
     match policy {
         1 => config.priority_window = Some(Duration::from_secs(60)),
         2 => {
@@ -141,6 +142,7 @@ fn ledger(measured: bool, small_limits: bool, policy: u8) -> Ledger {
                 cap: Duration::from_secs(600),
             })
         }
+        3 => config.adaptive_guard = None,
         _ => {}
     }
     let source = if measured {
@@ -178,7 +180,7 @@ proptest! {
     fn random_input_sequences_keep_every_invariant(
         measured in any::<bool>(),
         small_limits in any::<bool>(),
-        policy in 0u8..3,
+        policy in 0u8..4,
         steps in proptest::collection::vec((arb_step(), prop_oneof![Just(0u64), 0u64..5_000, 0u64..120_000]), 1..MAX_INPUTS),
     ) {
         let mut l = ledger(measured, small_limits, policy);

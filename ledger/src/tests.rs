@@ -852,10 +852,15 @@ proptest! {
     fn random_histories_keep_every_invariant(
         totals in proptest::collection::vec(8u64..40, 1..3),
         ops in proptest::collection::vec((arb_op(), 0u64..20_000), 1..60),
+        fixed_guard in proptest::bool::ANY,
     ) {
         let t0 = Instant::now();
         let mut now = t0;
         let mut l = sim(&totals.iter().map(|t| t * G).collect::<Vec<_>>());
+        // The default (adaptive) guard, or the fixed one it replaced.
+        if fixed_guard {
+            l.config.adaptive_guard = None;
+        }
         let mut fates: BTreeMap<(u64, u64), Fate> = BTreeMap::new();
         let mut prio: BTreeMap<ReservationId, (i32, Instant)> = BTreeMap::new();
         let mut next_tag = 1u64;
@@ -929,7 +934,8 @@ proptest! {
                         let (p, arrived) = prio[&grant.id];
                         let granted_key = l.order_key(p, arrived, grant.id);
                         for (_, s) in l.queue.iter() {
-                            let starved = now.saturating_duration_since(s.arrived) >= l.config.starvation_guard;
+                            // Its own guard (the fixed one, or its adaptive one).
+                            let starved = now >= s.starved_at;
                             let ahead = l.order_key(s.priority, s.arrived, s.id) < granted_key;
                             prop_assert!(!(starved && ahead && s.candidates.contains(&d) && l.capacity(d) >= s.bytes),
                                 "grant {:?} jumped starved waiter {:?}", grant.id, s.id);

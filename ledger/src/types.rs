@@ -106,13 +106,15 @@ pub struct LedgerConfig {
     /// younger waiter (see `queue`). Aging then only lifts a waiter's
     /// priority for choosing eviction victims.
     pub priority_window: Option<Duration>,
-    /// `None`: every request is starved (its devices keep their room for
-    /// it) once it has waited `starvation_guard`. `Some(g)`: each request's
+    /// `Some(g)` (the default, [`AdaptiveGuard::DEFAULT`]): each request's
     /// guard, fixed when it arrives, is `g.factor` × the mean wait of the
     /// last [`AdaptiveGuard::GRANTS`] grants, at least `starvation_guard`
     /// and at most `g.cap`: on a busy card, where everyone waits, a large
     /// request stops others from going ahead of it only once it has waited
-    /// well past what others wait.
+    /// well past what others wait; on a quiet card it is `starvation_guard`.
+    /// `None`: every request is starved (its devices keep their room for
+    /// it) once it has waited `starvation_guard` (the policy before the
+    /// scheduling sweep, docs/benchmarks.md).
     pub adaptive_guard: Option<AdaptiveGuard>,
     /// How a request for any device is placed.
     pub placement: Placement,
@@ -138,7 +140,7 @@ impl Default for LedgerConfig {
             aging: Duration::from_secs(10),
             starvation_guard: Duration::from_secs(30),
             priority_window: None,
-            adaptive_guard: None,
+            adaptive_guard: Some(AdaptiveGuard::DEFAULT),
             placement: Placement::Spread,
             eviction_deadline: Duration::from_secs(30),
             min_residency: Duration::from_secs(10),
@@ -163,6 +165,14 @@ impl AdaptiveGuard {
     pub const GRANTS: usize = 64;
     /// The factor chosen by the policy sweep (docs/benchmarks.md).
     pub const DEFAULT_FACTOR: u32 = 4;
+    /// The cap chosen by the policy sweep (docs/benchmarks.md): the longest
+    /// any request's guard can be.
+    pub const DEFAULT_CAP: Duration = Duration::from_secs(3 * 3600);
+    /// The ledger's default: factor 4, cap 3 h.
+    pub const DEFAULT: AdaptiveGuard = AdaptiveGuard {
+        factor: Self::DEFAULT_FACTOR,
+        cap: Self::DEFAULT_CAP,
+    };
 }
 
 /// Placement of a request for any device.

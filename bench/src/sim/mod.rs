@@ -453,6 +453,7 @@ mod tests {
         let res = min_residency();
         let strict = LedgerConfig {
             starvation_guard: Duration::ZERO,
+            adaptive_guard: None,
             ..LedgerConfig::default()
         };
         assert_eq!(
@@ -464,6 +465,7 @@ mod tests {
         );
         let no_guard = LedgerConfig {
             starvation_guard: Duration::from_secs(1 << 40),
+            adaptive_guard: None,
             ..LedgerConfig::default()
         };
         assert_eq!(
