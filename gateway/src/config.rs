@@ -105,6 +105,9 @@ pub struct AppConfig {
     /// made) when it was evicted and vramd's queue is empty.
     #[serde(default)]
     pub restore: bool,
+    /// Wait before a failed unload, load or restore is tried again
+    /// (`"5s"`); doubles with each failure in a row, up to 5 minutes.
+    pub retry_backoff: Option<String>,
 }
 
 /// `load`/`unload`: a request (`http`) or a shell command (`command`).
@@ -289,6 +292,8 @@ pub struct App {
     pub device: Option<u32>,
     /// `http`, `command`: see [`AppConfig::restore`].
     pub restore: bool,
+    /// See [`AppConfig::retry_backoff`] (default 5 s).
+    pub retry_backoff: Duration,
 }
 
 impl App {
@@ -691,6 +696,14 @@ impl Settings {
                 .map_err(|e| at("wait_limit", e.to_string()))?;
             let drain_limit =
                 parse_duration(&a.drain_limit).map_err(|e| at("drain_limit", e.to_string()))?;
+            let retry_backoff = match &a.retry_backoff {
+                Some(t) => match parse_duration(t) {
+                    Ok(d) if !d.is_zero() => d,
+                    Ok(_) => return Err(at("retry_backoff", "must be more than 0".into())),
+                    Err(e) => return Err(at("retry_backoff", e.to_string())),
+                },
+                None => crate::retry::DEFAULT_BACKOFF,
+            };
             let mut size_overrides = BTreeMap::new();
             for (model, size) in &a.sizes {
                 let bytes =
@@ -724,6 +737,7 @@ impl Settings {
                 unload_timeout,
                 device: a.device,
                 restore: a.restore,
+                retry_backoff,
             });
         }
         if apps.is_empty() {
