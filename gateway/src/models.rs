@@ -667,6 +667,8 @@ impl AppState {
                 // Released only once vramd passed the deadline: it then
                 // counts the eviction failed and asks another victim.
                 tokio::time::sleep_until((until + PAST_DEADLINE).into()).await;
+                // The backoff counts from the release.
+                self.retry.restart_wait(model);
             }
             Unloaded::Freed | Unloaded::AlreadyUnloaded => self.retry.succeeded(model),
         }
@@ -739,7 +741,8 @@ impl AppState {
         device: Option<u32>,
     ) {
         if self.has_slot(model) {
-            self.retry.remirrored(model);
+            // Still being evicted, or a request reserved it meanwhile (its
+            // grant ends the pending re-mirror).
             return;
         }
         self.retry.remirrored(model);

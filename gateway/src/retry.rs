@@ -103,6 +103,14 @@ impl Retry {
         wait
     }
 
+    /// Starts `model`'s pending wait over from now (the reservation of a
+    /// failed unload was released only now).
+    pub fn restart_wait(&self, model: &str) {
+        if let Some(p) = self.lock().pending.get_mut(model) {
+            p.at = Instant::now() + self.backoff(p.in_a_row);
+        }
+    }
+
     /// `model`'s unload or load succeeded (or found nothing to do): the
     /// backoff starts over.
     pub fn succeeded(&self, model: &str) {
@@ -152,6 +160,7 @@ impl Retry {
     pub fn not_now(&self, model: &str) {
         if let Some(p) = self.lock().pending.get_mut(model) {
             p.at = Instant::now() + self.base;
+            p.remirror = true;
         }
     }
 
