@@ -328,7 +328,7 @@ pub(crate) async fn unload(
     until: Instant,
 ) -> crate::models::Unloaded {
     use crate::models::Unloaded;
-    if crate::pids::freed_now(app, device).await == Some(true) {
+    if crate::pids::unloaded_itself(app, device).await {
         tracing::info!(app = %app.cfg.name, "ComfyUI holds no models any more: nothing to free");
         app.attributed.forget();
         return Unloaded::AlreadyUnloaded;

@@ -269,7 +269,7 @@ pub(crate) async fn unload(
     let Some(cmd) = &app.cfg.unload_command else {
         return Unloaded::AlreadyUnloaded;
     };
-    if crate::pids::freed_now(app, device).await == Some(true) {
+    if crate::pids::unloaded_itself(app, device).await {
         tracing::info!(app = %app.cfg.name, "the app had unloaded itself already: nothing to unload");
         app.attributed.forget();
         let mut i = app.command.lock();

@@ -1086,6 +1086,22 @@ load_timeout = "5s"
     }
 
     #[test]
+    fn retry_backoff_defaults_to_5s_and_must_be_a_positive_duration() {
+        let s = Settings::parse(Path::new("g.toml"), FIRST).unwrap();
+        assert_eq!(s.apps[0].retry_backoff, Duration::from_secs(5));
+        let t = format!("{FIRST}retry_backoff = \"1m\"\n");
+        let s = Settings::parse(Path::new("g.toml"), &t).unwrap();
+        assert_eq!(s.apps[0].retry_backoff, Duration::from_secs(60));
+        for bad in ["soon", "0s"] {
+            let t = format!("{FIRST}retry_backoff = \"{bad}\"\n");
+            let e = Settings::parse(Path::new("g.toml"), &t)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("retry_backoff"), "{e}");
+        }
+    }
+
+    #[test]
     fn an_app_without_listen_is_watched() {
         let t = FIRST.replace("listen = \"127.0.0.1:11435\"", "");
         let s = Settings::parse(Path::new("g.toml"), &t).unwrap();

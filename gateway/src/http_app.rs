@@ -485,7 +485,7 @@ pub(crate) async fn unload(
     until: Instant,
 ) -> crate::models::Unloaded {
     use crate::models::Unloaded;
-    if crate::pids::freed_now(app, device).await == Some(true) {
+    if crate::pids::unloaded_itself(app, device).await {
         // Nothing to free: not a completed unload.
         tracing::info!(app = %app.cfg.name, "the app had unloaded itself already: nothing to unload");
         app.attributed.forget();
