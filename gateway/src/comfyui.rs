@@ -331,7 +331,7 @@ pub(crate) async fn unload(
     if crate::pids::unloaded_itself(app, device).await {
         tracing::info!(app = %app.cfg.name, "ComfyUI holds no models any more: nothing to free");
         app.attributed.forget();
-        return Unloaded::AlreadyUnloaded;
+        return Unloaded::Already;
     }
     loop {
         match read_queue(app).await {

@@ -267,7 +267,7 @@ pub(crate) async fn unload(
 ) -> crate::models::Unloaded {
     use crate::models::Unloaded;
     let Some(cmd) = &app.cfg.unload_command else {
-        return Unloaded::AlreadyUnloaded;
+        return Unloaded::Already;
     };
     if crate::pids::unloaded_itself(app, device).await {
         tracing::info!(app = %app.cfg.name, "the app had unloaded itself already: nothing to unload");
@@ -275,7 +275,7 @@ pub(crate) async fn unload(
         let mut i = app.command.lock();
         i.unloaded = true;
         i.already_unloaded += 1;
-        return Unloaded::AlreadyUnloaded;
+        return Unloaded::Already;
     }
     let timeout = app
         .cfg

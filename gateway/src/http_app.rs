@@ -492,7 +492,7 @@ pub(crate) async fn unload(
         let mut i = app.http_app.lock();
         i.already_unloaded += 1;
         i.needs_load = true;
-        return Unloaded::AlreadyUnloaded;
+        return Unloaded::Already;
     }
     if let Some(call) = &app.cfg.unload {
         let why =

@@ -80,7 +80,7 @@ pub(crate) enum Unloaded {
     /// unload).
     Freed,
     /// It had nothing loaded: nothing was asked (not a completed unload).
-    AlreadyUnloaded,
+    Already,
     /// The unload failed (refused, an error, no answer by the deadline, or
     /// the memory still in use at the deadline): the memory stays.
     Failed(String),
@@ -670,7 +670,7 @@ impl AppState {
                 // The backoff counts from the release.
                 self.retry.restart_wait(model);
             }
-            Unloaded::Freed | Unloaded::AlreadyUnloaded => self.retry.succeeded(model),
+            Unloaded::Freed | Unloaded::Already => self.retry.succeeded(model),
         }
         {
             let mut slots = self.lock();
@@ -694,7 +694,7 @@ impl AppState {
             && !listed(&ps)
         {
             tracing::info!(app = %self.cfg.name, model, "not loaded any more: nothing to unload");
-            return Unloaded::AlreadyUnloaded;
+            return Unloaded::Already;
         }
         let call = &format!("unload {model}");
         match tokio::time::timeout_at(until.into(), self.upstream.unload(model)).await {

@@ -247,7 +247,7 @@ pub(crate) async fn unload(
     use crate::models::Unloaded;
     let Some(call) = app.cfg.model(model).and_then(|m| m.unload.as_ref()) else {
         tracing::warn!(app = %app.cfg.name, model, "no unload request configured: releasing without unloading");
-        return Unloaded::AlreadyUnloaded;
+        return Unloaded::Already;
     };
     let why = match tokio::time::timeout_at(until.into(), request(app.http(), call)).await {
         Ok(Ok(())) => {
