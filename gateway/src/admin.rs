@@ -46,7 +46,7 @@ async fn status(State(a): State<Admin>) -> impl IntoResponse {
                         .map(|m| (m.to_string(), v.into()))
                 })
                 .collect();
-            serde_json::json!({
+            let mut v = serde_json::json!({
                 "name": app.cfg.name,
                 "kind": app.cfg.kind,
                 "upstream": app.cfg.upstream,
@@ -65,7 +65,13 @@ async fn status(State(a): State<Admin>) -> impl IntoResponse {
                 })).collect::<Vec<_>>(),
                 "observed_size_bytes": sizes,
                 "attribution": app.attribution.report(),
-            })
+            });
+            // Failures: `last_error`, `failures`, `failed_unloads`,
+            // `next_retry_in_ms`, `retries`.
+            if let (Some(v), serde_json::Value::Object(f)) = (v.as_object_mut(), app.failures_json()) {
+                v.extend(f);
+            }
+            v
         })
         .collect();
     axum::Json(serde_json::json!({

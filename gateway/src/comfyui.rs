@@ -80,6 +80,11 @@ impl Comfy {
         self.lock().busy
     }
 
+    /// The last failure of the app's calls.
+    pub(crate) fn last_error(&self) -> crate::last_error::LastError {
+        self.lock().last_error.clone()
+    }
+
     /// For `/status`.
     pub fn status_json(&self) -> Value {
         let i = self.lock();
@@ -317,7 +322,17 @@ pub(crate) async fn poll(app: &Arc<AppState>) {
 
 /// Evicting: waits until ComfyUI's queue is empty, calls `/free`, waits
 /// until the memory is gone (all up to `until`).
-pub(crate) async fn unload(app: &AppState, device: Option<u32>, until: Instant) {
+pub(crate) async fn unload(
+    app: &AppState,
+    device: Option<u32>,
+    until: Instant,
+) -> crate::models::Unloaded {
+    use crate::models::Unloaded;
+    if crate::pids::unloaded_itself(app, device).await {
+        tracing::info!(app = %app.cfg.name, "ComfyUI holds no models any more: nothing to free");
+        app.attributed.forget();
+        return Unloaded::Already;
+    }
     loop {
         match read_queue(app).await {
             Ok((0, 0)) => break,
@@ -339,23 +354,23 @@ pub(crate) async fn unload(app: &AppState, device: Option<u32>, until: Instant) 
         .http()
         .post(&url)
         .json(&serde_json::json!({"unload_models": true, "free_memory": true}))
-        .timeout(CALL_TIMEOUT)
+        .timeout(CALL_TIMEOUT.min(until.saturating_duration_since(Instant::now())))
         .send()
         .await;
-    match sent {
+    let failed = match sent {
         Ok(r) if r.status().is_success() => {
             app.comfy.succeed("free");
-            tracing::info!(app = %app.cfg.name, "asked ComfyUI to free its memory")
+            tracing::info!(app = %app.cfg.name, "asked ComfyUI to free its memory");
+            None
         }
-        Ok(r) => {
-            app.comfy
-                .fail("free", format!("{url} answered {}", r.status()));
-            tracing::warn!(app = %app.cfg.name, status = %r.status(), "ComfyUI's /free failed")
-        }
-        Err(e) => {
-            app.comfy.fail("free", &e);
-            tracing::warn!(app = %app.cfg.name, error = %e, "ComfyUI's /free failed")
-        }
+        Ok(r) => Some(format!("{url} answered {}", r.status())),
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(why) = failed {
+        tracing::warn!(app = %app.cfg.name, error = %why, "ComfyUI's /free failed");
+        app.comfy.fail("free", &why);
+        app.attributed.forget();
+        return Unloaded::Failed(why);
     }
     let freed = match crate::pids::wait_freed(app, device, until).await {
         Some(freed) => freed,
@@ -372,15 +387,17 @@ pub(crate) async fn unload(app: &AppState, device: Option<u32>, until: Instant) 
             tokio::time::sleep(EVICT_POLL).await;
         },
     };
+    app.attributed.forget();
     if freed {
         app.comfy.succeed("eviction");
         tracing::info!(app = %app.cfg.name, "ComfyUI's memory is free");
+        Unloaded::Freed
     } else {
-        app.comfy
-            .fail("eviction", "memory not freed by the eviction deadline");
-        tracing::warn!(app = %app.cfg.name, "ComfyUI still holds memory at the eviction deadline; releasing anyway");
+        let why = "memory not freed by the eviction deadline";
+        app.comfy.fail("eviction", why);
+        tracing::warn!(app = %app.cfg.name, "ComfyUI still holds memory at the eviction deadline");
+        Unloaded::Failed(why.into())
     }
-    app.attributed.forget();
 }
 
 /// `/system_stats`' `torch_vram_total` of the device with `index` (the

@@ -54,6 +54,8 @@ struct Inner {
     unloads: u64,
     /// Unloads that failed (non-zero exit, timeout, memory not freed).
     failed_unloads: u64,
+    /// Evictions of an app whose memory was freed already (nothing run).
+    already_unloaded: u64,
     /// Loads run by `restore` that succeeded.
     loads: u64,
     /// Loads that failed.
@@ -73,6 +75,11 @@ impl CommandApp {
         self.lock().last_error.succeed(what);
     }
 
+    /// The last failure of the app's calls.
+    pub(crate) fn last_error(&self) -> crate::last_error::LastError {
+        self.lock().last_error.clone()
+    }
+
     /// For `/status`.
     pub fn status_json(&self) -> serde_json::Value {
         let i = self.lock();
@@ -80,6 +87,7 @@ impl CommandApp {
             "unloaded": i.unloaded,
             "unloads": i.unloads,
             "failed_unloads": i.failed_unloads,
+            "already_unloaded": i.already_unloaded,
             "loads": i.loads,
             "failed_loads": i.failed_loads,
             "last_error": i.last_error.message(),
@@ -149,6 +157,11 @@ pub(crate) async fn poll(app: &Arc<AppState>) {
         return;
     }
     let unloaded = app.command.lock().unloaded;
+    // After a failed unload (the app still loaded) or load: not before the
+    // backoff passed.
+    if !app.retry.due(MODEL) {
+        return;
+    }
     if unloaded {
         if !app.cfg.restore {
             return;
@@ -221,10 +234,12 @@ async fn mirror(app: &Arc<AppState>, load: bool) {
             Ok(()) => {
                 app.command.succeed("load");
                 app.command.lock().loads += 1;
+                app.retry.succeeded(MODEL);
             }
             Err(e) => {
                 app.command.fail("load", &e);
                 app.command.lock().failed_loads += 1;
+                app.retry.failed(MODEL, false);
                 return; // `r` dropped: released.
             }
         }
@@ -241,39 +256,55 @@ async fn mirror(app: &Arc<AppState>, load: bool) {
 }
 
 /// Evicting: the `unload` command, then (with an attributed pid) the wait
-/// until its memory is back to the baseline.
-pub(crate) async fn unload(app: &AppState, device: Option<u32>, until: Instant) {
+/// until its memory is back to the baseline. An attributed process whose
+/// memory is freed already is not unloaded (not a completed unload). A
+/// failure leaves the app loaded: its reservation is taken again after the
+/// backoff (see `retry`) and the unload retried when vramd evicts it again.
+pub(crate) async fn unload(
+    app: &AppState,
+    device: Option<u32>,
+    until: Instant,
+) -> crate::models::Unloaded {
+    use crate::models::Unloaded;
     let Some(cmd) = &app.cfg.unload_command else {
-        return;
+        return Unloaded::Already;
     };
+    if crate::pids::unloaded_itself(app, device).await {
+        tracing::info!(app = %app.cfg.name, "the app had unloaded itself already: nothing to unload");
+        app.attributed.forget();
+        let mut i = app.command.lock();
+        i.unloaded = true;
+        i.already_unloaded += 1;
+        return Unloaded::Already;
+    }
     let timeout = app
         .cfg
         .unload_timeout
         .min(until.saturating_duration_since(Instant::now()));
     tracing::info!(app = %app.cfg.name, command = %cmd, "unloading: running the unload command");
-    let ok = match run(app, "unload", cmd, timeout).await {
+    let failed = match run(app, "unload", cmd, timeout).await {
         Ok(()) => match crate::pids::wait_freed(app, device, until).await {
-            Some(true) | None => true,
+            Some(true) | None => None,
             Some(false) => {
-                tracing::warn!(app = %app.cfg.name, "still holds memory at the eviction deadline; releasing anyway");
-                app.command
-                    .fail("unload", "memory not freed by the eviction deadline");
-                false
+                tracing::warn!(app = %app.cfg.name, "still holds memory at the eviction deadline");
+                Some("memory not freed by the eviction deadline".to_string())
             }
         },
-        Err(e) => {
-            app.command.fail("unload", &e);
-            false
-        }
+        Err(e) => Some(e),
     };
     app.attributed.forget();
     let mut i = app.command.lock();
-    i.unloaded = true;
-    if ok {
-        i.unloads += 1;
-        drop(i);
-        app.command.succeed("unload");
-    } else {
-        i.failed_unloads += 1;
+    match failed {
+        None => {
+            i.unloaded = true;
+            i.unloads += 1;
+            i.last_error.succeed("unload");
+            Unloaded::Freed
+        }
+        Some(why) => {
+            i.failed_unloads += 1;
+            i.last_error.fail("unload", &why);
+            Unloaded::Failed(why)
+        }
     }
 }

@@ -105,6 +105,9 @@ pub struct AppConfig {
     /// made) when it was evicted and vramd's queue is empty.
     #[serde(default)]
     pub restore: bool,
+    /// Wait before a failed unload, load or restore is tried again
+    /// (`"5s"`); doubles with each failure in a row, up to 5 minutes.
+    pub retry_backoff: Option<String>,
 }
 
 /// `load`/`unload`: a request (`http`) or a shell command (`command`).
@@ -289,6 +292,8 @@ pub struct App {
     pub device: Option<u32>,
     /// `http`, `command`: see [`AppConfig::restore`].
     pub restore: bool,
+    /// See [`AppConfig::retry_backoff`] (default 5 s).
+    pub retry_backoff: Duration,
 }
 
 impl App {
@@ -691,6 +696,14 @@ impl Settings {
                 .map_err(|e| at("wait_limit", e.to_string()))?;
             let drain_limit =
                 parse_duration(&a.drain_limit).map_err(|e| at("drain_limit", e.to_string()))?;
+            let retry_backoff = match &a.retry_backoff {
+                Some(t) => match parse_duration(t) {
+                    Ok(d) if !d.is_zero() => d,
+                    Ok(_) => return Err(at("retry_backoff", "must be more than 0".into())),
+                    Err(e) => return Err(at("retry_backoff", e.to_string())),
+                },
+                None => crate::retry::DEFAULT_BACKOFF,
+            };
             let mut size_overrides = BTreeMap::new();
             for (model, size) in &a.sizes {
                 let bytes =
@@ -724,6 +737,7 @@ impl Settings {
                 unload_timeout,
                 device: a.device,
                 restore: a.restore,
+                retry_backoff,
             });
         }
         if apps.is_empty() {
@@ -1069,6 +1083,22 @@ load_timeout = "5s"
             .unwrap_err()
             .to_string();
         assert!(e.contains("only http apps may share a listen"), "{e}");
+    }
+
+    #[test]
+    fn retry_backoff_defaults_to_5s_and_must_be_a_positive_duration() {
+        let s = Settings::parse(Path::new("g.toml"), FIRST).unwrap();
+        assert_eq!(s.apps[0].retry_backoff, Duration::from_secs(5));
+        let t = format!("{FIRST}retry_backoff = \"1m\"\n");
+        let s = Settings::parse(Path::new("g.toml"), &t).unwrap();
+        assert_eq!(s.apps[0].retry_backoff, Duration::from_secs(60));
+        for bad in ["soon", "0s"] {
+            let t = format!("{FIRST}retry_backoff = \"{bad}\"\n");
+            let e = Settings::parse(Path::new("g.toml"), &t)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("retry_backoff"), "{e}");
+        }
     }
 
     #[test]

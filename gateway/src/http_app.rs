@@ -69,6 +69,9 @@ struct Inner {
     last_error: crate::last_error::LastError,
     /// Unloads asked and completed (memory seen freed, or nothing to watch).
     unloads: u64,
+    /// Unloads that failed (refused, no answer by the deadline, memory not
+    /// freed by the deadline).
+    failed_unloads: u64,
     /// Evictions of an app that had unloaded itself already (no unload
     /// asked, not counted in `unloads`).
     already_unloaded: u64,
@@ -108,6 +111,11 @@ impl HttpApp {
         self.lock().last_error.succeed(what);
     }
 
+    /// The last failure of the app's calls.
+    pub(crate) fn last_error(&self) -> crate::last_error::LastError {
+        self.lock().last_error.clone()
+    }
+
     /// For `/status`.
     pub fn status_json(&self) -> serde_json::Value {
         let i = self.lock();
@@ -116,6 +124,7 @@ impl HttpApp {
             "needs_load": i.needs_load,
             "held_for_peers": i.held_for_peers,
             "unloads": i.unloads,
+            "failed_unloads": i.failed_unloads,
             "already_unloaded": i.already_unloaded,
             "self_unloads": i.self_unloads,
             "restores": i.restores,
@@ -298,6 +307,7 @@ async fn ensure_loaded(app: &AppState, epoch: u64) -> Result<(), Error> {
             tracing::info!(app = %app.cfg.name, url = %load.url, "loading (the app's load request)");
             if let Err(e) = crate::openai::request(app.http(), load).await {
                 app.http_app.fail("load", &e);
+                app.retry.failed(MODEL, false);
                 return Err(e);
             }
         }
@@ -307,6 +317,7 @@ async fn ensure_loaded(app: &AppState, epoch: u64) -> Result<(), Error> {
                     Ok(()) => break,
                     Err(e) if Instant::now() >= until => {
                         app.http_app.fail("health after load", &e);
+                        app.retry.failed(MODEL, false);
                         return Err(Error::Upstream {
                             upstream: app.cfg.upstream.clone(),
                             message: format!(
@@ -321,6 +332,7 @@ async fn ensure_loaded(app: &AppState, epoch: u64) -> Result<(), Error> {
         }
         app.http_app.succeed("load");
         app.http_app.succeed("health after load");
+        app.retry.succeeded(MODEL);
         app.http_app.lock().needs_load = false;
         tracing::info!(app = %app.cfg.name, "loaded");
     }
@@ -369,7 +381,7 @@ async fn restore(app: &Arc<AppState>) {
     tracing::info!(app = %app.cfg.name, bytes, "restoring: the room is back with nobody waiting");
     crate::pids::attach(app, MODEL, epoch, true).await;
     if let Err(e) = ensure_loaded(app, epoch).await {
-        tracing::warn!(app = %app.cfg.name, error = %e, "restore failed; releasing");
+        tracing::warn!(app = %app.cfg.name, error = %e, "restore failed; releasing (tried again after the backoff)");
         tokio::time::sleep(crate::models::IDLE_LINGER).await;
         if app.release_idle(MODEL, epoch, "its restore failed") {
             app.attributed.forget();
@@ -432,6 +444,7 @@ pub(crate) async fn poll(app: &Arc<AppState>) {
     if app.cfg.restore
         && app.http_app.lock().needs_load
         && !app.has_slot(MODEL)
+        && app.retry.due(MODEL)
         && app.daemon.last_status().is_some_and(|s| s.queue.is_empty())
         && !app.http_app.reserving.swap(true, Ordering::SeqCst)
     {
@@ -460,38 +473,66 @@ pub(crate) async fn poll(app: &Arc<AppState>) {
     crate::pids::observe_peak(app, MODEL);
 }
 
-/// Evicting: the `unload` request, then (with an attributed process) the
-/// wait until its memory is back to the baseline.
-pub(crate) async fn unload(app: &AppState, device: Option<u32>, until: Instant) {
-    if crate::pids::freed_now(app, device).await == Some(true) {
+/// Evicting: the `unload` request (bounded by the eviction deadline), then
+/// (with an attributed process) the wait until its memory is back to the
+/// baseline. An app whose memory is freed already is not asked (not a
+/// completed unload); a refused or unanswered unload, or memory still in
+/// use at the deadline, is a failure: the app stays loaded (retried after
+/// the backoff, see `retry`).
+pub(crate) async fn unload(
+    app: &AppState,
+    device: Option<u32>,
+    until: Instant,
+) -> crate::models::Unloaded {
+    use crate::models::Unloaded;
+    if crate::pids::unloaded_itself(app, device).await {
         // Nothing to free: not a completed unload.
         tracing::info!(app = %app.cfg.name, "the app had unloaded itself already: nothing to unload");
         app.attributed.forget();
         let mut i = app.http_app.lock();
         i.already_unloaded += 1;
         i.needs_load = true;
-        return;
+        return Unloaded::Already;
     }
     if let Some(call) = &app.cfg.unload {
-        match crate::openai::request(app.http(), call).await {
-            Ok(()) => {
-                app.http_app.succeed("unload");
-                tracing::info!(app = %app.cfg.name, url = %call.url, "unload request accepted")
-            }
-            Err(e) => {
-                tracing::warn!(app = %app.cfg.name, error = %e, "unload request failed");
-                app.http_app.fail("unload", &e);
-            }
+        let why =
+            match tokio::time::timeout_at(until.into(), crate::openai::request(app.http(), call))
+                .await
+            {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!(
+                    "{} {}: no answer by the eviction deadline",
+                    call.method, call.url
+                )),
+            };
+        if let Some(why) = why {
+            tracing::warn!(app = %app.cfg.name, error = %why, "unload request failed");
+            app.attributed.forget();
+            let mut i = app.http_app.lock();
+            i.failed_unloads += 1;
+            i.last_error.fail("unload", &why);
+            return Unloaded::Failed(why);
         }
+        tracing::info!(app = %app.cfg.name, url = %call.url, "unload request accepted");
     }
-    match crate::pids::wait_freed(app, device, until).await {
-        Some(true) | None => app.http_app.lock().unloads += 1,
+    let outcome = match crate::pids::wait_freed(app, device, until).await {
+        Some(true) | None => {
+            app.http_app.succeed("unload");
+            let mut i = app.http_app.lock();
+            i.unloads += 1;
+            i.needs_load = true;
+            Unloaded::Freed
+        }
         Some(false) => {
-            tracing::warn!(app = %app.cfg.name, "still holds memory at the eviction deadline; releasing anyway");
-            app.http_app
-                .fail("unload", "memory not freed by the eviction deadline");
+            let why = "accepted, but the memory was not freed by the eviction deadline";
+            tracing::warn!(app = %app.cfg.name, "{why}");
+            let mut i = app.http_app.lock();
+            i.failed_unloads += 1;
+            i.last_error.fail("unload", why);
+            Unloaded::Failed(why.into())
         }
-    }
+    };
     app.attributed.forget();
-    app.http_app.lock().needs_load = true;
+    outcome
 }

@@ -36,6 +36,20 @@ impl LastError {
     }
 }
 
+impl LastError {
+    /// For `/status`: `{message, at_ms, ago_ms}`, or `null` when none.
+    pub(crate) fn json(&self) -> serde_json::Value {
+        match &self.0 {
+            None => serde_json::Value::Null,
+            Some((m, at)) => serde_json::json!({
+                "message": m,
+                "at_ms": at,
+                "ago_ms": now_ms().saturating_sub(*at),
+            }),
+        }
+    }
+}
+
 /// Now, in Unix milliseconds.
 fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -29,6 +29,7 @@ pub mod openai;
 pub mod pids;
 mod procfs;
 pub mod proxy;
+pub mod retry;
 pub mod sizes;
 
 use std::sync::Arc;

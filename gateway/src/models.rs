@@ -35,6 +35,11 @@ pub mod watch;
 
 /// How often an eviction re-reads `/api/ps` while it waits for the unload.
 const UNLOAD_POLL: Duration = Duration::from_millis(100);
+/// How long past the eviction deadline a failed eviction keeps its
+/// reservation, so that vramd has passed the deadline first: it then counts
+/// the eviction failed and asks its next victim (a release before the
+/// deadline would count as completed).
+const PAST_DEADLINE: Duration = Duration::from_millis(250);
 /// Longest the gateway waits for the daemon's first answer to a request
 /// (a grant or a queue position; it comes in microseconds).
 const FIRST_ANSWER: Duration = Duration::from_secs(2);
@@ -66,6 +71,19 @@ struct Slot {
     idle_sent: Arc<tokio::sync::Mutex<Option<bool>>>,
     /// A waiter outranked it past the drain limit: new requests wait.
     draining: bool,
+}
+
+/// How an eviction's unload went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Unloaded {
+    /// The app freed the memory (or, with nothing to watch, accepted the
+    /// unload).
+    Freed,
+    /// It had nothing loaded: nothing was asked (not a completed unload).
+    Already,
+    /// The unload failed (refused, an error, no answer by the deadline, or
+    /// the memory still in use at the deadline): the memory stays.
+    Failed(String),
 }
 
 /// One model in `/status`.
@@ -122,6 +140,8 @@ pub struct AppState {
     pub(crate) http_app: crate::http_app::HttpApp,
     /// `command`: loads, unloads, last error.
     pub(crate) command: crate::command_app::CommandApp,
+    /// Failed unloads and loads, and when each is tried again.
+    pub retry: crate::retry::Retry,
 }
 
 /// How long a model stays busy in vramd after its last request ended, so
@@ -212,6 +232,7 @@ impl AppState {
     ) -> AppState {
         AppState {
             upstream: Upstream::new(cfg.upstream.clone(), http),
+            retry: crate::retry::Retry::new(cfg.retry_backoff),
             cfg,
             daemon,
             sizes,
@@ -483,6 +504,7 @@ impl AppState {
             s.idle_sent = Arc::new(tokio::sync::Mutex::new(Some(false)));
         }
         guard.armed = false;
+        self.retry.remirrored(model);
         self.changed.notify_waiters();
         Ok((
             Some(ModelUse {
@@ -626,14 +648,29 @@ impl AppState {
             }
             let _ = tokio::time::timeout_at(until.into(), notified).await;
         }
-        match self.cfg.kind {
+        let outcome = match self.cfg.kind {
             // Nothing to watch: the unload request answering is all the
             // gateway can know; vramd grants only on its readings.
-            Kind::OpenAi => crate::openai::unload(self, model).await,
+            Kind::OpenAi => crate::openai::unload(self, model, until).await,
             Kind::Ollama => self.unload_ollama(model, until).await,
             Kind::ComfyUi => crate::comfyui::unload(self, device, until).await,
             Kind::Http => crate::http_app::unload(self, device, until).await,
             Kind::Command => crate::command_app::unload(self, device, until).await,
+        };
+        match &outcome {
+            Unloaded::Failed(why) => {
+                let wait = self.retry.failed(model, true);
+                tracing::warn!(
+                    app = %self.cfg.name, model, why, retry_in_ms = wait.as_millis() as u64,
+                    "the unload failed: the reservation is kept until the eviction deadline (vramd then tries its next victim), released, and taken again after the backoff to retry"
+                );
+                // Released only once vramd passed the deadline: it then
+                // counts the eviction failed and asks another victim.
+                tokio::time::sleep_until((until + PAST_DEADLINE).into()).await;
+                // The backoff counts from the release.
+                self.retry.restart_wait(model);
+            }
+            Unloaded::Freed | Unloaded::Already => self.retry.succeeded(model),
         }
         {
             let mut slots = self.lock();
@@ -646,29 +683,104 @@ impl AppState {
     }
 
     /// Asks Ollama to unload `model` and waits (until `until`) until
-    /// `/api/ps` no longer lists it.
-    async fn unload_ollama(&self, model: &str, until: Instant) {
-        if let Err(e) = self.upstream.unload(model).await {
-            tracing::warn!(app = %self.cfg.name, model, error = %e, "unload request failed");
+    /// `/api/ps` no longer lists it. A model `/api/ps` no longer lists is
+    /// not asked.
+    async fn unload_ollama(&self, model: &str, until: Instant) -> Unloaded {
+        let listed = |ps: &[Running]| {
+            ps.iter()
+                .any(|r| crate::ollama::normalize_model(&r.name) == model)
+        };
+        if let Ok(ps) = self.upstream.ps().await
+            && !listed(&ps)
+        {
+            tracing::info!(app = %self.cfg.name, model, "not loaded any more: nothing to unload");
+            return Unloaded::Already;
+        }
+        let call = &format!("unload {model}");
+        match tokio::time::timeout_at(until.into(), self.upstream.unload(model)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(app = %self.cfg.name, model, error = %e, "unload request failed");
+                self.retry.fail(call, &e);
+                return Unloaded::Failed(e.to_string());
+            }
+            Err(_) => {
+                let why = "no answer by the eviction deadline".to_string();
+                self.retry.fail(call, &why);
+                return Unloaded::Failed(why);
+            }
         }
         loop {
             match self.upstream.ps().await {
-                Ok(ps)
-                    if !ps
-                        .iter()
-                        .any(|r| crate::ollama::normalize_model(&r.name) == model) =>
-                {
-                    break;
+                Ok(ps) if !listed(&ps) => {
+                    self.retry.succeed(call);
+                    return Unloaded::Freed;
                 }
                 Ok(_) => {}
                 Err(e) => tracing::debug!(error = %e, "reading /api/ps during an eviction"),
             }
             if Instant::now() >= until {
-                tracing::warn!(app = %self.cfg.name, model, "still loaded at the eviction deadline; releasing anyway");
-                break;
+                let why = "still listed in /api/ps at the eviction deadline".to_string();
+                self.retry.fail(call, &why);
+                return Unloaded::Failed(why);
             }
             tokio::time::sleep(UNLOAD_POLL).await;
         }
+    }
+
+    /// Takes `model`'s reservation again after a failed unload (its memory
+    /// is still on the card): try-once, idle, speaking for `pids` (vramd
+    /// adopts what they use), so that vramd may choose it as a victim again
+    /// and the unload is retried. Tried again one backoff later when it
+    /// does not fit now.
+    pub(crate) async fn remirror(
+        self: &Arc<Self>,
+        model: &str,
+        bytes: u64,
+        pids: Vec<u32>,
+        device: Option<u32>,
+    ) {
+        if self.has_slot(model) {
+            // Still being evicted, or a request reserved it meanwhile (its
+            // grant ends the pending re-mirror).
+            return;
+        }
+        self.retry.remirrored(model);
+        let (generation, client) = match self.daemon.client().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(app = %self.cfg.name, model, error = %e, "cannot take the reservation again now");
+                self.retry.not_now(model);
+                return;
+            }
+        };
+        let mut req = Request::new(bytes)
+            .for_pids(pids.clone())
+            .label(self.label(model))
+            .priority(self.cfg.priority)
+            .evictable(true)
+            .timeout(Duration::ZERO);
+        if let Some(d) = device {
+            req = req.device(vramd_client::DeviceSelector::Index(d));
+        }
+        let r = match client.reserve(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(app = %self.cfg.name, model, bytes, error = %e, "the reservation of a model whose unload failed cannot be taken again now; trying later");
+                self.retry.not_now(model);
+                return;
+            }
+        };
+        let id = r.id().0;
+        if !self.adopt(model, r, generation, false) {
+            return;
+        }
+        if !pids.is_empty()
+            && let Some((epoch, _, _)) = self.reservation(model)
+        {
+            crate::pids::note(self, epoch, pids);
+        }
+        tracing::info!(app = %self.cfg.name, model, bytes, id, "took the reservation of a model whose unload failed again: vramd may evict it again, and the unload is retried");
     }
 
     /// One poll: reads `/api/ps`, records sizes, and releases reservations
@@ -677,15 +789,28 @@ impl AppState {
     pub async fn poll(self: &Arc<Self>) {
         if self.cfg.kind == Kind::OpenAi {
             self.release_lost();
+            for model in self.retry.remirrors_due() {
+                let bytes = self
+                    .sizes
+                    .get(&self.label(&model))
+                    .or(self.cfg.model(&model).and_then(|m| m.size_bytes));
+                if let Some(bytes) = bytes {
+                    // Nothing is attributed to such a server's models: the
+                    // reservation counts on top of their usage.
+                    self.remirror(&model, bytes, Vec::new(), None).await;
+                }
+            }
             return self.update_drain();
         }
         if self.cfg.kind == Kind::ComfyUi {
             self.release_lost();
+            self.remirror_one(crate::comfyui::MODEL).await;
             crate::comfyui::poll(self).await;
             return self.update_drain();
         }
         if self.cfg.kind == Kind::Http {
             self.release_lost();
+            self.remirror_one(crate::http_app::MODEL).await;
             crate::http_app::poll(self).await;
             return self.update_drain();
         }
@@ -743,7 +868,24 @@ impl AppState {
                 // the runners this pass found (see `watch`).
                 crate::attribution::attribute(self, &ps).await;
                 if self.cfg.listen.is_none() {
-                    self.mirror_resident(&ps);
+                    self.mirror_resident(&ps, None);
+                } else {
+                    // A fronted app's model whose unload failed is mirrored
+                    // again once its backoff passed.
+                    let due = self.retry.remirrors_due();
+                    if !due.is_empty() {
+                        self.mirror_resident(&ps, Some(&due));
+                    }
+                }
+                // A model whose unload failed but that Ollama no longer
+                // lists has nothing left to retry.
+                for model in self.retry.remirrors_due() {
+                    if !ps
+                        .iter()
+                        .any(|r| crate::ollama::normalize_model(&r.name) == model)
+                    {
+                        self.retry.remirrored(&model);
+                    }
                 }
             }
             Err(e) => {
@@ -752,6 +894,20 @@ impl AppState {
             }
         }
         self.update_drain();
+    }
+
+    /// A single-reservation app (`comfyui`, `http`) whose unload failed:
+    /// its reservation taken again, for its attributed processes, once the
+    /// backoff passed.
+    async fn remirror_one(self: &Arc<Self>, model: &str) {
+        if !self.retry.remirror_due(model) {
+            return;
+        }
+        let Some(bytes) = self.sizes.get(&self.label(model)).or(self.cfg.size_bytes) else {
+            return;
+        };
+        let (pids, _) = self.attributed.pids();
+        self.remirror(model, bytes, pids, None).await;
     }
 
     /// Forgets the reservations a lost vramd connection took with it.
@@ -836,6 +992,7 @@ impl AppState {
             },
         );
         drop(slots);
+        self.retry.remirrored(model);
         self.changed.notify_waiters();
         true
     }
@@ -859,6 +1016,26 @@ impl AppState {
             })
             .collect();
         v.sort_by(|a, b| a.model.cmp(&b.model));
+        v
+    }
+
+    /// The app's last failure, whatever its kind: kept until a later
+    /// success of the same call.
+    pub(crate) fn last_error(&self) -> crate::last_error::LastError {
+        match self.cfg.kind {
+            Kind::Http => self.http_app.last_error(),
+            Kind::Command => self.command.last_error(),
+            Kind::ComfyUi => self.comfy.last_error(),
+            Kind::Ollama | Kind::OpenAi => self.retry.last_error(),
+        }
+    }
+
+    /// For `/status`: the app's `last_error` (`{message, at_ms, ago_ms}`
+    /// or `null`), `failures`, `failed_unloads`, `next_retry_in_ms` and
+    /// `retries` (see [`crate::retry::Retry::status_json`]).
+    pub fn failures_json(&self) -> serde_json::Value {
+        let mut v = self.retry.status_json();
+        v["last_error"] = self.last_error().json();
         v
     }
 

@@ -236,17 +236,29 @@ pub async fn request(http: &reqwest::Client, call: &Call) -> Result<(), Error> {
     }
 }
 
-/// Evicting `model`: calls its `unload` request (a model without one is
-/// never idle, so never evicted; if vramd asks anyway, nothing is called).
-pub async fn unload(app: &AppState, model: &str) {
+/// Evicting `model`: calls its `unload` request, bounded by the eviction
+/// deadline `until` (a model without one is never idle, so never evicted;
+/// if vramd asks anyway, nothing is called).
+pub(crate) async fn unload(
+    app: &AppState,
+    model: &str,
+    until: std::time::Instant,
+) -> crate::models::Unloaded {
+    use crate::models::Unloaded;
     let Some(call) = app.cfg.model(model).and_then(|m| m.unload.as_ref()) else {
         tracing::warn!(app = %app.cfg.name, model, "no unload request configured: releasing without unloading");
-        return;
+        return Unloaded::Already;
     };
-    match request(app.http(), call).await {
-        Ok(()) => {
-            tracing::info!(app = %app.cfg.name, model, url = %call.url, "unload request accepted")
+    let why = match tokio::time::timeout_at(until.into(), request(app.http(), call)).await {
+        Ok(Ok(())) => {
+            tracing::info!(app = %app.cfg.name, model, url = %call.url, "unload request accepted");
+            app.retry.succeed(&format!("unload {model}"));
+            return Unloaded::Freed;
         }
-        Err(e) => tracing::warn!(app = %app.cfg.name, model, error = %e, "unload request failed"),
-    }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer by the eviction deadline".to_string(),
+    };
+    tracing::warn!(app = %app.cfg.name, model, error = %why, "unload request failed");
+    app.retry.fail(&format!("unload {model}"), &why);
+    Unloaded::Failed(why)
 }

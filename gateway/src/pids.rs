@@ -163,6 +163,18 @@ pub(crate) async fn freed_now(app: &AppState, device: Option<u32>) -> Option<boo
     usage(app, &pids, device?).await.map(|b| b <= limit)
 }
 
+/// Whether the attributed process was seen holding its model (its measured
+/// peak above the freed limit) and its memory counts as freed now: the app
+/// unloaded itself, so an eviction has nothing to ask. A process never seen
+/// holding anything (absent from the readings so far) does not count.
+pub(crate) async fn unloaded_itself(app: &AppState, device: Option<u32>) -> bool {
+    let (peak, limit) = {
+        let i = app.attributed.lock();
+        (i.peak_bytes, freed_at(i.baseline_bytes))
+    };
+    peak > limit && freed_now(app, device).await == Some(true)
+}
+
 /// Waits (until `until`) until the attributed process's memory on `device`
 /// counts as freed ([`freed_now`]); its usage then is its baseline from
 /// now on. `None`: nothing is attributed, so nothing can be watched; else

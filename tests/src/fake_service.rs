@@ -7,7 +7,9 @@
 //!   fit on the card is `500 {"detail": "CUDA out of memory…"}` (counted by
 //!   [`FakeService::ooms`]) and allocates nothing;
 //! - `POST /unload`: frees it at once, `{"status": "unloaded"}` (also when
-//!   nothing was loaded);
+//!   nothing was loaded) — or, after [`FakeService::set_unload`], fails the
+//!   way a real service can ([`Unload`]: `500`, no answer for a while, or
+//!   `200` with the memory kept);
 //! - `GET /health`: `{"status": "ok", "loaded": bool}`, or `500` after
 //!   [`FakeService::set_healthy`]`(false)`;
 //! - any `POST` under the work prefix (`/v1/tts`, …): `200 {"ok": true}`
@@ -30,6 +32,21 @@ use crate::fake_gpu::FakeGpu;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How `POST /unload` behaves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Unload {
+    /// Frees the model, answers `200`.
+    #[default]
+    Frees,
+    /// Answers `500 {"detail": "unload failed"}`, frees nothing.
+    Fails,
+    /// Answers nothing for this long (at most 10 s), then `503`; frees
+    /// nothing.
+    Hangs(Duration),
+    /// Answers `200 {"status": "unloaded"}` but frees nothing.
+    KeepsMemory,
+}
+
 #[derive(Debug, Default)]
 struct State {
     loaded: bool,
@@ -39,6 +56,7 @@ struct State {
     not_loaded: u32,
     served: u32,
     healthy: bool,
+    unload: Unload,
     log: Vec<(String, String)>,
 }
 
@@ -200,6 +218,11 @@ impl FakeService {
         self.core.lock().healthy = healthy;
     }
 
+    /// Makes `POST /unload` behave as `how` from now on.
+    pub fn set_unload(&self, how: Unload) {
+        self.core.lock().unload = how;
+    }
+
     /// Unloads the model by itself (an idle timeout of its own).
     pub fn unload_self(&self) {
         let mut s = self.core.lock();
@@ -243,9 +266,21 @@ fn serve(core: &Arc<Core>, conn: TcpStream) {
         ("POST", "/unload") => {
             let mut s = core.lock();
             s.unloads += 1;
-            core.unload(&mut s);
+            let how = s.unload;
+            if how == Unload::Frees {
+                core.unload(&mut s);
+            }
             drop(s);
-            write_json(&conn, 200, &json!({"status": "unloaded"}));
+            match how {
+                Unload::Frees | Unload::KeepsMemory => {
+                    write_json(&conn, 200, &json!({"status": "unloaded"}))
+                }
+                Unload::Fails => write_json(&conn, 500, &json!({"detail": "unload failed"})),
+                Unload::Hangs(d) => {
+                    std::thread::sleep(d.min(IO_TIMEOUT));
+                    write_json(&conn, 503, &json!({"detail": "busy"}));
+                }
+            }
         }
         ("GET", "/health") => {
             let s = core.lock();

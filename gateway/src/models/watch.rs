@@ -56,8 +56,10 @@ pub fn pinned_forever(expires_at: Option<&str>) -> bool {
 
 impl AppState {
     /// After a poll of a watched app: mirrors every resident model that has
-    /// no slot, and follows pinning changes of those mirrored.
-    pub(super) fn mirror_resident(self: &Arc<Self>, ps: &[Running]) {
+    /// no slot (`only`: just these, for a fronted app whose unloads failed),
+    /// and follows pinning changes of those mirrored. A model whose unload
+    /// failed waits for its backoff first.
+    pub(super) fn mirror_resident(self: &Arc<Self>, ps: &[Running], only: Option<&[String]>) {
         let now = Instant::now();
         let mut start = Vec::new();
         let mut repin = Vec::new();
@@ -69,6 +71,9 @@ impl AppState {
             let mut slots = self.lock();
             for r in ps {
                 let model = normalize_model(&r.name);
+                if only.is_some_and(|o| !o.contains(&model)) {
+                    continue;
+                }
                 let pinned = pinned_forever(r.expires_at.as_deref());
                 if let Some(s) = slots.get_mut(&model) {
                     if s.phase == Phase::Held && s.pinned != pinned {
@@ -77,7 +82,10 @@ impl AppState {
                     }
                     continue;
                 }
-                if r.size_vram == 0 || watch.retry_at.get(&model).is_some_and(|t| *t > now) {
+                if r.size_vram == 0
+                    || watch.retry_at.get(&model).is_some_and(|t| *t > now)
+                    || !self.retry.due(&model)
+                {
                     continue;
                 }
                 watch.retry_at.insert(model.clone(), now + RETRY_AFTER);
@@ -182,6 +190,7 @@ impl AppState {
             s.idle_sent = Arc::new(tokio::sync::Mutex::new(Some(idle)));
         }
         guard.armed = false;
+        self.retry.remirrored(&model);
         self.watch
             .lock()
             .unwrap_or_else(|p| p.into_inner())
