@@ -4,17 +4,14 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use fake_nvml::{DeviceFailure, FakeProcess, State};
 use serde_json::{Value, json};
 use vramd_tests::fake_gpu::FakeGpu;
-use vramd_tests::{WAIT, wait_until};
 
 const GIB: u64 = 1 << 30;
 const UUID0: &str = "GPU-00000000-1111-2222-3333-444444444444";
 const UUID1: &str = "GPU-99999999-1111-2222-3333-444444444444";
-const DELAY: Duration = Duration::from_millis(500);
 
 /// A state file with a 24 GiB and an 8 GiB device, in its own directory.
 fn gpu() -> (tempfile::TempDir, Arc<FakeGpu>) {
