@@ -2519,3 +2519,42 @@ fn a_report_out_of_bounds_is_refused_and_changes_nothing() {
     let e = request(&mut l, ConnId(1), report(many), ms(t0, 4));
     assert_eq!(reported_count(&e), Some(MAX_REPORTED_CONSUMERS as u32));
 }
+
+#[test]
+fn the_most_that_can_be_reported_still_fits_in_one_status_frame() {
+    use vramd_protocol::{
+        Encoding, MAX_CONSUMER_ERROR_BYTES, MAX_CONSUMER_KIND_BYTES, MAX_CONSUMER_MODEL_BYTES,
+        MAX_CONSUMER_MODELS, MAX_CONSUMER_NAME_BYTES, MAX_REPORTED_CONSUMERS, encode,
+    };
+    let t0 = Instant::now();
+    let mut l = sim(&[24 * G]);
+    let widest = |i: usize| {
+        let mut c = app(&format!("{i:0>width$}", width = MAX_CONSUMER_NAME_BYTES));
+        c.kind = "k".repeat(MAX_CONSUMER_KIND_BYTES);
+        c.models = (0..MAX_CONSUMER_MODELS)
+            .map(|m| format!("{m:0>width$}", width = MAX_CONSUMER_MODEL_BYTES))
+            .collect();
+        c.last_error = Some("e".repeat(MAX_CONSUMER_ERROR_BYTES));
+        c.last_error_at_ms = Some(u64::MAX);
+        c.last_eviction_ms = Some(u64::MAX);
+        c
+    };
+    let all: Vec<_> = (0..MAX_REPORTED_CONSUMERS).map(widest).collect();
+    let e = request(&mut l, ConnId(1), report(all), t0);
+    assert_eq!(reported_count(&e), Some(MAX_REPORTED_CONSUMERS as u32));
+    let status = l.status(admin(), ms(t0, 1));
+    assert_eq!(status.consumers.len(), MAX_REPORTED_CONSUMERS);
+    assert_eq!(status.consumer_errors.len(), MAX_REPORTED_CONSUMERS);
+    let msg = ServerMessage::Status {
+        tag: u64::MAX,
+        status: Box::new(status),
+    };
+    let frame = encode(Encoding::Binary, &msg).expect("fits in one frame");
+    // At most three quarters of a frame: the rest of a status (cut to fit
+    // by `StatusReport::fit`) keeps a quarter at least.
+    assert!(
+        frame.len() < vramd_protocol::MAX_FRAME_BYTES * 3 / 4,
+        "{}",
+        frame.len()
+    );
+}
