@@ -299,6 +299,7 @@ mod tests {
             reservations_total: 1,
             mps: None,
             enforced: vec![],
+            consumer_errors: vec![],
             processes: vec![
                 GpuProcess {
                     device: 0,

@@ -267,6 +267,7 @@ mod tests {
             reservations_total: 1,
             mps: None,
             enforced: vec![],
+            consumer_errors: vec![],
             processes: vec![
                 proc_(1234, 1000, 13 * GIB, Some(7), false),
                 proc_(0, 1001, 4 * GIB, None, false),

@@ -25,14 +25,23 @@ pub(crate) enum Col {
 
 /// The whole status report as `vramctl status` prints it (ends in a newline).
 pub fn render(s: &StatusReport) -> String {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    render_at(s, now_ms)
+}
+
+/// As [`render`], with the wall clock at `now_ms` (Unix milliseconds): the
+/// consumers' errors say how long ago they happened.
+pub fn render_at(s: &StatusReport, now_ms: u64) -> String {
     let mut out = String::new();
     // Writing to a String cannot fail.
-    let _ = write_status(&mut out, s);
+    let _ = write_status(&mut out, s, now_ms);
     out
 }
 
 /// Writes the header line, the tables and the counters.
-fn write_status(out: &mut String, s: &StatusReport) -> std::fmt::Result {
+fn write_status(out: &mut String, s: &StatusReport, now_ms: u64) -> std::fmt::Result {
     writeln!(
         out,
         "vramd {} · backend {} · up {}s",
@@ -48,7 +57,7 @@ fn write_status(out: &mut String, s: &StatusReport) -> std::fmt::Result {
     write_queue(out, s)?;
     if !s.consumers.is_empty() {
         writeln!(out)?;
-        write_consumers(out, s)?;
+        write_consumers(out, s, now_ms)?;
     }
     let c = &s.counters;
     writeln!(out)?;
@@ -220,8 +229,9 @@ pub(crate) fn write_queue(out: &mut String, s: &StatusReport) -> std::fmt::Resul
     Ok(())
 }
 
-/// External consumers from the config file.
-fn write_consumers(out: &mut String, s: &StatusReport) -> std::fmt::Result {
+/// The consumers clients (vramd-gateway) reported, then each one's last
+/// error with how long ago it happened.
+fn write_consumers(out: &mut String, s: &StatusReport, now_ms: u64) -> std::fmt::Result {
     use Col::*;
     let mut t = table(&[
         L("CONSUMER", 12),
@@ -231,15 +241,17 @@ fn write_consumers(out: &mut String, s: &StatusReport) -> std::fmt::Result {
         L("REACHABLE", 10),
         R("HOLDS", 11),
         R("LAST EVICT", 12),
-        Text("MODELS / LAST ERROR"),
+        Text("MODELS"),
     ]);
     for c in &s.consumers {
         let last = c
             .last_eviction_ms
             .map_or_else(|| "never".to_string(), |ms| format!("{}s ago", ms / 1000));
-        let detail = match &c.last_error {
-            Some(e) => e.clone(),
-            None => c.models.join(", "),
+        let detail = match (&c.last_error, c.models.is_empty()) {
+            (Some(_), true) => "- (failing: see below)".to_string(),
+            (Some(_), false) => format!("{} (failing: see below)", c.models.join(", ")),
+            (None, true) => "-".to_string(),
+            (None, false) => c.models.join(", "),
         };
         t.add_row(vec![
             truncate(&c.name, 12),
@@ -253,7 +265,34 @@ fn write_consumers(out: &mut String, s: &StatusReport) -> std::fmt::Result {
             detail,
         ]);
     }
-    write_table(out, &t)
+    write_table(out, &t)?;
+    for c in s.consumers.iter().filter(|c| c.last_error.is_some()) {
+        let message = c.last_error.as_deref().unwrap_or_default();
+        // Its time, from the list that carries it (matched by name and
+        // message: two clients may report the same name).
+        let at = s
+            .consumer_errors
+            .iter()
+            .find(|e| e.name == c.name && e.message == message)
+            .and_then(|e| e.at_ms);
+        let when = match at {
+            Some(at) => format!("{} ago", ago(now_ms.saturating_sub(at))),
+            None => "at an unknown time".to_string(),
+        };
+        writeln!(out, "{} failed {when}: {message}", c.name)?;
+    }
+    Ok(())
+}
+
+/// A short age: `45s`, `12m`, `3h`, `2d`.
+fn ago(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
 }
 
 /// A borderless table with these columns and a header row.
@@ -411,6 +450,7 @@ mod tests {
             reservations_total: 2,
             mps: None,
             enforced: vec![],
+            consumer_errors: vec![],
             processes: vec![],
         }
     }
@@ -436,7 +476,7 @@ mod tests {
             "1    13     GPU-0…   20.00 GiB       99   10        4s  llm\n",
             "… and 3 more waiting\n",
             "\n",
-            "CONSUMER     KIND     DEV  PRIO REACHABLE        HOLDS   LAST EVICT  MODELS / LAST ERROR\n",
+            "CONSUMER     KIND     DEV  PRIO REACHABLE        HOLDS   LAST EVICT  MODELS\n",
             "comfyui      comfyui  any     0 yes          12.00 GiB      30s ago  sdxl, flux\n",
             "\n",
             "grants 9 · releases 7 (on disconnect 1) · timeouts 2 · refusals 0 · cancels 3\n",
@@ -468,6 +508,44 @@ mod tests {
             "{}",
             render(&s)
         );
+    }
+
+    #[test]
+    fn a_consumers_last_error_is_shown_with_how_long_ago() {
+        let mut s = sample();
+        s.consumers[0].last_error = Some("unload: /free answered 500".into());
+        s.consumers.push(vramd_protocol::ConsumerStatus {
+            name: "tts".into(),
+            kind: "http".into(),
+            device: Some(0),
+            priority: 2,
+            reachable: false,
+            resident_bytes: 0,
+            models: vec![],
+            last_eviction_ms: None,
+            last_error: Some("health: cannot connect".into()),
+        });
+        s.consumer_errors = vec![vramd_protocol::ConsumerError {
+            name: "comfyui".into(),
+            message: "unload: /free answered 500".into(),
+            at_ms: Some(1_000_000),
+        }];
+        let text = render_at(&s, 1_042_500);
+        assert!(
+            text.contains("comfyui failed 42s ago: unload: /free answered 500\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tts failed at an unknown time: health: cannot connect\n"),
+            "{text}"
+        );
+        assert!(text.contains("sdxl, flux (failing: see below)"), "{text}");
+        assert!(
+            text.contains("tts          http     0       2 NO"),
+            "{text}"
+        );
+        assert_eq!(ago(3 * 3_600_000), "3h");
+        assert_eq!(ago(5 * 60_000), "5m");
     }
 
     #[test]

@@ -302,6 +302,7 @@ mod tests {
             reservations_total: 0,
             mps: None,
             enforced: vec![],
+            consumer_errors: vec![],
             processes: vec![],
         }
     }

@@ -1,5 +1,5 @@
 //! Start-up: the daemon's command line and the wiring from it to a running
-//! server — config file, GPU backend, ledger, consumers, socket, runtime.
+//! server — config file, GPU backend, ledger, socket, runtime.
 //!
 //! The ledger's policy defaults are defined once, in
 //! [`LedgerConfig::default`]; the command line shows them from there.
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
-use vramd_ledger::{AdaptiveGuard, ConsumerSpec, Identity, Ledger, LedgerConfig, Placement};
+use vramd_ledger::{AdaptiveGuard, Identity, Ledger, LedgerConfig, Placement};
 use vramd_protocol::{
     format_duration, format_size, format_size_exact, parse_duration, parse_size, paths,
 };
@@ -26,9 +26,6 @@ use crate::mps::{MpsGuard, MpsWatch};
 use crate::server::{ServerConfig, ServerError, bind_socket, serve};
 use crate::state::StateFile;
 
-/// How often consumers are asked what they hold, unless the config says.
-const CONSUMER_POLL_INTERVAL: Duration = Duration::from_secs(2);
-
 /// Arbitrates GPU memory between the programs on this machine.
 #[derive(Debug, Parser)]
 #[command(name = "vramd", version, about)]
@@ -37,11 +34,11 @@ pub struct Args {
     /// GPUs. Repeat for more devices.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub simulate: Vec<u64>,
-    /// Config file (TOML): eviction settings and external consumers
-    /// (ComfyUI, HTTP apps, commands). See docs/configuration.md.
+    /// Config file (TOML): daemon settings (the eviction timing). See
+    /// docs/configuration.md.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// How long an evicted holder or consumer has to free its memory.
+    /// How long an evicted holder has to free its memory.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub eviction_deadline: Option<Duration>,
     /// Idle reservations younger than this are never evicted.
@@ -244,7 +241,7 @@ impl Args {
             // The config file may set these; the command line wins over it.
             .mut_arg("eviction_deadline", |a| {
                 a.help(format!(
-                    "How long an evicted holder or consumer has to free its memory \
+                    "How long an evicted holder has to free its memory \
                      [default: config's eviction.deadline, else {}]",
                     format_duration(d.eviction_deadline)
                 ))
@@ -456,19 +453,13 @@ pub fn run(args: Args) -> Result<(), StartError> {
         max_handshakes: args.max_handshakes.max(1),
         max_connections: args.max_connections.max(1),
         poll_interval: args.poll_interval.max(Duration::from_millis(10)),
-        consumers: file.consumers.clone(),
         admin_group: args.admin_group.clone(),
-        consumer_poll_interval: file
-            .consumer_poll_interval
-            .unwrap_or(CONSUMER_POLL_INTERVAL)
-            .max(Duration::from_millis(10)),
         mps: args.mps_pipe_dir.clone().map(MpsWatch::external),
         state_file: None,
         reload: args.config.clone().map(|path| crate::server::Reload {
             path,
             cli_eviction_deadline: args.eviction_deadline,
             cli_min_residency: args.min_residency,
-            consumers: file.consumers.clone(),
         }),
     };
     let identity = Identity {
@@ -488,36 +479,9 @@ pub fn run(args: Args) -> Result<(), StartError> {
             size = %format_size(d.total_bytes), backend = backend.name, "device");
     }
     log_policy(&args.ledger_config(&file));
-    for c in &file.consumers {
-        let device = match c.device {
-            None => None,
-            Some(index) => Some(
-                backend
-                    .devices
-                    .iter()
-                    .position(|d| d.index == index)
-                    .ok_or_else(|| {
-                        StartError::Invalid(format!(
-                            "consumer {:?}: there is no device {index}",
-                            c.name
-                        ))
-                    })?,
-            ),
-        };
-        ledger.add_consumer(ConsumerSpec {
-            name: c.name.clone(),
-            kind: c.kind.name().to_string(),
-            device,
-            priority: c.priority,
-            min_residency: c.min_residency,
-            coexist_with: c.coexist_with.clone(),
-        });
-        tracing::info!(consumer = %c.name, kind = c.kind.name(), priority = c.priority, "consumer declared");
-    }
     let reader = backend.reader.take();
     let io = |context| move |source| StartError::Io { context, source };
-    // One thread runs the accept loop, every connection, the core and the
-    // consumers (NVML readings have their own thread): the core is one task
+    // One thread runs the accept loop, every connection and the core (NVML readings have their own thread): the core is one task
     // anyway, and with a second worker every request and reply crossed
     // threads — a futex wake each way. Measured on 2 cores at 64 clients:
     // daemon CPU per grant+release pair 16–17 µs → 13–14 µs

@@ -10,8 +10,8 @@
 //! Lifecycle: [`run`] binds every listen address (failing fast), then runs
 //! one server per app that has a `listen` (an app without one is only
 //! watched: see `models::watch`), the admin server, one `/api/ps` poller per
-//! app and a vramd watcher that reconnects by itself, until SIGINT or
-//! SIGTERM.
+//! app, a vramd watcher that reconnects by itself and the report of the
+//! apps to vramd (`report`), until SIGINT or SIGTERM.
 
 pub mod admin;
 pub mod attribution;
@@ -29,6 +29,7 @@ pub mod openai;
 pub mod pids;
 mod procfs;
 pub mod proxy;
+pub mod report;
 pub mod retry;
 pub mod sizes;
 
@@ -147,6 +148,14 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
                 tracing::debug!(error = %e, "vramd not reachable; retrying");
             }
         }
+    });
+    // The apps, as vramd's status lists them (sent when they change).
+    let reporter = Arc::new(report::Reporter::default());
+    let (report_apps, report_daemon) = (apps.clone(), daemon.clone());
+    every(settings.poll_interval, move || {
+        let (reporter, apps, daemon) =
+            (reporter.clone(), report_apps.clone(), report_daemon.clone());
+        async move { reporter.tick(&apps, &daemon).await }
     });
     let admin = admin::router(admin::Admin {
         apps,

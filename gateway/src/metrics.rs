@@ -36,6 +36,9 @@ pub struct Metrics {
     device_reserved: Family<DeviceLabels, Gauge>,
     device_available: Family<DeviceLabels, Gauge>,
     daemon_up: Gauge,
+    /// When vramd last evicted one of each app's models (for the report of
+    /// the apps to vramd: `report`).
+    last_eviction: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 impl Default for Metrics {
@@ -60,6 +63,7 @@ impl Metrics {
             device_reserved: Family::default(),
             device_available: Family::default(),
             daemon_up: Gauge::default(),
+            last_eviction: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -149,6 +153,19 @@ impl Metrics {
         self.evictions
             .get_or_create(&Self::labels(app, model))
             .inc();
+        self.last_eviction
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(app.to_string(), std::time::Instant::now());
+    }
+
+    /// When vramd last evicted one of `app`'s models, if ever.
+    pub fn last_eviction(&self, app: &str) -> Option<std::time::Instant> {
+        self.last_eviction
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(app)
+            .copied()
     }
 
     /// The model started draining (see the drain limit).

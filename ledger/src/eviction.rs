@@ -1,6 +1,7 @@
-//! Eviction: idle holders and external consumers asked to unload when a
-//! waiter cannot fit — victim choice, deadlines, failures, and the moments
-//! a victim becomes eligible.
+//! Eviction: idle holders asked to unload when a waiter cannot fit —
+//! victim choice, deadlines, failures, and the moments a victim becomes
+//! eligible. (Apps that load on their own are evicted through the
+//! reservations vramd-gateway holds for them, like any holder.)
 
 use std::time::{Duration, Instant};
 
@@ -8,20 +9,18 @@ use vramd_protocol::{ReservationId, ServerMessage, format_size};
 
 use crate::accounting::Accounting;
 use crate::queue::OrderKey;
-use crate::{ConnId, ConsumerReading, Effect, Ledger, LogEvent, Reservation, Waiter};
+use crate::{ConnId, Effect, Ledger, LogEvent, Reservation, Waiter};
 
 /// Something that can be asked to give memory back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Victim {
     Reservation(ReservationId),
-    Consumer(String),
 }
 
 impl std::fmt::Display for Victim {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Victim::Reservation(id) => write!(f, "reservation {id}"),
-            Victim::Consumer(name) => write!(f, "consumer {name}"),
         }
     }
 }
@@ -43,7 +42,7 @@ impl Ledger {
     }
 
     /// While requests wait: the next moment a waiter's effective priority
-    /// reaches that of an idle reservation or a consumer it could not evict
+    /// reaches that of an idle reservation it could not evict
     /// before (see `choose_victims`).
     ///
     /// A waiter reaches priority `p` at `rank + p × aging` (its order key's
@@ -54,16 +53,7 @@ impl Ledger {
         if self.queue.is_empty() {
             return None;
         }
-        let mut levels: Vec<i32> = self
-            .idle_victims()
-            .map(|r| r.priority)
-            .chain(
-                self.consumers
-                    .iter()
-                    .filter(|c| !c.evicting && c.reading.resident_bytes > 0)
-                    .map(|c| c.spec.priority),
-            )
-            .collect();
+        let mut levels: Vec<i32> = self.idle_victims().map(|r| r.priority).collect();
         levels.sort_unstable();
         levels.dedup();
         let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as i128;
@@ -81,21 +71,16 @@ impl Ledger {
             .min()
     }
 
-    /// While requests wait: the next moment an idle reservation or a consumer
-    /// passes its minimum residency (it may then be evicted).
+    /// While requests wait: the next moment an idle reservation passes its
+    /// minimum residency (it may then be evicted).
     pub(crate) fn next_eviction_eligibility(&self, now: Instant) -> Option<Instant> {
         if self.queue.is_empty() {
             return None;
         }
-        let reservations = self
-            .idle_victims()
-            .map(|r| r.granted_at + self.config.min_residency);
-        let consumers = self
-            .consumers
-            .iter()
-            .filter(|c| !c.evicting)
-            .filter_map(|c| c.loaded_since.map(|t| t + c.spec.min_residency));
-        reservations.chain(consumers).filter(|&t| t > now).min()
+        self.idle_victims()
+            .map(|r| r.granted_at + self.config.min_residency)
+            .filter(|&t| t > now)
+            .min()
     }
 
     /// Marks a reservation held by `conn` idle (evictable) or busy, and
@@ -127,89 +112,6 @@ impl Ledger {
         idle
     }
 
-    /// Stores what consumer `name` says it holds (or why it could not be
-    /// asked). An evicting consumer that holds nothing any more has completed
-    /// its eviction; grants still wait for the readings.
-    pub(crate) fn on_consumer_reading(
-        &mut self,
-        name: &str,
-        reading: Result<ConsumerReading, String>,
-        now: Instant,
-    ) -> bool {
-        let Some(c) = self.consumers.iter_mut().find(|c| c.spec.name == name) else {
-            return false;
-        };
-        match reading {
-            Ok(r) => {
-                c.reachable = true;
-                c.last_error = None;
-                if r.resident_bytes == 0 {
-                    c.loaded_since = None;
-                    if c.evicting {
-                        c.evicting = false;
-                        self.counters.evictions_completed += 1;
-                    }
-                } else if c.loaded_since.is_none() {
-                    c.loaded_since = Some(now);
-                }
-                c.reading = r;
-            }
-            Err(e) => {
-                c.reachable = false;
-                c.last_error = Some(e);
-            }
-        }
-        true
-    }
-
-    /// How consumer `name`'s unload call went. Accepted: only a fresh
-    /// reading can show the memory free, so one is asked for. Failed (down,
-    /// error, garbage): it is reported, skipped for the waiters it was asked
-    /// for, and the next candidates are tried at once.
-    pub(crate) fn on_consumer_unloaded(
-        &mut self,
-        name: String,
-        result: Result<(), String>,
-        fx: &mut Vec<Effect>,
-    ) -> bool {
-        let error = match result {
-            Ok(()) => {
-                fx.push(Effect::RefreshReadings);
-                fx.push(Effect::Log(LogEvent::ConsumerUnloadReturned { name }));
-                return false;
-            }
-            Err(error) => error,
-        };
-        let Some(c) = self.consumers.iter_mut().find(|c| c.spec.name == name) else {
-            return false;
-        };
-        if !c.evicting {
-            return false;
-        }
-        c.evicting = false;
-        c.last_error = Some(error.clone());
-        self.counters.evictions_failed += 1;
-        let victim = Victim::Consumer(name);
-        fx.push(Effect::EvictionFailed {
-            victim: victim.to_string(),
-            reason: error,
-        });
-        for key in self.queue.planned() {
-            let hit = self
-                .queue
-                .get(&key)
-                .and_then(|w| w.plan.as_ref())
-                .is_some_and(|p| p.victims.contains(&victim));
-            if hit {
-                self.queue.set_plan(&key, None);
-                if let Some(w) = self.queue.get_mut(&key) {
-                    w.skip.push(victim.clone());
-                }
-            }
-        }
-        true
-    }
-
     /// Victims that missed their deadline are reported and skipped; their
     /// waiter plans again.
     pub(crate) fn fail_overdue_evictions(&mut self, now: Instant, effects: &mut Vec<Effect>) {
@@ -227,15 +129,6 @@ impl Ledger {
                         let held = self.reservations.contains_key(id);
                         self.update_idle(*id, |r| r.evicting = None);
                         held
-                    }
-                    Victim::Consumer(name) => {
-                        match self.consumers.iter_mut().find(|c| &c.spec.name == name) {
-                            Some(c) if c.evicting => {
-                                c.evicting = false;
-                                true
-                            }
-                            _ => false,
-                        }
                     }
                 };
                 if pending {
@@ -255,7 +148,7 @@ impl Ledger {
         }
     }
 
-    /// For waiters that do not fit, asks idle holders and consumers to make
+    /// For waiters that do not fit, asks idle holders to make
     /// room — at most one eviction in flight per device, only when the
     /// victims can free enough, never a busy holder.
     pub(crate) fn plan_evictions(&mut self, now: Instant, effects: &mut Vec<Effect>) {
@@ -263,12 +156,7 @@ impl Ledger {
         if self.queue.is_empty() {
             return;
         }
-        let evictable = !self.idle_unasked.is_empty()
-            || self
-                .consumers
-                .iter()
-                .any(|c| c.reachable && !c.evicting && c.reading.resident_bytes > 0);
-        if !evictable {
+        if self.idle_unasked.is_empty() {
             return;
         }
         let avail: Vec<u64> = (0..self.devices.len()).map(|d| self.available(d)).collect();
@@ -345,19 +233,6 @@ impl Ledger {
                             reason: reason.clone(),
                         });
                     }
-                    Victim::Consumer(name) => {
-                        let c = self
-                            .consumers
-                            .iter_mut()
-                            .find(|c| &c.spec.name == name)
-                            .expect("chosen from consumers");
-                        c.evicting = true;
-                        c.last_eviction = Some(now);
-                        effects.push(Effect::EvictConsumer {
-                            name: name.clone(),
-                            reason: reason.clone(),
-                        });
-                    }
                 }
             }
             self.queue.set_plan(
@@ -406,26 +281,6 @@ impl Ledger {
                 && !w.skip.contains(&v)
             {
                 cands.push((v, r.priority, r.last_busy, frees(acc, r.id, r.bytes)));
-            }
-        }
-        for c in &self.consumers {
-            let v = Victim::Consumer(c.spec.name.clone());
-            let label_coexists = w
-                .label
-                .as_ref()
-                .is_some_and(|l| c.spec.coexist_with.iter().any(|x| x == l));
-            if c.spec.device.is_none_or(|cd| cd == d)
-                && c.reachable
-                && !c.evicting
-                && c.reading.resident_bytes > 0
-                && c.spec.priority <= rank
-                && !label_coexists
-                && c.loaded_since
-                    .is_some_and(|t| now.saturating_duration_since(t) >= c.spec.min_residency)
-                && !w.skip.contains(&v)
-            {
-                let since = c.loaded_since.unwrap_or(now);
-                cands.push((v, c.spec.priority, since, c.reading.resident_bytes));
             }
         }
         // The lowest priority tier that can cover the need.

@@ -12,8 +12,9 @@
 //!
 //! Modules, by concern: [`types`] (the vocabulary), `accounting` (what is
 //! committed on a device), `queue` (waiters in grant order), `schedule`
-//! (grant passes, wait limits, positions), `eviction` (idle holders and
-//! consumers, victim choice) and `status` (the report clients see).
+//! (grant passes, wait limits, positions), `eviction` (idle holders,
+//! victim choice), `reported` (the consumers clients report, for status)
+//! and `status` (the report clients see).
 //!
 //! # Accounting
 //! For each device, from its latest [`Reading`]:
@@ -64,6 +65,7 @@ use vramd_protocol::{
 mod accounting;
 mod eviction;
 mod queue;
+mod reported;
 pub mod restart;
 mod schedule;
 mod status;
@@ -72,9 +74,8 @@ pub mod types;
 pub use restart::{NO_CONN, RestoreReport, SavedReservation, Snapshot};
 pub use status::{STATUS_PROCESS_LIMIT, STATUS_QUEUE_LIMIT, redact};
 pub use types::{
-    AdaptiveGuard, ConnId, ConsumerReading, ConsumerSpec, DeviceSpec, Effect, Identity, Input,
-    LedgerConfig, LedgerError, LogEvent, Peer, Placement, ProcessUsage, Reading, ReadingSource,
-    Released,
+    AdaptiveGuard, ConnId, DeviceSpec, Effect, Identity, Input, LedgerConfig, LedgerError,
+    LogEvent, Peer, Placement, ProcessUsage, Reading, ReadingSource, Released,
 };
 
 use accounting::Ghost;
@@ -125,19 +126,6 @@ impl Reservation {
     fn idle_unasked(&self) -> bool {
         self.idle && self.evicting.is_none()
     }
-}
-
-#[derive(Debug, Clone)]
-struct Consumer {
-    spec: ConsumerSpec,
-    reading: ConsumerReading,
-    reachable: bool,
-    last_error: Option<String>,
-    /// Since when it has held memory.
-    loaded_since: Option<Instant>,
-    last_eviction: Option<Instant>,
-    /// An unload was asked and has not completed.
-    evicting: bool,
 }
 
 impl Waiter {
@@ -196,7 +184,8 @@ pub struct Ledger {
     /// Waiting requests in grant order.
     queue: Queue,
     ghosts: Vec<Ghost>,
-    consumers: Vec<Consumer>,
+    /// The consumers each connection reported (`ReportConsumers`).
+    reported: reported::Reported,
     /// Origin of order keys, and the start of uptime.
     epoch: Instant,
     /// Since the last full pass, nothing freed room and no waiter left but
@@ -254,7 +243,7 @@ impl Ledger {
             held_count_by_uid: HashMap::new(),
             idle_unasked: BTreeSet::new(),
             ghosts: Vec::new(),
-            consumers: Vec::new(),
+            reported: reported::Reported::default(),
             epoch: now,
             clean: false,
             fresh: Vec::new(),
@@ -272,19 +261,6 @@ impl Ledger {
     pub fn with_identity(mut self, identity: Identity) -> Self {
         self.identity = identity;
         self
-    }
-
-    /// Declares an external consumer (at start, from the config).
-    pub fn add_consumer(&mut self, spec: ConsumerSpec) {
-        self.consumers.push(Consumer {
-            spec,
-            reading: ConsumerReading::default(),
-            reachable: false,
-            last_error: None,
-            loaded_since: None,
-            last_eviction: None,
-            evicting: false,
-        });
     }
 
     /// The configuration in force.
@@ -342,12 +318,6 @@ impl Ledger {
                     result,
                 } => self.on_reading(device, taken_at, result, &mut fx),
                 Input::Tick => true,
-                Input::ConsumerReading { name, result } => {
-                    self.on_consumer_reading(&name, result, now)
-                }
-                Input::ConsumerUnloaded { name, result } => {
-                    self.on_consumer_unloaded(name, result, &mut fx)
-                }
             };
         if settle {
             self.settle(now, &mut fx);
@@ -409,6 +379,10 @@ impl Ledger {
             }
             ClientMessage::Reclaim { tag, id, token } => {
                 self.on_reclaim(conn, peer, tag, id, &token, now, fx)
+            }
+            ClientMessage::ReportConsumers { tag, consumers } => {
+                self.reported.report(conn, tag, consumers, now, fx);
+                false
             }
         }
     }
@@ -775,6 +749,7 @@ impl Ledger {
     /// Drops everything `conn` held or waited for.
     fn on_disconnect(&mut self, conn: ConnId, now: Instant, fx: &mut Vec<Effect>) -> bool {
         self.forget_reclaim(conn);
+        self.reported.forget(conn);
         let keys = self.queue.keys_of(conn);
         for k in &keys {
             self.take_waiter(k);

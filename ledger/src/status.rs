@@ -1,5 +1,5 @@
 //! The status report: devices and their accounting, reservations, the
-//! queue, consumers and counters, with other users' details hidden from
+//! queue, the consumers clients reported, and counters, with other users' details hidden from
 //! clients that are not admins.
 
 use std::time::Instant;
@@ -7,8 +7,7 @@ use std::time::Instant;
 use std::cmp::Reverse;
 
 use vramd_protocol::{
-    ConsumerStatus, DeviceStatus, Enforcement, GpuProcess, QueueEntry, ReservationStatus,
-    StatusReport,
+    DeviceStatus, Enforcement, GpuProcess, QueueEntry, ReservationStatus, StatusReport,
 };
 
 use crate::accounting::{Accounting, Holder};
@@ -56,7 +55,8 @@ impl Ledger {
             queue: self.queue_status(now, STATUS_QUEUE_LIMIT),
             queue_total: self.queue.len() as u64,
             counters: self.counters.clone(),
-            consumers: self.consumer_status(now),
+            consumers: self.reported.status(now),
+            consumer_errors: self.reported.errors(),
             mps: None,
             processes: self.process_status(STATUS_PROCESS_LIMIT),
             enforced: self
@@ -209,26 +209,6 @@ impl Ledger {
                 pid: w.peer.pid,
                 uid: w.peer.uid,
                 waited_ms: millis(now.saturating_duration_since(w.arrived)),
-            })
-            .collect()
-    }
-
-    /// Declared consumers for status.
-    pub fn consumer_status(&self, now: Instant) -> Vec<ConsumerStatus> {
-        self.consumers
-            .iter()
-            .map(|c| ConsumerStatus {
-                name: c.spec.name.clone(),
-                kind: c.spec.kind.clone(),
-                device: c.spec.device.map(|d| self.devices[d].spec.index),
-                priority: c.spec.priority,
-                reachable: c.reachable,
-                resident_bytes: c.reading.resident_bytes,
-                models: c.reading.models.clone(),
-                last_eviction_ms: c
-                    .last_eviction
-                    .map(|t| millis(now.saturating_duration_since(t))),
-                last_error: c.last_error.clone(),
             })
             .collect()
     }

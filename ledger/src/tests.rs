@@ -50,13 +50,6 @@ trait Drive {
         now: Instant,
     ) -> Result<Vec<Effect>, LedgerError>;
     fn tick(&mut self, now: Instant) -> Vec<Effect>;
-    fn set_consumer(
-        &mut self,
-        name: &str,
-        r: Result<ConsumerReading, String>,
-        now: Instant,
-    ) -> Vec<Effect>;
-    fn consumer_unload_failed(&mut self, name: &str, error: String, now: Instant) -> Vec<Effect>;
 }
 
 /// Effects about requests and evictions, without replies and log events.
@@ -225,27 +218,6 @@ impl Drive for Ledger {
 
     fn tick(&mut self, now: Instant) -> Vec<Effect> {
         decisions(self.apply(Input::Tick, now))
-    }
-
-    fn set_consumer(
-        &mut self,
-        name: &str,
-        r: Result<ConsumerReading, String>,
-        now: Instant,
-    ) -> Vec<Effect> {
-        let input = Input::ConsumerReading {
-            name: name.to_string(),
-            result: r,
-        };
-        decisions(self.apply(input, now))
-    }
-
-    fn consumer_unload_failed(&mut self, name: &str, error: String, now: Instant) -> Vec<Effect> {
-        let input = Input::ConsumerUnloaded {
-            name: name.to_string(),
-            result: Err(error),
-        };
-        decisions(self.apply(input, now))
     }
 }
 
@@ -955,7 +927,6 @@ proptest! {
                         prop_assert!(r.idle && r.conn == *conn);
                         prop_assert!(now.saturating_duration_since(r.granted_at) >= l.config.min_residency);
                     }
-                    Effect::EvictConsumer { .. } => prop_assert!(false, "no consumers here"),
                     Effect::EvictionFailed { .. } => {}
                     other => prop_assert!(false, "the shim keeps decisions only: {:?}", other),
                 }
@@ -997,16 +968,6 @@ fn evicted(effects: &[Effect]) -> Vec<ReservationId> {
         .iter()
         .filter_map(|e| match e {
             Effect::Evict { id, .. } => Some(*id),
-            _ => None,
-        })
-        .collect()
-}
-
-fn evicted_consumers(effects: &[Effect]) -> Vec<String> {
-    effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::EvictConsumer { name, .. } => Some(name.clone()),
             _ => None,
         })
         .collect()
@@ -1128,67 +1089,6 @@ fn a_victim_that_misses_its_deadline_is_reported_and_the_next_is_asked() {
     assert!(e.iter().any(|e| matches!(e, Effect::EvictionFailed { victim, .. } if victim == &format!("reservation {stuck}"))));
     assert_eq!(evicted(&e), vec![other]);
     assert_eq!(l.counters().evictions_failed, 1);
-}
-
-fn consumer(name: &str, priority: i32, coexist: &[&str]) -> ConsumerSpec {
-    ConsumerSpec {
-        name: name.into(),
-        kind: "ollama".into(),
-        device: Some(0),
-        priority,
-        min_residency: Duration::ZERO,
-        coexist_with: coexist.iter().map(|s| s.to_string()).collect(),
-    }
-}
-
-#[test]
-fn consumers_are_evicted_unless_the_waiter_coexists_with_them_or_they_fail() {
-    let t0 = Instant::now();
-    let mut l = evicting_ledger(&[24 * G]);
-    l.devices[0].source = ReadingSource::Measured(Reading::default());
-    l.add_consumer(consumer("ollama", 0, &["tts"]));
-    let held = ConsumerReading {
-        resident_bytes: 9 * G,
-        models: vec!["llama3".into()],
-    };
-    l.set_consumer("ollama", Ok(held.clone()), t0);
-    // The card shows Ollama's 9 GiB (unattributed) plus 10 GiB of a busy client.
-    let r = Reading {
-        used_bytes: 9 * G,
-        processes: Some(vec![ProcessUsage::new(900, 9 * G)]),
-    };
-    l.set_reading(0, r, t0, t0);
-    l.reserve(ConnId(1), peer(1), req(1, 10 * G), t0);
-    // The TTS coexists with Ollama: it just waits.
-    let mut tts = req(1, 6 * G);
-    tts.label = Some("tts".into());
-    let e = l.reserve(ConnId(2), peer(2), tts, ms(t0, 1));
-    assert!(evicted_consumers(&e).is_empty());
-    l.cancel(ConnId(2), 1, ms(t0, 2));
-    // An image request is not: Ollama is asked.
-    let e = l.reserve(ConnId(3), peer(3), req(1, 13 * G), ms(t0, 3));
-    assert_eq!(evicted_consumers(&e), vec!["ollama".to_string()]);
-    // Its unload call fails: reported, and with no other candidate, nothing else.
-    let e = l.consumer_unload_failed("ollama", "connection refused".into(), ms(t0, 4));
-    assert!(e.iter().any(|e| matches!(e, Effect::EvictionFailed { .. })));
-    assert!(
-        evicted_consumers(&e).is_empty(),
-        "a failed consumer is not retried for the same waiter"
-    );
-    assert_eq!(l.counters().evictions_failed, 1);
-    // A new waiter may ask it again; this time it unloads and the readings show it.
-    let e = l.reserve(ConnId(4), peer(4), req(1, 13 * G), ms(t0, 5));
-    assert_eq!(evicted_consumers(&e), vec!["ollama".to_string()]);
-    let e = l.set_consumer("ollama", Ok(ConsumerReading::default()), ms(t0, 6));
-    assert!(
-        granted(&e).is_empty(),
-        "granted on the consumer's word, before the readings"
-    );
-    let e = l.set_reading(0, measured(0, Some(vec![])), ms(t0, 7), ms(t0, 7));
-    assert_eq!(granted(&e).len(), 1);
-    assert_eq!(l.counters().evictions_completed, 1);
-    let st = &l.consumer_status(ms(t0, 8))[0];
-    assert!(st.reachable && st.resident_bytes == 0 && st.last_eviction_ms.is_some());
 }
 
 #[test]
@@ -2465,4 +2365,202 @@ fn set_enforced_is_listed_in_status_until_released_and_checks_its_input() {
     // Released: no longer listed.
     l.release(ConnId(1), id, ms(t0, 3)).unwrap();
     assert!(l.status(admin(), ms(t0, 3)).enforced.is_empty());
+}
+
+// ---- reported consumers -----------------------------------------------------
+
+fn app(name: &str) -> vramd_protocol::ConsumerReport {
+    vramd_protocol::ConsumerReport {
+        name: name.into(),
+        kind: "http".into(),
+        device: Some(0),
+        priority: 3,
+        reachable: true,
+        resident_bytes: 2 * G,
+        models: vec!["tts".into()],
+        last_eviction_ms: Some(1_000),
+        last_error: None,
+        last_error_at_ms: None,
+    }
+}
+
+fn report(consumers: Vec<vramd_protocol::ConsumerReport>) -> ClientMessage {
+    ClientMessage::ReportConsumers { tag: 4, consumers }
+}
+
+fn reported_count(effects: &[Effect]) -> Option<u32> {
+    effects.iter().find_map(|e| match e {
+        Effect::Reply {
+            msg: ServerMessage::ConsumersReported { tag: 4, count },
+            ..
+        } => Some(*count),
+        _ => None,
+    })
+}
+
+#[test]
+fn reported_consumers_are_listed_replaced_and_dropped_with_their_connection() {
+    let t0 = Instant::now();
+    let mut l = sim(&[24 * G]);
+    let mut failing = app("tts");
+    failing.last_error = Some("unload: answered 500".into());
+    failing.last_error_at_ms = Some(1_700_000_000_000);
+    let e = request(&mut l, ConnId(1), report(vec![failing, app("img")]), t0);
+    assert_eq!(reported_count(&e), Some(2), "{e:?}");
+    let e = request(&mut l, ConnId(2), report(vec![app("other")]), t0);
+    assert_eq!(reported_count(&e), Some(1), "{e:?}");
+    let st = l.status(peer(9), ms(t0, 500));
+    let names: Vec<&str> = st.consumers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["tts", "img", "other"]);
+    assert_eq!(st.consumers[0].kind, "http");
+    assert_eq!(st.consumers[0].resident_bytes, 2 * G);
+    assert_eq!(st.consumers[0].priority, 3);
+    assert_eq!(st.consumers[0].device, Some(0));
+    // The eviction ages from the report.
+    assert_eq!(st.consumers[0].last_eviction_ms, Some(1_500));
+    assert_eq!(
+        st.consumers[0].last_error.as_deref(),
+        Some("unload: answered 500")
+    );
+    assert_eq!(st.consumer_errors.len(), 1);
+    assert_eq!(st.consumer_errors[0].name, "tts");
+    assert_eq!(st.consumer_errors[0].message, "unload: answered 500");
+    assert_eq!(st.consumer_errors[0].at_ms, Some(1_700_000_000_000));
+    // A new report replaces the connection's list; the other stays.
+    let e = request(&mut l, ConnId(1), report(vec![app("img")]), ms(t0, 600));
+    assert_eq!(reported_count(&e), Some(1));
+    let st = l.status(peer(9), ms(t0, 600));
+    let names: Vec<&str> = st.consumers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["img", "other"]);
+    assert!(st.consumer_errors.is_empty());
+    // The connection closes: its consumers go, the other's stay.
+    l.disconnect(ConnId(1), ms(t0, 700));
+    let st = l.status(peer(9), ms(t0, 700));
+    let names: Vec<&str> = st.consumers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["other"]);
+    // An empty report withdraws them.
+    let e = request(&mut l, ConnId(2), report(vec![]), ms(t0, 800));
+    assert_eq!(reported_count(&e), Some(0));
+    assert!(l.status(peer(9), ms(t0, 800)).consumers.is_empty());
+}
+
+#[test]
+fn a_report_out_of_bounds_is_refused_and_changes_nothing() {
+    use vramd_protocol::{
+        MAX_CONSUMER_ERROR_BYTES, MAX_CONSUMER_KIND_BYTES, MAX_CONSUMER_MODEL_BYTES,
+        MAX_CONSUMER_MODELS, MAX_CONSUMER_NAME_BYTES, MAX_REPORTED_CONSUMERS,
+    };
+    let t0 = Instant::now();
+    let mut l = sim(&[24 * G]);
+    let e = request(&mut l, ConnId(1), report(vec![app("kept")]), t0);
+    assert_eq!(reported_count(&e), Some(1));
+    let with = |f: &dyn Fn(&mut vramd_protocol::ConsumerReport)| {
+        let mut c = app("x");
+        f(&mut c);
+        vec![c]
+    };
+    let cases: Vec<(Vec<vramd_protocol::ConsumerReport>, &str)> = vec![
+        (with(&|c| c.name.clear()), "name is empty"),
+        (
+            with(&|c| c.name = "n".repeat(MAX_CONSUMER_NAME_BYTES + 1)),
+            "over the limit of 128",
+        ),
+        (with(&|c| c.kind.clear()), "kind is empty"),
+        (
+            with(&|c| c.kind = "k".repeat(MAX_CONSUMER_KIND_BYTES + 1)),
+            "kind is 33 bytes",
+        ),
+        (
+            with(&|c| c.models = vec!["m".into(); MAX_CONSUMER_MODELS + 1]),
+            "33 models",
+        ),
+        (
+            with(&|c| c.models = vec!["m".repeat(MAX_CONSUMER_MODEL_BYTES + 1)]),
+            "a model name is 257 bytes",
+        ),
+        (
+            with(&|c| c.last_error = Some("e".repeat(MAX_CONSUMER_ERROR_BYTES + 1))),
+            "last_error is 1025 bytes",
+        ),
+        (vec![app("a"), app("a")], "listed twice"),
+        (
+            (0..=MAX_REPORTED_CONSUMERS)
+                .map(|i| app(&format!("a{i}")))
+                .collect(),
+            "65 consumers",
+        ),
+    ];
+    for (consumers, want) in cases {
+        let e = request(&mut l, ConnId(1), report(consumers), ms(t0, 1));
+        let message = e
+            .iter()
+            .find_map(|e| match e {
+                Effect::Reply {
+                    msg:
+                        ServerMessage::Error {
+                            tag: 4,
+                            kind: ErrorKind::BadRequest,
+                            message,
+                        },
+                    ..
+                } => Some(message.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{want}: not refused: {e:?}"));
+        assert!(message.contains(want), "{want}: {message}");
+        assert!(message.starts_with("report_consumers: "), "{message}");
+    }
+    let st = l.status(peer(9), ms(t0, 2));
+    let names: Vec<&str> = st.consumers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["kept"], "a refused report leaves the previous one");
+    // The daemon-wide bound: another connection cannot push past it, and
+    // what connection 1 reported stays.
+    let many: Vec<_> = (0..MAX_REPORTED_CONSUMERS)
+        .map(|i| app(&format!("b{i}")))
+        .collect();
+    let e = request(&mut l, ConnId(2), report(many.clone()), ms(t0, 3));
+    assert_eq!(failed_reply(&e), Some(ErrorKind::LimitExceeded), "{e:?}");
+    assert_eq!(l.status(peer(9), ms(t0, 3)).consumers.len(), 1);
+    // Its own previous entries do not count against a replacement.
+    let e = request(&mut l, ConnId(1), report(many), ms(t0, 4));
+    assert_eq!(reported_count(&e), Some(MAX_REPORTED_CONSUMERS as u32));
+}
+
+#[test]
+fn the_most_that_can_be_reported_still_fits_in_one_status_frame() {
+    use vramd_protocol::{
+        Encoding, MAX_CONSUMER_ERROR_BYTES, MAX_CONSUMER_KIND_BYTES, MAX_CONSUMER_MODEL_BYTES,
+        MAX_CONSUMER_MODELS, MAX_CONSUMER_NAME_BYTES, MAX_REPORTED_CONSUMERS, encode,
+    };
+    let t0 = Instant::now();
+    let mut l = sim(&[24 * G]);
+    let widest = |i: usize| {
+        let mut c = app(&format!("{i:0>width$}", width = MAX_CONSUMER_NAME_BYTES));
+        c.kind = "k".repeat(MAX_CONSUMER_KIND_BYTES);
+        c.models = (0..MAX_CONSUMER_MODELS)
+            .map(|m| format!("{m:0>width$}", width = MAX_CONSUMER_MODEL_BYTES))
+            .collect();
+        c.last_error = Some("e".repeat(MAX_CONSUMER_ERROR_BYTES));
+        c.last_error_at_ms = Some(u64::MAX);
+        c.last_eviction_ms = Some(u64::MAX);
+        c
+    };
+    let all: Vec<_> = (0..MAX_REPORTED_CONSUMERS).map(widest).collect();
+    let e = request(&mut l, ConnId(1), report(all), t0);
+    assert_eq!(reported_count(&e), Some(MAX_REPORTED_CONSUMERS as u32));
+    let status = l.status(admin(), ms(t0, 1));
+    assert_eq!(status.consumers.len(), MAX_REPORTED_CONSUMERS);
+    assert_eq!(status.consumer_errors.len(), MAX_REPORTED_CONSUMERS);
+    let msg = ServerMessage::Status {
+        tag: u64::MAX,
+        status: Box::new(status),
+    };
+    let frame = encode(Encoding::Binary, &msg).expect("fits in one frame");
+    // At most three quarters of a frame: the rest of a status (cut to fit
+    // by `StatusReport::fit`) keeps a quarter at least.
+    assert!(
+        frame.len() < vramd_protocol::MAX_FRAME_BYTES * 3 / 4,
+        "{}",
+        frame.len()
+    );
 }

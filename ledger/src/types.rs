@@ -118,7 +118,7 @@ pub struct LedgerConfig {
     pub adaptive_guard: Option<AdaptiveGuard>,
     /// How a request for any device is placed.
     pub placement: Placement,
-    /// How long an evicted holder or consumer has to free its memory before
+    /// How long an evicted holder has to free its memory before
     /// the daemon reports it and tries another victim.
     pub eviction_deadline: Duration,
     /// An idle reservation younger than this is never evicted.
@@ -215,33 +215,6 @@ pub struct Identity {
     pub backend: String,
 }
 
-/// An external consumer declared in the config (Ollama, ComfyUI, …).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConsumerSpec {
-    /// Its name.
-    pub name: String,
-    /// Its kind, for status.
-    pub kind: String,
-    /// Index (into the devices given to [`Ledger::new`](crate::Ledger::new))
-    /// of the device it lives on; `None`: it may be on any.
-    pub device: Option<usize>,
-    /// It is evicted only for waiters of at least this priority.
-    pub priority: i32,
-    /// It is not evicted until it has been resident this long.
-    pub min_residency: Duration,
-    /// Labels of requests it is never evicted for.
-    pub coexist_with: Vec<String>,
-}
-
-/// What a consumer says it holds.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ConsumerReading {
-    /// Memory it holds.
-    pub resident_bytes: u64,
-    /// Models it holds, where it says.
-    pub models: Vec<String>,
-}
-
 /// Every event the ledger reacts to. Each comes with the time it happened,
 /// as the second argument of [`Ledger::apply`](crate::Ledger::apply).
 #[derive(Debug, Clone, PartialEq)]
@@ -274,21 +247,6 @@ pub enum Input {
     /// Time passed: wait limits, eviction deadlines, minimum residencies and
     /// aging may have come due (see [`Ledger::next_wakeup`](crate::Ledger::next_wakeup)).
     Tick,
-    /// What an external consumer says it holds, or why it could not be asked.
-    ConsumerReading {
-        /// Its name.
-        name: String,
-        /// Its answer.
-        result: Result<ConsumerReading, String>,
-    },
-    /// How a consumer's unload call went (`Ok`: accepted; the memory may
-    /// still be in use until the readings show it free).
-    ConsumerUnloaded {
-        /// Its name.
-        name: String,
-        /// The outcome.
-        result: Result<(), String>,
-    },
 }
 
 /// What [`Ledger::apply`](crate::Ledger::apply) asks the daemon to do, in
@@ -342,16 +300,9 @@ pub enum Effect {
         /// Who needs the room.
         reason: String,
     },
-    /// Ask an external consumer to unload.
-    EvictConsumer {
-        /// Its name in the config.
-        name: String,
-        /// Who needs the room.
-        reason: String,
-    },
     /// A victim did not free its memory in time (for logs).
     EvictionFailed {
-        /// The reservation or consumer.
+        /// The reservation.
         victim: String,
         /// What happened.
         reason: String,
@@ -450,11 +401,12 @@ pub enum LogEvent {
         /// Its index.
         device: u32,
     },
-    /// A consumer's unload call returned; the readings will tell when its
-    /// memory is free.
-    ConsumerUnloadReturned {
-        /// Its name.
-        name: String,
+    /// A connection reported the consumers it fronts (`ReportConsumers`).
+    ConsumersReported {
+        /// The connection.
+        conn: ConnId,
+        /// How many it reports now.
+        count: usize,
     },
     /// A reservation held since a restart was reclaimed by its holder.
     Reclaimed {

@@ -372,7 +372,51 @@ mod tests {
             }),
             any::<u64>().prop_map(|tag| ClientMessage::Status { tag }),
             any::<u64>().prop_map(|tag| ClientMessage::Ping { tag }),
+            (
+                any::<u64>(),
+                proptest::collection::vec(arb_consumer_report(), 0..4)
+            )
+                .prop_map(|(tag, consumers)| ClientMessage::ReportConsumers { tag, consumers }),
         ]
+    }
+
+    fn arb_consumer_report() -> impl Strategy<Value = ConsumerReport> {
+        (
+            (
+                ".{0,12}",
+                "[a-z]{0,8}",
+                proptest::option::of(any::<u32>()),
+                any::<i32>(),
+            ),
+            (
+                any::<bool>(),
+                any::<u64>(),
+                proptest::collection::vec(".{0,10}", 0..3),
+                proptest::option::of(any::<u64>()),
+            ),
+            (
+                proptest::option::of(".{0,20}"),
+                proptest::option::of(any::<u64>()),
+            ),
+        )
+            .prop_map(
+                |(
+                    (name, kind, device, priority),
+                    (reachable, resident_bytes, models, last_eviction_ms),
+                    (last_error, last_error_at_ms),
+                )| ConsumerReport {
+                    name,
+                    kind,
+                    device,
+                    priority,
+                    reachable,
+                    resident_bytes,
+                    models,
+                    last_eviction_ms,
+                    last_error,
+                    last_error_at_ms,
+                },
+            )
     }
 
     fn arb_server() -> impl Strategy<Value = ServerMessage> {
@@ -409,6 +453,8 @@ mod tests {
             }),
             (any::<u64>(), any::<u32>())
                 .prop_map(|(tag, count)| ServerMessage::Cancelled { tag, count }),
+            (any::<u64>(), any::<u32>())
+                .prop_map(|(tag, count)| ServerMessage::ConsumersReported { tag, count }),
         ]
     }
 
@@ -503,6 +549,7 @@ mod tests {
             reservations_total: 0,
             mps: None,
             enforced: vec![],
+            consumer_errors: vec![],
             processes: (0..200_000)
                 .map(|pid| GpuProcess {
                     device: 0,
@@ -554,6 +601,7 @@ mod tests {
             reservations_total: 100,
             mps: None,
             enforced: vec![],
+            consumer_errors: vec![],
             processes: vec![],
         };
         let msg = |s: &StatusReport| ServerMessage::Status {
@@ -657,6 +705,50 @@ mod tests {
     }
 
     #[test]
+    fn a_consumer_report_decodes_with_its_json_defaults_and_rejects_bad_input() {
+        // Only name and kind are required in JSON.
+        let line = br#"{"report_consumers":{"consumers":[{"name":"tts","kind":"http"}]}}"#;
+        let mut buf = ReadBuffer::new();
+        buf.extend(line);
+        buf.extend(b"\n");
+        let got = Decoder::new(Encoding::Json)
+            .decode::<ClientMessage>(&mut buf)
+            .unwrap();
+        let Some(ClientMessage::ReportConsumers { tag: 0, consumers }) = got else {
+            panic!("{got:?}");
+        };
+        assert_eq!(consumers.len(), 1);
+        let c = &consumers[0];
+        assert_eq!((c.name.as_str(), c.kind.as_str()), ("tts", "http"));
+        assert!(c.device.is_none() && c.models.is_empty() && c.last_error.is_none());
+        assert!(c.check().is_ok());
+        // A missing kind, a wrong type: malformed, not a panic, and the
+        // session goes on.
+        for bad in [
+            &br#"{"report_consumers":{"consumers":[{"name":"tts"}]}}"#[..],
+            br#"{"report_consumers":{"consumers":[{"name":"tts","kind":"http","resident_bytes":-1}]}}"#,
+            br#"{"report_consumers":{"consumers":"tts"}}"#,
+        ] {
+            let mut buf = ReadBuffer::new();
+            buf.extend(bad);
+            buf.extend(b"\n");
+            let e = Decoder::new(Encoding::Json)
+                .decode::<ClientMessage>(&mut buf)
+                .unwrap_err();
+            assert!(matches!(e, CodecError::Malformed(_)), "{e:?}");
+            assert!(!e.is_fatal());
+        }
+        // Out of bounds: `check` names the consumer, the field and the limit.
+        let mut long = c.clone();
+        long.models = vec!["m".repeat(MAX_CONSUMER_MODEL_BYTES + 1)];
+        let e = long.check().unwrap_err();
+        assert!(e.contains("consumer \"tts\"") && e.contains("256"), "{e}");
+        let mut empty = c.clone();
+        empty.last_error = Some(String::new());
+        assert!(empty.check().unwrap_err().contains("last_error is empty"));
+    }
+
+    #[test]
     fn detect_first_byte() {
         assert_eq!(Encoding::detect(0), Some(Encoding::Binary));
         assert_eq!(Encoding::detect(b'{'), Some(Encoding::Json));
@@ -736,6 +828,21 @@ mod wire_contract {
                 limit_bytes: 4096,
                 mechanism: "mps".into(),
             },
+            ClientMessage::ReportConsumers {
+                tag: 5,
+                consumers: vec![ConsumerReport {
+                    name: "tts".into(),
+                    kind: "http".into(),
+                    device: Some(0),
+                    priority: -1,
+                    reachable: true,
+                    resident_bytes: 4096,
+                    models: vec!["app".into()],
+                    last_eviction_ms: None,
+                    last_error: Some("x".into()),
+                    last_error_at_ms: Some(300),
+                }],
+            },
         ];
         for (i, m) in msgs.iter().enumerate() {
             assert_eq!(payload(m)[0] as usize, i, "{m:?}");
@@ -750,6 +857,13 @@ mod wire_contract {
         );
         assert_eq!(payload(&msgs[11]), [11, 2, 7, 128, 32]);
         assert_eq!(payload(&msgs[12]), [12, 3, 7, 128, 32, 3, b'm', b'p', b's']);
+        assert_eq!(
+            payload(&msgs[13]),
+            [
+                13, 5, 1, 3, b't', b't', b's', 4, b'h', b't', b't', b'p', 1, 0, 1, 1, 128, 32, 1,
+                3, b'a', b'p', b'p', 0, 1, 1, b'x', 1, 172, 2
+            ]
+        );
     }
 
     #[test]
@@ -790,6 +904,8 @@ mod wire_contract {
             limit_bytes: 4096,
         };
         assert_eq!(payload(&enforced), [14, 3, 7, 128, 32]);
+        let reported = ServerMessage::ConsumersReported { tag: 5, count: 2 };
+        assert_eq!(payload(&reported), [15, 5, 2]);
         let e = payload(&ServerMessage::Error {
             tag: 0,
             kind: ErrorKind::Internal,

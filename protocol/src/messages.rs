@@ -236,6 +236,123 @@ pub enum ClientMessage {
         /// most 64 bytes.
         mechanism: String,
     },
+    /// Declare the consumers (apps that load models on their own) this
+    /// client fronts, for status: vramd-gateway sends its apps. The list
+    /// replaces the one this connection reported before (an empty list
+    /// withdraws them) and is dropped when the connection closes. The
+    /// daemon only shows them: it never calls them. At most
+    /// [`MAX_REPORTED_CONSUMERS`] entries, each checked by
+    /// [`ConsumerReport::check`]; names are unique within the list.
+    /// Answered by `ConsumersReported`, or `Error` (`bad_request`: an entry
+    /// out of bounds, or a name twice; `limit_exceeded`: more than
+    /// [`MAX_REPORTED_CONSUMERS`] reported on the daemon in all). A refused
+    /// report leaves this connection's previous one in place.
+    ReportConsumers {
+        /// Tag echoed in the answer.
+        #[serde(default)]
+        tag: u64,
+        /// Every consumer the client fronts now.
+        consumers: Vec<ConsumerReport>,
+    },
+}
+
+/// Most consumers one `ReportConsumers` may list, and most listed on one
+/// daemon by all its clients together.
+pub const MAX_REPORTED_CONSUMERS: usize = 64;
+/// Most bytes of a reported consumer's `name`.
+pub const MAX_CONSUMER_NAME_BYTES: usize = 128;
+/// Most bytes of a reported consumer's `kind`.
+pub const MAX_CONSUMER_KIND_BYTES: usize = 32;
+/// Most models a reported consumer may list.
+pub const MAX_CONSUMER_MODELS: usize = 32;
+/// Most bytes of each model name a reported consumer lists.
+pub const MAX_CONSUMER_MODEL_BYTES: usize = 256;
+/// Most bytes of a reported consumer's `last_error`.
+pub const MAX_CONSUMER_ERROR_BYTES: usize = 1024;
+
+/// One consumer in [`ClientMessage::ReportConsumers`]: an app the client
+/// fronts, as the client sees it now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerReport {
+    /// Its name (the gateway's app name): 1 to
+    /// [`MAX_CONSUMER_NAME_BYTES`] bytes.
+    pub name: String,
+    /// What it is (the gateway's app kinds: `ollama`, `openai`, `comfyui`,
+    /// `http`, `command`): 1 to [`MAX_CONSUMER_KIND_BYTES`] bytes.
+    pub kind: String,
+    /// Device index its memory is on, when known and only one.
+    #[serde(default)]
+    pub device: Option<u32>,
+    /// Its priority (that of the reservations held for it).
+    #[serde(default)]
+    pub priority: i32,
+    /// Whether its API answered the client's last check.
+    #[serde(default)]
+    pub reachable: bool,
+    /// Memory held for it (the reservations the client holds for it).
+    #[serde(default)]
+    pub resident_bytes: u64,
+    /// The models it holds: at most [`MAX_CONSUMER_MODELS`], each 1 to
+    /// [`MAX_CONSUMER_MODEL_BYTES`] bytes.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Milliseconds since the daemon last asked for its memory back (as the
+    /// report is sent), if ever.
+    #[serde(default)]
+    pub last_eviction_ms: Option<u64>,
+    /// Its last failure (unload answering an error, hanging, a failed
+    /// health check…), at most [`MAX_CONSUMER_ERROR_BYTES`] bytes; `None`
+    /// once the failing call succeeded again.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// When `last_error` happened: Unix time in milliseconds.
+    #[serde(default)]
+    pub last_error_at_ms: Option<u64>,
+}
+
+impl ConsumerReport {
+    /// Checks the bounds: a clear message naming the consumer, the field
+    /// and the limit when one is out of them.
+    pub fn check(&self) -> Result<(), String> {
+        let who = || format!("consumer {:?}", self.name);
+        let text = |what: &str, v: &str, max: usize| -> Result<(), String> {
+            if v.is_empty() {
+                Err(format!("{}: {what} is empty", who()))
+            } else if v.len() > max {
+                Err(format!(
+                    "{}: {what} is {} bytes, over the limit of {max}",
+                    who(),
+                    v.len()
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        if self.name.is_empty() {
+            return Err("a consumer's name is empty".into());
+        }
+        if self.name.len() > MAX_CONSUMER_NAME_BYTES {
+            return Err(format!(
+                "a consumer's name is {} bytes, over the limit of {MAX_CONSUMER_NAME_BYTES}",
+                self.name.len()
+            ));
+        }
+        text("kind", &self.kind, MAX_CONSUMER_KIND_BYTES)?;
+        if self.models.len() > MAX_CONSUMER_MODELS {
+            return Err(format!(
+                "{}: {} models, over the limit of {MAX_CONSUMER_MODELS}",
+                who(),
+                self.models.len()
+            ));
+        }
+        for m in &self.models {
+            text("a model name", m, MAX_CONSUMER_MODEL_BYTES)?;
+        }
+        if let Some(e) = &self.last_error {
+            text("last_error", e, MAX_CONSUMER_ERROR_BYTES)?;
+        }
+        Ok(())
+    }
 }
 
 /// A granted reservation.
@@ -384,6 +501,13 @@ pub enum ServerMessage {
         /// The limit recorded.
         limit_bytes: u64,
     },
+    /// Answer to `ReportConsumers`: the list is in status from now on.
+    ConsumersReported {
+        /// The request's tag.
+        tag: u64,
+        /// How many consumers this connection now reports.
+        count: u32,
+    },
 }
 
 /// Kinds of failure reported on the wire. Each maps to one SDK error class.
@@ -459,7 +583,9 @@ pub struct StatusReport {
     pub queue: Vec<QueueEntry>,
     /// Event counters since start.
     pub counters: Counters,
-    /// External consumers declared in the config file.
+    /// The consumers (apps that load models on their own) that clients
+    /// declared with `ReportConsumers` (vramd-gateway's apps), in the order
+    /// of their connections, while those connections last.
     pub consumers: Vec<ConsumerStatus>,
     /// How many requests wait in all; `queue` lists at most the first 1,000.
     pub queue_total: u64,
@@ -485,6 +611,25 @@ pub struct StatusReport {
     /// `mps`; JSON from an older daemon without it reads as an empty list.
     #[serde(default)]
     pub enforced: Vec<Enforcement>,
+    /// The last error of each consumer in `consumers` that has one, in the
+    /// same order, with when it happened. Appended after `enforced`
+    /// (`ConsumerStatus` cannot grow: its entries sit in the middle of the
+    /// report); JSON from an older daemon without it reads as an empty
+    /// list.
+    #[serde(default)]
+    pub consumer_errors: Vec<ConsumerError>,
+}
+
+/// A consumer's last error in [`StatusReport`], with its time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerError {
+    /// The consumer's name, as in `consumers`.
+    pub name: String,
+    /// The error, as in its `ConsumerStatus::last_error`.
+    pub message: String,
+    /// When it happened, Unix time in milliseconds, as its client reported
+    /// it; `None` if the client did not say.
+    pub at_ms: Option<u64>,
 }
 
 /// One enforced reservation in [`StatusReport`].
@@ -541,27 +686,28 @@ impl StatusReport {
     }
 }
 
-/// One external consumer (Ollama, ComfyUI, an HTTP app, a command) in
-/// [`StatusReport`].
+/// One consumer (an app that loads models on its own: Ollama, ComfyUI, an
+/// HTTP app, a command) in [`StatusReport`], as its client (vramd-gateway)
+/// last reported it with `ReportConsumers`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsumerStatus {
-    /// Its name in the config.
+    /// Its name, as reported.
     pub name: String,
-    /// `ollama`, `comfyui`, `http` or `command`.
+    /// `ollama`, `openai`, `comfyui`, `http`, `command` (as reported).
     pub kind: String,
-    /// Device index it lives on, if declared.
+    /// Device index its memory is on, if reported.
     pub device: Option<u32>,
-    /// Priority: it is evicted only for waiters of at least this priority.
+    /// Its priority, as reported.
     pub priority: i32,
-    /// Whether its API answered the last check.
+    /// Whether its API answered its client's last check.
     pub reachable: bool,
-    /// Memory it holds, as it reports (or as declared).
+    /// Memory held for it, as reported.
     pub resident_bytes: u64,
-    /// Models it holds, where it says.
+    /// Models it holds, as reported.
     pub models: Vec<String>,
     /// Milliseconds since it was last asked to unload, if ever.
     pub last_eviction_ms: Option<u64>,
-    /// The last error talking to it.
+    /// Its last error (its time is in [`StatusReport::consumer_errors`]).
     pub last_error: Option<String>,
 }
 
@@ -691,7 +837,7 @@ pub struct Counters {
     pub refusals: u64,
     /// Requests withdrawn by `Cancel` or by their connection closing.
     pub cancels: u64,
-    /// Holders and consumers asked to unload.
+    /// Holders asked to unload.
     pub evictions_requested: u64,
     /// Of those, the ones that gave their memory back in time.
     pub evictions_completed: u64,

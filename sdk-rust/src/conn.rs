@@ -321,6 +321,9 @@ pub(crate) struct Conn {
     /// How long to try to reconnect after the connection is lost (`None`:
     /// never).
     reconnect_for: Mutex<Option<Duration>>,
+    /// The consumers last reported (`ReportConsumers`): reported again
+    /// after a reconnect.
+    pub(crate) reported: Mutex<Option<Vec<vramd_protocol::ConsumerReport>>>,
 }
 
 impl Conn {
@@ -352,6 +355,7 @@ impl Conn {
             requests: Mutex::new(HashMap::new()),
             reclaims: Mutex::new(HashMap::new()),
             reconnect_for: Mutex::new(reconnect),
+            reported: Mutex::new(None),
         });
         // Tokens for every grant, so that a restart of the daemon loses
         // nothing (the answers are routed like any other).
@@ -903,6 +907,12 @@ impl Conn {
                 out.push(ClientMessage::Reclaim { tag, id, token });
             }
             out.extend(lock(&self.requests).values().cloned());
+            if let Some(consumers) = lock(&self.reported).clone() {
+                out.push(ClientMessage::ReportConsumers {
+                    tag: self.untracked_tag(),
+                    consumers,
+                });
+            }
             let mut failed = false;
             for msg in &out {
                 if let Ok(bytes) = encode(Encoding::Binary, msg)
@@ -1014,7 +1024,8 @@ impl Conn {
             | ServerMessage::Attached { tag, .. }
             | ServerMessage::IdleSet { tag, .. }
             | ServerMessage::Resized { tag, .. }
-            | ServerMessage::EnforcedSet { tag, .. } => (*tag, true),
+            | ServerMessage::EnforcedSet { tag, .. }
+            | ServerMessage::ConsumersReported { tag, .. } => (*tag, true),
         };
         if terminal {
             lock(&self.requests).remove(&tag);

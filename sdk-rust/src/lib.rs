@@ -53,8 +53,8 @@ pub use conn::{Eviction, RECONNECT_FOR};
 pub use error::{Error, Result};
 use vramd_protocol::{ClientMessage, ReserveRequest, ServerMessage};
 pub use vramd_protocol::{
-    DeviceSelector, ErrorKind, GIB, KIB, MIB, MpsStatus, ReservationId, StatusReport, TIB,
-    format_size, parse_size, paths,
+    ConsumerError, ConsumerReport, ConsumerStatus, DeviceSelector, ErrorKind, GIB, KIB, MIB,
+    MpsStatus, ReservationId, StatusReport, TIB, format_size, parse_size, paths,
 };
 
 /// What to reserve: bytes, and optionally a device, a priority, a label and a
@@ -232,6 +232,28 @@ impl Client {
     pub fn status(&self) -> Result<StatusReport> {
         match self.call(|tag| ClientMessage::Status { tag })? {
             ServerMessage::Status { status, .. } => Ok(*status),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Declares the consumers (apps that load models on their own) this
+    /// client fronts, for the daemon's status (`consumers` and
+    /// `consumer_errors`); the list replaces the one reported before (an
+    /// empty list withdraws them) and lasts as long as the connection (a
+    /// client that reconnects reports it again by itself). Each entry is
+    /// checked here first ([`ConsumerReport::check`], names unique):
+    /// an [`Error::Daemon`] of kind `bad_request` says what is out of bounds. Returns how many
+    /// the daemon now lists for this connection.
+    pub fn report_consumers(&self, consumers: Vec<ConsumerReport>) -> Result<u32> {
+        check_report(&consumers)?;
+        match self.call(|tag| ClientMessage::ReportConsumers {
+            tag,
+            consumers: consumers.clone(),
+        })? {
+            ServerMessage::ConsumersReported { count, .. } => {
+                *util::lock(&self.conn.reported) = Some(consumers);
+                Ok(count)
+            }
             other => Err(unexpected(other)),
         }
     }
@@ -699,6 +721,24 @@ impl AsyncClient {
         self.inner.submit(request)?.granted().await
     }
 
+    /// As [`Client::report_consumers`], without blocking the executor.
+    pub async fn report_consumers(&self, consumers: Vec<ConsumerReport>) -> Result<u32> {
+        check_report(&consumers)?;
+        let (tag, slot) = self.inner.conn.register();
+        self.inner.conn.send(&ClientMessage::ReportConsumers {
+            tag,
+            consumers: consumers.clone(),
+        })?;
+        match std::future::poll_fn(|cx| self.inner.conn.poll_next(&slot, cx)).await? {
+            ServerMessage::ConsumersReported { count, .. } => {
+                *util::lock(&self.inner.conn.reported) = Some(consumers);
+                Ok(count)
+            }
+            ServerMessage::Error { kind, message, .. } => Err(Error::from_wire(kind, message)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// The daemon's state.
     pub async fn status(&self) -> Result<StatusReport> {
         let (tag, slot) = self.inner.conn.register();
@@ -709,4 +749,27 @@ impl AsyncClient {
             other => Err(unexpected(other)),
         }
     }
+}
+
+/// Checks a `report_consumers` list before it is sent: what the daemon
+/// would refuse as `bad_request`, said without a round trip.
+fn check_report(consumers: &[ConsumerReport]) -> Result<()> {
+    let bad = |message: String| Error::Daemon {
+        kind: ErrorKind::BadRequest,
+        message: format!("report_consumers: {message}"),
+    };
+    if consumers.len() > vramd_protocol::MAX_REPORTED_CONSUMERS {
+        return Err(bad(format!(
+            "{} consumers, over the limit of {} in one report",
+            consumers.len(),
+            vramd_protocol::MAX_REPORTED_CONSUMERS
+        )));
+    }
+    for (i, c) in consumers.iter().enumerate() {
+        c.check().map_err(bad)?;
+        if consumers[..i].iter().any(|o| o.name == c.name) {
+            return Err(bad(format!("consumer {:?} is listed twice", c.name)));
+        }
+    }
+    Ok(())
 }

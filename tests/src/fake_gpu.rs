@@ -1,7 +1,7 @@
 //! A shared editor of the fake NVML state file: the [`fake_nvml::State`]
 //! types (tests/fake-nvml, which defines the format) behind a lock.
 //!
-//! A test, and the fake HTTP apps of [`crate::fake_http`] running on threads of
+//! A test, and the fake apps (e.g. [`crate::fake_comfyui`]) running on threads of
 //! the same test process, all change the machine under a running daemon. Each
 //! of them goes through one [`FakeGpu`]: it keeps the state in memory behind a
 //! mutex and rewrites the whole file with [`State::write_atomic`] while holding

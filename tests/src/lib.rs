@@ -14,7 +14,6 @@ use vramd_client::Client;
 
 pub mod fake_comfyui;
 pub mod fake_gpu;
-pub mod fake_http;
 pub mod fake_ollama;
 pub mod fake_openai;
 pub mod fake_service;

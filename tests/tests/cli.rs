@@ -409,34 +409,14 @@ fn a_missing_config_file_is_reported_once_on_one_line() {
 }
 
 #[test]
-fn an_https_consumer_url_is_refused_at_start() {
+fn consumer_keys_stop_the_start_with_where_they_moved() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vramd.toml");
     std::fs::write(
         &path,
-        "[[consumer]]\nname = \"images\"\nkind = \"comfyui\"\nurl = \"https://127.0.0.1:8188\"\n",
-    )
-    .unwrap();
-    let out = vramd(
-        &["--simulate", "24GiB", "--config", path.to_str().unwrap()],
-        &[],
-    );
-    assert_eq!(out.status.code(), Some(2));
-    let err = stderr(&out);
-    assert!(
-        err.contains("https is not supported (vramd has no TLS built in)"),
-        "{err}"
-    );
-    assert_eq!(err.lines().count(), 1, "{err}");
-}
-
-#[test]
-fn an_ollama_consumer_stops_the_start_with_how_to_move_it_to_the_gateway() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("vramd.toml");
-    std::fs::write(
-        &path,
-        "[[consumer]]\nname = \"chat\"\nkind = \"ollama\"\nurl = \"http://127.0.0.1:11434\"\n",
+        "[eviction]\ndeadline = \"30s\"\nconsumer_poll_interval = \"2s\"\n\n\
+         [[consumer]]\nname = \"images\"\nkind = \"comfyui\"\nurl = \"http://127.0.0.1:8188\"\n\n\
+         [[consumer]]\nname = \"whisper\"\nkind = \"command\"\nunload_command = \"true\"\nvram = \"1GiB\"\n",
     )
     .unwrap();
     let out = vramd(
@@ -448,14 +428,27 @@ fn an_ollama_consumer_stops_the_start_with_how_to_move_it_to_the_gateway() {
     assert_eq!(err.lines().count(), 1, "{err}");
     for want in [
         path.to_str().unwrap(),
-        "consumer \"chat\"",
-        "kind \"ollama\" is no longer a vramd consumer",
-        "vramd-gateway",
-        "no listen",
-        "docs/gateway.md",
+        "[[consumer]] (\"images\", \"whisper\")",
+        "eviction.consumer_poll_interval",
+        "moved to vramd-gateway",
+        "[[app]]",
+        "kind \"comfyui\" becomes",
+        "kind \"command\" becomes",
+        "\"Moving from vramd's consumers\" in docs/gateway.md",
+        "\"Moving an old config\" in docs/configuration.md",
     ] {
         assert!(err.contains(want), "missing {want:?}: {err}");
     }
+}
+
+#[test]
+fn a_config_with_daemon_settings_only_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vramd.toml");
+    std::fs::write(&path, include_str!("../../docs/examples/vramd.toml")).unwrap();
+    let d = Daemon::start(&["--config", path.to_str().unwrap()]);
+    d.client().ping().unwrap();
+    assert!(d.client().status().unwrap().consumers.is_empty());
 }
 
 #[test]

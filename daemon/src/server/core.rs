@@ -4,7 +4,7 @@
 //! lock: the core receives events over a bounded channel (so a flooding
 //! client is slowed at its own socket), turns each into an [`Input`], applies
 //! it, and carries out the [`Effect`]s — sends messages to connections, asks
-//! consumers to unload, asks the poller for a fresh reading, writes log
+//! the poller for a fresh reading, writes log
 //! lines. It never awaits anything but its inbox and its next timer, and
 //! never blocks on a client: replies go to each connection's [`Outbox`],
 //! drained by the connection's own task. An outbox that passes its cap
@@ -21,7 +21,6 @@ use vramd_ledger::{ConnId, Effect, Input, Ledger, LogEvent, Peer, Released};
 use vramd_protocol::{ClientMessage, ServerMessage, format_size};
 
 use super::outbox::Outbox;
-use crate::consumers::ConsumerHandle;
 use crate::gpu::{Poller, Readings};
 use crate::state::{SAVE_INTERVAL, StateFile};
 
@@ -68,7 +67,6 @@ impl Drop for ConnHandle {
 pub(crate) struct Core {
     ledger: Ledger,
     conns: HashMap<ConnId, ConnHandle>,
-    consumers: HashMap<String, ConsumerHandle>,
     poller: Option<Poller>,
     /// Connections whose outbox overflowed during the current input; closed
     /// once its effects are carried out.
@@ -91,17 +89,12 @@ struct Saver {
 }
 
 impl Core {
-    /// A core over `ledger`; `consumers` receive unload asks, `poller` (for
-    /// a measuring backend) refresh asks.
-    pub fn new(
-        ledger: Ledger,
-        consumers: HashMap<String, ConsumerHandle>,
-        poller: Option<Poller>,
-    ) -> Self {
+    /// A core over `ledger`; `poller` (for a measuring backend) receives
+    /// refresh asks.
+    pub fn new(ledger: Ledger, poller: Option<Poller>) -> Self {
         Self {
             ledger,
             conns: HashMap::new(),
-            consumers,
             poller,
             overflowed: Vec::new(),
             mps: None,
@@ -205,10 +198,8 @@ impl Core {
     pub async fn run(
         mut self,
         mut events: mpsc::Receiver<Event>,
-        mut consumer_events: mpsc::Receiver<Input>,
         mut stop: tokio::sync::oneshot::Receiver<()>,
     ) {
-        let mut consumers_open = true;
         loop {
             let wake = self.ledger.next_wakeup(Instant::now());
             let sleep = async {
@@ -233,11 +224,6 @@ impl Core {
                     Some(ev) => self.event(ev),
                 },
                 _ = sleep => self.apply(Input::Tick),
-                // Consumer tasks report as ledger inputs.
-                input = consumer_events.recv(), if consumers_open => match input {
-                    None => consumers_open = false,
-                    Some(input) => self.apply(input),
-                },
             }
         }
         if self.state.is_some() {
@@ -363,10 +349,6 @@ impl Core {
                     },
                 );
             }
-            Effect::EvictConsumer { name, reason } => match self.consumers.get(&name) {
-                Some(h) => h.unload(reason),
-                None => warn!(consumer = %name, "eviction of an unknown consumer"),
-            },
             Effect::EvictionFailed { victim, reason } => {
                 warn!(victim = %victim, reason = %reason, "eviction failed; trying other candidates");
             }
@@ -432,8 +414,8 @@ impl Core {
                 warn!(device, error = %fault, "device unhealthy: no new grants on it until readings recover");
             }
             LogEvent::DeviceRecovered { device } => info!(device, "device readings recovered"),
-            LogEvent::ConsumerUnloadReturned { name } => {
-                debug!(consumer = %name, "unload call returned");
+            LogEvent::ConsumersReported { conn, count } => {
+                debug!(conn = %conn, pid = self.pid(conn), count, "consumers reported");
             }
             LogEvent::Reclaimed { conn, id, bytes } => {
                 info!(id = %id, conn = %conn, pid = self.pid(conn), bytes, size = %format_size(bytes),

@@ -7,7 +7,6 @@ pub mod core;
 pub mod outbox;
 pub mod socket;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
@@ -17,10 +16,8 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
-use vramd_ledger::{ConnId, Input, Ledger};
+use vramd_ledger::{ConnId, Ledger};
 
-use crate::config::ConsumerConfig;
-use crate::consumers::{self, ConsumerHandle};
 use crate::gpu::{GpuReader, Poller, read_all};
 pub use socket::{ServerError, bind_socket};
 use socket::{group_id, raise_open_file_limit, remove_socket};
@@ -59,10 +56,6 @@ pub struct ServerConfig {
     pub max_handshakes: usize,
     /// How often a measuring backend is read.
     pub poll_interval: Duration,
-    /// External consumers (their specs are also in the ledger).
-    pub consumers: Vec<ConsumerConfig>,
-    /// How often consumers are asked what they hold.
-    pub consumer_poll_interval: Duration,
     /// Members of this group (and root) are admins.
     pub admin_group: Option<String>,
     /// The MPS server reported in status (its health checked each time).
@@ -74,9 +67,7 @@ pub struct ServerConfig {
 }
 
 /// What SIGHUP reloads: the eviction timing from the config file (unless the
-/// command line set it). Consumers cannot change while the daemon runs: a
-/// changed list is reported, and applied by a restart (which keeps every
-/// reservation).
+/// command line set it).
 #[derive(Debug, Clone)]
 pub struct Reload {
     /// The config file.
@@ -85,18 +76,12 @@ pub struct Reload {
     pub cli_eviction_deadline: Option<Duration>,
     /// `--min-residency`, which wins over the file.
     pub cli_min_residency: Option<Duration>,
-    /// The consumers in force.
-    pub consumers: Vec<ConsumerConfig>,
 }
 
 impl Reload {
     /// Reads the file again: the event for the core, or why not.
     fn read(&self) -> Result<Event, String> {
         let file = crate::config::Config::load(&self.path).map_err(|e| e.to_string())?;
-        if file.consumers != self.consumers {
-            warn!(path = %self.path.display(),
-                "the consumers in the config file changed; restart vramd to apply them (a restart keeps every reservation)");
-        }
         let d = vramd_ledger::LedgerConfig::default();
         Ok(Event::Reload {
             eviction_deadline: self
@@ -169,21 +154,7 @@ pub async fn serve(
         }
         None => None,
     };
-    let (consumer_tx, consumer_rx) = mpsc::channel::<Input>(256);
-    let consumers: HashMap<String, ConsumerHandle> = config
-        .consumers
-        .iter()
-        .map(|c| {
-            let handle = consumers::start(
-                c.clone(),
-                config.consumer_poll_interval,
-                consumer_tx.clone(),
-            );
-            (c.name.clone(), handle)
-        })
-        .collect();
-    drop(consumer_tx);
-    let mut core = Core::new(ledger, consumers, poller)
+    let mut core = Core::new(ledger, poller)
         .with_mps(config.mps.clone())
         .with_state(config.state_file.clone());
     if let Some(first) = first {
@@ -201,7 +172,7 @@ pub async fn serve(
         core.readings(first);
     }
     let (stop_core, stop_rx) = tokio::sync::oneshot::channel();
-    let core = tokio::spawn(core.run(events_rx, consumer_rx, stop_rx));
+    let core = tokio::spawn(core.run(events_rx, stop_rx));
     let admission = Admission::new(
         config.max_connections,
         config.max_connections_per_uid,

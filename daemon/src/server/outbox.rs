@@ -228,7 +228,23 @@ fn estimate(msg: &ServerMessage) -> usize {
                     .iter()
                     .map(|q| std::mem::size_of_val(q) + label(&q.label))
                     .sum::<usize>()
-                + s.consumers.len() * (std::mem::size_of::<vramd_protocol::ConsumerStatus>() + 128)
+                + s.consumers
+                    .iter()
+                    .map(|c| {
+                        std::mem::size_of_val(c)
+                            + c.name.len()
+                            + c.kind.len()
+                            + label(&c.last_error)
+                            + c.models
+                                .iter()
+                                .map(|m| std::mem::size_of_val(m) + m.len())
+                                .sum::<usize>()
+                    })
+                    .sum::<usize>()
+                + s.consumer_errors
+                    .iter()
+                    .map(|e| std::mem::size_of_val(e) + e.name.len() + e.message.len())
+                    .sum::<usize>()
         }
         _ => 0,
     };
