@@ -1312,7 +1312,7 @@ pid_file = "/run/comfy.pid"
             ),
             (
                 FIRST.replace("kind = \"ollama\"", "kind = \"comfy\""),
-                "use \"ollama\", \"openai\", \"comfyui\", \"http\" or \"command\"",
+                "use \"ollama\", \"openai\", \"comfyui\", \"http\", \"command\" or \"managed\"",
             ),
         ];
         for (text, want) in cases {
@@ -1521,5 +1521,149 @@ restore = true
             e.contains("restore: only for kinds \"http\" and \"command\""),
             "{e}"
         );
+    }
+
+    const MANAGED: &str = r#"
+[[app]]
+name = "llm"
+kind = "managed"
+listen = "127.0.0.1:8080"
+start_timeout = "5m"
+stop_timeout = "20s"
+groups = [["qwen", "embed"]]
+device = 1
+
+[[app.model]]
+name = "qwen"
+cmd = """
+llama-server --port ${PORT}   # the port the gateway picked
+  -m '/models/Qwen3 8B.gguf' \\
+  --ctx-size 8192
+"""
+size = "7GiB"
+ttl = "5m"
+enforce = true
+env = { LLAMA_ARG_THREADS = "8" }
+
+[[app.model]]
+name = "embed"
+cmd = "vllm serve BAAI/bge-m3 --port 9000"
+proxy = "http://127.0.0.1:9000"
+health = "none"
+size = "2GiB"
+"#;
+
+    #[test]
+    fn managed_models_get_their_commands_macros_groups_and_timeouts() {
+        let s = Settings::parse(Path::new("g.toml"), MANAGED).unwrap();
+        let a = &s.apps[0];
+        assert_eq!(a.kind, Kind::Managed);
+        assert_eq!(a.start_timeout, Duration::from_secs(300));
+        assert_eq!(a.stop_timeout, Duration::from_secs(20));
+        assert_eq!(a.device, Some(1));
+        let q = a.managed_model("qwen").unwrap();
+        assert_eq!(
+            q.argv,
+            [
+                "llama-server",
+                "--port",
+                "${PORT}",
+                "-m",
+                "/models/Qwen3 8B.gguf",
+                "--ctx-size",
+                "8192"
+            ]
+        );
+        assert_eq!(q.proxy, "http://127.0.0.1:${PORT}");
+        assert!(q.uses_port() && q.enforce);
+        assert_eq!(q.health.as_deref(), Some("/health"));
+        assert_eq!(q.ttl, Some(Duration::from_secs(300)));
+        assert_eq!(q.size_bytes, Some(7 << 30));
+        assert_eq!(q.env["LLAMA_ARG_THREADS"], "8");
+        let e = a.managed_model("embed").unwrap();
+        assert!(!e.uses_port());
+        assert_eq!((e.health.as_deref(), e.ttl), (None, None));
+        assert!(a.may_run_together("qwen", "embed"));
+        assert_eq!(a.model_names(), ["qwen", "embed"]);
+        let defaults = MANAGED
+            .replace("start_timeout = \"5m\"\n", "")
+            .replace("stop_timeout = \"20s\"\n", "")
+            .replace("groups = [[\"qwen\", \"embed\"]]\n", "");
+        let a = &Settings::parse(Path::new("g.toml"), &defaults)
+            .unwrap()
+            .apps[0];
+        assert_eq!(a.start_timeout, Duration::from_secs(120));
+        assert_eq!(a.stop_timeout, Duration::from_secs(10));
+        assert!(
+            !a.may_run_together("qwen", "embed"),
+            "no group: one at a time"
+        );
+        assert!(a.may_run_together("qwen", "qwen"));
+    }
+
+    #[test]
+    fn managed_mistakes_name_the_app_the_model_and_the_key() {
+        let cases = [
+            (
+                MANAGED.replace("cmd = \"vllm serve BAAI/bge-m3 --port 9000\"\n", ""),
+                "model \"embed\": cmd: required for kind \"managed\"",
+            ),
+            (
+                MANAGED.replace("[[\"qwen\", \"embed\"]]", "[[\"qwen\", \"nope\"]]"),
+                "groups: \"nope\" is not a model of this app",
+            ),
+            (
+                MANAGED.replace("listen = \"127.0.0.1:8080\"\n", ""),
+                "listen: required for kind \"managed\"",
+            ),
+            (
+                MANAGED.replace("health = \"none\"", "health = \"up\""),
+                "model \"embed\": health",
+            ),
+            (
+                MANAGED.replace("ttl = \"5m\"", "ttl = \"soon\""),
+                "model \"qwen\": ttl",
+            ),
+            (
+                MANAGED.replace("http://127.0.0.1:9000", "https://x"),
+                "model \"embed\": proxy",
+            ),
+            (
+                MANAGED.replace("name = \"embed\"", "name = \"qwen\""),
+                "model \"qwen\": name: declared twice",
+            ),
+            (
+                MANAGED.replace("--port 9000\"", "--port '9000\""),
+                "cmd: a single quote is not closed",
+            ),
+            (
+                format!("{MANAGED}upstream = \"http://127.0.0.1:1\"\n"),
+                "model \"embed\": upstream: not for kind \"managed\"",
+            ),
+            (
+                OPENAI.replace("size = \"1GiB\"", "size = \"1GiB\"\nttl = \"1m\""),
+                "model \"embed\": ttl: only for kind \"managed\"",
+            ),
+            (
+                format!("{FIRST}groups = [[\"a\"]]\n"),
+                "groups: only for kind \"managed\"",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = Settings::parse(Path::new("g.toml"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn commands_split_like_a_shell_without_one() {
+        let w = split_command("a 'b c' \"d \\\" e\" f\\ g # comment\nh\\\ni").unwrap();
+        assert_eq!(w, ["a", "b c", "d \" e", "f g", "hi"]);
+        assert_eq!(split_command("x ''").unwrap(), ["x", ""]);
+        assert!(split_command("x \"y").is_err());
+        assert!(split_command("x\\").is_err());
+        assert!(split_command("  # only a comment").unwrap().is_empty());
     }
 }
