@@ -1,6 +1,6 @@
 //! vramd-gateway: an HTTP gateway in front of apps that load models on
 //! their own (Ollama, OpenAI-compatible servers: [`openai`], ComfyUI:
-//! [`comfyui`]), which reserves a model's memory through vramd's
+//! [`comfyui`]; model servers it starts itself: [`managed`]), which reserves a model's memory through vramd's
 //! queue *before* forwarding a request that will load it, keeps one
 //! reservation per resident model (busy while requests run, idle and
 //! evictable between them), unloads a model through the app's API when
