@@ -58,6 +58,7 @@ async fn status(State(a): State<Admin>) -> impl IntoResponse {
                 "attributed": app.attributed.status_json(),
                 "http": (app.cfg.kind == crate::config::Kind::Http).then(|| app.http_app.status_json()),
                 "command": (app.cfg.kind == crate::config::Kind::Command).then(|| app.command.status_json()),
+                "managed": (app.cfg.kind == crate::config::Kind::Managed).then(|| app.managed.status_json(&app.cfg)),
                 "models": app.models(),
                 "loaded": app.last_ps().unwrap_or_default().iter().map(|r| serde_json::json!({
                     "name": r.name, "size_bytes": r.size, "size_vram_bytes": r.size_vram,

@@ -108,6 +108,22 @@ pub struct AppConfig {
     /// Wait before a failed unload, load or restore is tried again
     /// (`"5s"`); doubles with each failure in a row, up to 5 minutes.
     pub retry_backoff: Option<String>,
+    /// `managed`: longest a started server may take to answer its health
+    /// check (default 120 s).
+    pub start_timeout: Option<String>,
+    /// `managed`: how long a stopped server has after `SIGTERM` before
+    /// `SIGKILL` (default 10 s).
+    pub stop_timeout: Option<String>,
+    /// `managed`: groups of model names that may run together; starting a
+    /// model stops the app's running models that share no group with it.
+    #[serde(default)]
+    pub groups: Vec<Vec<String>>,
+    /// `managed`: the pipe directory of the NVIDIA MPS server that
+    /// `enforce = true` models run under (default: the one vramd reports).
+    pub mps_pipe_dir: Option<PathBuf>,
+    /// `managed`: the MPS server's log directory, passed on as
+    /// `CUDA_MPS_LOG_DIRECTORY` (default: the one vramd reports).
+    pub mps_log_dir: Option<PathBuf>,
 }
 
 /// `load`/`unload`: a request (`http`) or a shell command (`command`).
@@ -152,6 +168,26 @@ pub struct ModelConfig {
     /// The request that makes the server load the model again, called after
     /// a new reservation is granted and before the first request is forwarded.
     pub load: Option<CallConfig>,
+    /// `managed`: the command that serves the model (macros `${PORT}`,
+    /// `${MODEL}`, `${DEVICE}`), split into words as a shell would but run
+    /// without one.
+    pub cmd: Option<String>,
+    /// `managed`: the base URL requests are forwarded to (default
+    /// `http://127.0.0.1:${PORT}`).
+    pub proxy: Option<String>,
+    /// `managed`: the path whose 2xx answer means the server is ready
+    /// (default `/health`; `"none"`: ready once started).
+    pub health: Option<String>,
+    /// `managed`: idle time after which the server is stopped and its
+    /// reservation released (absent: never).
+    pub ttl: Option<String>,
+    /// `managed`: extra environment variables for the server.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// `managed`: run the server capped at its reservation through NVIDIA
+    /// MPS (`CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`).
+    #[serde(default)]
+    pub enforce: bool,
 }
 
 /// An HTTP request the gateway makes to a server (`unload`, `load`).
@@ -188,6 +224,9 @@ pub enum Kind {
     /// An app with no API: one idle reservation mirrored while it is
     /// loaded, evicted by running its `unload` shell command.
     Command,
+    /// Model servers the gateway starts itself, one per model, under the
+    /// model's reservation, and stops when evicted or idle past their TTL.
+    Managed,
 }
 
 /// A request the gateway makes, parsed.
@@ -214,6 +253,102 @@ pub struct OpenAiModel {
     pub unload: Option<Call>,
     /// See [`ModelConfig::load`].
     pub load: Option<Call>,
+}
+
+/// One model of a `managed` app, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedModel {
+    /// The body's `model`, matched exactly.
+    pub name: String,
+    /// The command's words, macros not yet replaced.
+    pub argv: Vec<String>,
+    /// The base URL template requests go to (macros not yet replaced).
+    pub proxy: String,
+    /// The declared size, if any.
+    pub size_bytes: Option<u64>,
+    /// The health path (starting with `/`); `None`: no health check.
+    pub health: Option<String>,
+    /// Idle time after which it is stopped; `None`: never.
+    pub ttl: Option<Duration>,
+    /// Extra environment variables.
+    pub env: BTreeMap<String, String>,
+    /// Capped at its reservation through NVIDIA MPS.
+    pub enforce: bool,
+}
+
+impl ManagedModel {
+    /// Whether `${PORT}` appears in its command or proxy (then the gateway
+    /// picks a free loopback port for each start).
+    pub fn uses_port(&self) -> bool {
+        self.proxy.contains("${PORT}") || self.argv.iter().any(|w| w.contains("${PORT}"))
+    }
+}
+
+/// Splits a command into words as a POSIX shell would, without running
+/// one: whitespace (newlines included) separates words; `'…'` keeps
+/// everything literally; `"…"` keeps everything but `\"` and `\\`;
+/// a backslash outside quotes keeps the next character (a backslash before
+/// a newline joins lines); `#` at the start of a word comments out the rest
+/// of its line. No expansion of any kind.
+pub fn split_command(text: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => {
+                if let Some(w) = word.take() {
+                    words.push(w);
+                }
+            }
+            '#' if word.is_none() => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        break;
+                    }
+                }
+            }
+            '\'' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => w.push(c),
+                        None => return Err("a single quote is not closed".into()),
+                    }
+                }
+            }
+            '"' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c @ ('"' | '\\')) => w.push(c),
+                            Some('\n') => {}
+                            Some(c) => {
+                                w.push('\\');
+                                w.push(c);
+                            }
+                            None => return Err("a double quote is not closed".into()),
+                        },
+                        Some(c) => w.push(c),
+                        None => return Err("a double quote is not closed".into()),
+                    }
+                }
+            }
+            '\\' => match chars.next() {
+                Some('\n') => {}
+                Some(c) => word.get_or_insert_with(String::new).push(c),
+                None => return Err("it ends with a backslash".into()),
+            },
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    if let Some(w) = word {
+        words.push(w);
+    }
+    Ok(words)
 }
 
 fn default_listen() -> SocketAddr {
@@ -294,12 +429,48 @@ pub struct App {
     pub restore: bool,
     /// See [`AppConfig::retry_backoff`] (default 5 s).
     pub retry_backoff: Duration,
+    /// `managed`: the models, in the config's order.
+    pub managed: Vec<ManagedModel>,
+    /// `managed`: see [`AppConfig::start_timeout`] (default 120 s).
+    pub start_timeout: Duration,
+    /// `managed`: see [`AppConfig::stop_timeout`] (default 10 s).
+    pub stop_timeout: Duration,
+    /// `managed`: see [`AppConfig::groups`].
+    pub groups: Vec<Vec<String>>,
+    /// `managed`: see [`AppConfig::mps_pipe_dir`].
+    pub mps_pipe_dir: Option<PathBuf>,
+    /// `managed`: see [`AppConfig::mps_log_dir`].
+    pub mps_log_dir: Option<PathBuf>,
 }
 
 impl App {
     /// The `openai` model named `name`, matched exactly.
     pub fn model(&self, name: &str) -> Option<&OpenAiModel> {
         self.models.iter().find(|m| m.name == name)
+    }
+
+    /// The `managed` model named `name`, matched exactly.
+    pub fn managed_model(&self, name: &str) -> Option<&ManagedModel> {
+        self.managed.iter().find(|m| m.name == name)
+    }
+
+    /// The names of the models served (`openai` and `managed` apps).
+    pub fn model_names(&self) -> Vec<&str> {
+        self.models
+            .iter()
+            .map(|m| m.name.as_str())
+            .chain(self.managed.iter().map(|m| m.name.as_str()))
+            .collect()
+    }
+
+    /// Whether `managed` models `a` and `b` may run together: they share a
+    /// group (a model always may run beside itself).
+    pub fn may_run_together(&self, a: &str, b: &str) -> bool {
+        a == b
+            || self
+                .groups
+                .iter()
+                .any(|g| g.iter().any(|m| m == a) && g.iter().any(|m| m == b))
     }
 }
 
@@ -359,11 +530,12 @@ impl Settings {
                 "comfyui" => Kind::ComfyUi,
                 "http" => Kind::Http,
                 "command" => Kind::Command,
+                "managed" => Kind::Managed,
                 other => {
                     return Err(at(
                         "kind",
                         format!(
-                            "unknown kind {other:?}; use \"ollama\", \"openai\", \"comfyui\", \"http\" or \"command\""
+                            "unknown kind {other:?}; use \"ollama\", \"openai\", \"comfyui\", \"http\", \"command\" or \"managed\""
                         ),
                     ));
                 }
@@ -384,10 +556,11 @@ impl Settings {
                 (None, Kind::Ollama | Kind::ComfyUi | Kind::Http) => {
                     return Err(at("upstream", "required".into()));
                 }
-                (None, Kind::OpenAi | Kind::Command) => String::new(),
+                (None, Kind::OpenAi | Kind::Command | Kind::Managed) => String::new(),
             };
             let listen = a.listen;
             let mut models = Vec::new();
+            let mut managed: Vec<ManagedModel> = Vec::new();
             if !matches!(kind, Kind::ComfyUi | Kind::Http | Kind::Command) {
                 if a.size.is_some() {
                     return Err(at(
@@ -432,14 +605,46 @@ impl Settings {
                     return Err(at(key, "only for kind \"http\"".into()));
                 }
             }
-            if kind != Kind::Command {
-                let command_only = [
-                    ("unload_timeout", a.unload_timeout.is_some()),
-                    ("device", a.device.is_some()),
+            if kind != Kind::Command && a.unload_timeout.is_some() {
+                return Err(at("unload_timeout", "only for kind \"command\"".into()));
+            }
+            if !matches!(kind, Kind::Command | Kind::Managed) && a.device.is_some() {
+                return Err(at(
+                    "device",
+                    "only for kinds \"command\" and \"managed\"".into(),
+                ));
+            }
+            if kind != Kind::Managed {
+                let managed_only = [
+                    ("start_timeout", a.start_timeout.is_some()),
+                    ("stop_timeout", a.stop_timeout.is_some()),
+                    ("groups", !a.groups.is_empty()),
+                    ("mps_pipe_dir", a.mps_pipe_dir.is_some()),
+                    ("mps_log_dir", a.mps_log_dir.is_some()),
                 ];
-                if let Some((key, _)) = command_only.iter().find(|(_, set)| *set) {
-                    return Err(at(key, "only for kind \"command\"".into()));
+                if let Some((key, _)) = managed_only.iter().find(|(_, set)| *set) {
+                    return Err(at(key, "only for kind \"managed\"".into()));
                 }
+            }
+            if kind != Kind::Managed
+                && let Some((m, key)) = a.models.iter().find_map(|m| {
+                    [
+                        ("cmd", m.cmd.is_some()),
+                        ("proxy", m.proxy.is_some()),
+                        ("health", m.health.is_some()),
+                        ("ttl", m.ttl.is_some()),
+                        ("env", !m.env.is_empty()),
+                        ("enforce", m.enforce),
+                    ]
+                    .into_iter()
+                    .find(|(_, set)| *set)
+                    .map(|(k, _)| (m, k))
+                })
+            {
+                return Err(at(
+                    &format!("model {:?}: {key}", m.name),
+                    "only for kind \"managed\"".into(),
+                ));
             }
             let (mut load_command, mut unload_command) = (None, None);
             if kind == Kind::Command {
@@ -586,6 +791,127 @@ impl Settings {
                         ));
                     }
                 }
+                Kind::Managed => {
+                    if listen.is_none() {
+                        return Err(at(
+                            "listen",
+                            "required for kind \"managed\" (its requests must go through the gateway)"
+                                .into(),
+                        ));
+                    }
+                    if a.upstream.is_some() {
+                        return Err(at(
+                            "upstream",
+                            "not for kind \"managed\": the gateway starts each model's server (see cmd, proxy)"
+                                .into(),
+                        ));
+                    }
+                    if a.size.is_some() || !a.sizes.is_empty() || a.pid_file.is_some() {
+                        let key = if a.size.is_some() {
+                            "size"
+                        } else if a.pid_file.is_some() {
+                            "pid_file"
+                        } else {
+                            "sizes"
+                        };
+                        return Err(at(
+                            key,
+                            "not for kind \"managed\": give each [[app.model]] its size".into(),
+                        ));
+                    }
+                    if a.models.is_empty() {
+                        return Err(at(
+                            "model",
+                            "kind \"managed\" needs at least one [[app.model]]".into(),
+                        ));
+                    }
+                    for m in &a.models {
+                        let mkey = |k: &str| format!("model {:?}: {k}", m.name);
+                        if m.name.trim().is_empty() {
+                            return Err(at("model.name", "must be non-empty".into()));
+                        }
+                        if managed.iter().any(|x| x.name == m.name) {
+                            return Err(at(&mkey("name"), "declared twice".into()));
+                        }
+                        for (key, set) in [
+                            ("upstream", m.upstream.is_some()),
+                            ("load", m.load.is_some()),
+                            ("unload", m.unload.is_some()),
+                        ] {
+                            if set {
+                                return Err(at(
+                                    &mkey(key),
+                                    "not for kind \"managed\" (the gateway starts and stops the model's server)"
+                                        .into(),
+                                ));
+                            }
+                        }
+                        let Some(cmd) = &m.cmd else {
+                            return Err(at(&mkey("cmd"), "required for kind \"managed\"".into()));
+                        };
+                        let argv = split_command(cmd).map_err(|e| at(&mkey("cmd"), e))?;
+                        if argv.is_empty() {
+                            return Err(at(&mkey("cmd"), "names no program".into()));
+                        }
+                        let proxy = m
+                            .proxy
+                            .as_deref()
+                            .unwrap_or("http://127.0.0.1:${PORT}")
+                            .trim_end_matches('/')
+                            .to_string();
+                        if !proxy.starts_with("http://") {
+                            return Err(at(
+                                &mkey("proxy"),
+                                format!("{proxy:?} is not an http:// URL"),
+                            ));
+                        }
+                        let health = match m.health.as_deref().map(str::trim) {
+                            None => Some("/health".to_string()),
+                            Some("none") => None,
+                            Some(p) if p.starts_with('/') => Some(p.to_string()),
+                            Some(p) => {
+                                return Err(at(
+                                    &mkey("health"),
+                                    format!("{p:?} does not start with '/' (or say \"none\")"),
+                                ));
+                            }
+                        };
+                        let ttl = m
+                            .ttl
+                            .as_deref()
+                            .map(parse_duration)
+                            .transpose()
+                            .map_err(|e| at(&mkey("ttl"), e.to_string()))?
+                            .filter(|t| !t.is_zero());
+                        let size_bytes = m
+                            .size
+                            .as_deref()
+                            .map(parse_size)
+                            .transpose()
+                            .map_err(|e| at(&mkey("size"), e.to_string()))?;
+                        if let Some(k) = m.env.keys().find(|k| k.is_empty() || k.contains('=')) {
+                            return Err(at(
+                                &mkey("env"),
+                                format!("{k:?} is not an environment variable name"),
+                            ));
+                        }
+                        managed.push(ManagedModel {
+                            name: m.name.clone(),
+                            argv,
+                            proxy,
+                            size_bytes,
+                            health,
+                            ttl,
+                            env: m.env.clone(),
+                            enforce: m.enforce,
+                        });
+                    }
+                    for g in &a.groups {
+                        if let Some(x) = g.iter().find(|x| !managed.iter().any(|m| &m.name == *x)) {
+                            return Err(at("groups", format!("{x:?} is not a model of this app")));
+                        }
+                    }
+                }
                 Kind::Command => {
                     if !a.models.is_empty() || !a.sizes.is_empty() {
                         return Err(at(
@@ -704,6 +1030,14 @@ impl Settings {
                 },
                 None => crate::retry::DEFAULT_BACKOFF,
             };
+            let start_timeout = match &a.start_timeout {
+                Some(t) => parse_duration(t).map_err(|e| at("start_timeout", e.to_string()))?,
+                None => Duration::from_secs(120),
+            };
+            let stop_timeout = match &a.stop_timeout {
+                Some(t) => parse_duration(t).map_err(|e| at("stop_timeout", e.to_string()))?,
+                None => Duration::from_secs(10),
+            };
             let mut size_overrides = BTreeMap::new();
             for (model, size) in &a.sizes {
                 let bytes =
@@ -738,6 +1072,12 @@ impl Settings {
                 device: a.device,
                 restore: a.restore,
                 retry_backoff,
+                managed,
+                start_timeout,
+                stop_timeout,
+                groups: a.groups,
+                mps_pipe_dir: a.mps_pipe_dir,
+                mps_log_dir: a.mps_log_dir,
             });
         }
         if apps.is_empty() {
@@ -986,7 +1326,7 @@ pid_file = "/run/comfy.pid"
             ),
             (
                 FIRST.replace("kind = \"ollama\"", "kind = \"comfy\""),
-                "use \"ollama\", \"openai\", \"comfyui\", \"http\" or \"command\"",
+                "use \"ollama\", \"openai\", \"comfyui\", \"http\", \"command\" or \"managed\"",
             ),
         ];
         for (text, want) in cases {
@@ -1211,5 +1551,149 @@ restore = true
             e.contains("restore: only for kinds \"http\" and \"command\""),
             "{e}"
         );
+    }
+
+    const MANAGED: &str = r#"
+[[app]]
+name = "llm"
+kind = "managed"
+listen = "127.0.0.1:8080"
+start_timeout = "5m"
+stop_timeout = "20s"
+groups = [["qwen", "embed"]]
+device = 1
+
+[[app.model]]
+name = "qwen"
+cmd = """
+llama-server --port ${PORT}   # the port the gateway picked
+  -m '/models/Qwen3 8B.gguf' \\
+  --ctx-size 8192
+"""
+size = "7GiB"
+ttl = "5m"
+enforce = true
+env = { LLAMA_ARG_THREADS = "8" }
+
+[[app.model]]
+name = "embed"
+cmd = "vllm serve BAAI/bge-m3 --port 9000"
+proxy = "http://127.0.0.1:9000"
+health = "none"
+size = "2GiB"
+"#;
+
+    #[test]
+    fn managed_models_get_their_commands_macros_groups_and_timeouts() {
+        let s = Settings::parse(Path::new("g.toml"), MANAGED).unwrap();
+        let a = &s.apps[0];
+        assert_eq!(a.kind, Kind::Managed);
+        assert_eq!(a.start_timeout, Duration::from_secs(300));
+        assert_eq!(a.stop_timeout, Duration::from_secs(20));
+        assert_eq!(a.device, Some(1));
+        let q = a.managed_model("qwen").unwrap();
+        assert_eq!(
+            q.argv,
+            [
+                "llama-server",
+                "--port",
+                "${PORT}",
+                "-m",
+                "/models/Qwen3 8B.gguf",
+                "--ctx-size",
+                "8192"
+            ]
+        );
+        assert_eq!(q.proxy, "http://127.0.0.1:${PORT}");
+        assert!(q.uses_port() && q.enforce);
+        assert_eq!(q.health.as_deref(), Some("/health"));
+        assert_eq!(q.ttl, Some(Duration::from_secs(300)));
+        assert_eq!(q.size_bytes, Some(7 << 30));
+        assert_eq!(q.env["LLAMA_ARG_THREADS"], "8");
+        let e = a.managed_model("embed").unwrap();
+        assert!(!e.uses_port());
+        assert_eq!((e.health.as_deref(), e.ttl), (None, None));
+        assert!(a.may_run_together("qwen", "embed"));
+        assert_eq!(a.model_names(), ["qwen", "embed"]);
+        let defaults = MANAGED
+            .replace("start_timeout = \"5m\"\n", "")
+            .replace("stop_timeout = \"20s\"\n", "")
+            .replace("groups = [[\"qwen\", \"embed\"]]\n", "");
+        let a = &Settings::parse(Path::new("g.toml"), &defaults)
+            .unwrap()
+            .apps[0];
+        assert_eq!(a.start_timeout, Duration::from_secs(120));
+        assert_eq!(a.stop_timeout, Duration::from_secs(10));
+        assert!(
+            !a.may_run_together("qwen", "embed"),
+            "no group: one at a time"
+        );
+        assert!(a.may_run_together("qwen", "qwen"));
+    }
+
+    #[test]
+    fn managed_mistakes_name_the_app_the_model_and_the_key() {
+        let cases = [
+            (
+                MANAGED.replace("cmd = \"vllm serve BAAI/bge-m3 --port 9000\"\n", ""),
+                "model \"embed\": cmd: required for kind \"managed\"",
+            ),
+            (
+                MANAGED.replace("[[\"qwen\", \"embed\"]]", "[[\"qwen\", \"nope\"]]"),
+                "groups: \"nope\" is not a model of this app",
+            ),
+            (
+                MANAGED.replace("listen = \"127.0.0.1:8080\"\n", ""),
+                "listen: required for kind \"managed\"",
+            ),
+            (
+                MANAGED.replace("health = \"none\"", "health = \"up\""),
+                "model \"embed\": health",
+            ),
+            (
+                MANAGED.replace("ttl = \"5m\"", "ttl = \"soon\""),
+                "model \"qwen\": ttl",
+            ),
+            (
+                MANAGED.replace("http://127.0.0.1:9000", "https://x"),
+                "model \"embed\": proxy",
+            ),
+            (
+                MANAGED.replace("name = \"embed\"", "name = \"qwen\""),
+                "model \"qwen\": name: declared twice",
+            ),
+            (
+                MANAGED.replace("--port 9000\"", "--port '9000\""),
+                "cmd: a single quote is not closed",
+            ),
+            (
+                format!("{MANAGED}upstream = \"http://127.0.0.1:1\"\n"),
+                "model \"embed\": upstream: not for kind \"managed\"",
+            ),
+            (
+                OPENAI.replace("size = \"1GiB\"", "size = \"1GiB\"\nttl = \"1m\""),
+                "model \"embed\": ttl: only for kind \"managed\"",
+            ),
+            (
+                format!("{FIRST}groups = [[\"a\"]]\n"),
+                "groups: only for kind \"managed\"",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = Settings::parse(Path::new("g.toml"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn commands_split_like_a_shell_without_one() {
+        let w = split_command("a 'b c' \"d \\\" e\" f\\ g # comment\nh\\\ni").unwrap();
+        assert_eq!(w, ["a", "b c", "d \" e", "f g", "hi"]);
+        assert_eq!(split_command("x ''").unwrap(), ["x", ""]);
+        assert!(split_command("x \"y").is_err());
+        assert!(split_command("x\\").is_err());
+        assert!(split_command("  # only a comment").unwrap().is_empty());
     }
 }

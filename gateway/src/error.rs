@@ -50,6 +50,15 @@ pub enum Error {
         /// The daemon's explanation.
         message: String,
     },
+    /// A `managed` model's server could not be started (or was stopped
+    /// before the request could use it).
+    #[error("the server for {model} is not available: {message}")]
+    ServerStart {
+        /// The model.
+        model: String,
+        /// Why.
+        message: String,
+    },
     /// Binding a listen address failed.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -80,9 +89,10 @@ impl Error {
         match self {
             Error::BadRequest(_) => S::BAD_REQUEST,
             Error::Upstream { .. } => S::BAD_GATEWAY,
-            Error::DaemonDown { .. } | Error::WaitTimeout { .. } | Error::Refused { .. } => {
-                S::SERVICE_UNAVAILABLE
-            }
+            Error::DaemonDown { .. }
+            | Error::WaitTimeout { .. }
+            | Error::Refused { .. }
+            | Error::ServerStart { .. } => S::SERVICE_UNAVAILABLE,
             _ => S::INTERNAL_SERVER_ERROR,
         }
     }

@@ -37,6 +37,11 @@ impl LastError {
 }
 
 impl LastError {
+    /// The same failure with `what` (e.g. a model's name) before its message.
+    pub(crate) fn about(&self, what: &str) -> LastError {
+        LastError(self.0.as_ref().map(|(m, t)| (format!("{what}: {m}"), *t)))
+    }
+
     /// For `/status`: `{message, at_ms, ago_ms}`, or `null` when none.
     pub(crate) fn json(&self) -> serde_json::Value {
         match &self.0 {
@@ -67,6 +72,11 @@ mod tests {
         e.fail("unload", "exit status 1");
         assert_eq!(e.message(), Some("unload: exit status 1"));
         assert!(e.at_ms().is_some_and(|t| t > 0));
+        assert_eq!(
+            e.about("llama").message(),
+            Some("llama: unload: exit status 1")
+        );
+        assert_eq!(e.about("llama").at_ms(), e.at_ms());
         e.succeed("health");
         assert_eq!(e.message(), Some("unload: exit status 1"));
         e.succeed("unload");

@@ -1,6 +1,6 @@
 //! vramd-gateway: an HTTP gateway in front of apps that load models on
 //! their own (Ollama, OpenAI-compatible servers: [`openai`], ComfyUI:
-//! [`comfyui`]), which reserves a model's memory through vramd's
+//! [`comfyui`]; model servers it starts itself: [`managed`]), which reserves a model's memory through vramd's
 //! queue *before* forwarding a request that will load it, keeps one
 //! reservation per resident model (busy while requests run, idle and
 //! evictable between them), unloads a model through the app's API when
@@ -22,6 +22,7 @@ pub mod daemon;
 mod error;
 pub mod http_app;
 mod last_error;
+pub mod managed;
 pub mod metrics;
 pub mod models;
 pub mod ollama;
@@ -62,13 +63,18 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
                 ),
             });
         }
-        for m in &app.models {
-            if m.size_bytes.is_none() && sizes.get(&format!("{}/{}", app.name, m.name)).is_none() {
+        let declared = app
+            .models
+            .iter()
+            .map(|m| (&m.name, m.size_bytes))
+            .chain(app.managed.iter().map(|m| (&m.name, m.size_bytes)));
+        for (name, size_bytes) in declared {
+            if size_bytes.is_none() && sizes.get(&format!("{}/{name}", app.name)).is_none() {
                 return Err(Error::Config {
                     file: settings.state_file.clone(),
                     message: format!(
                         "app {:?}: model {:?}: size: required (the state file has no observed size for it)",
-                        app.name, m.name
+                        app.name, name
                     ),
                 });
             }
@@ -126,6 +132,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             config::Kind::Http => http_app::router_for(group),
             // No listen (refused by the config check).
             config::Kind::Command => continue,
+            config::Kind::Managed => openai::router(group[0].clone()),
         };
         servers.spawn(serve(listener, router));
     }
@@ -157,6 +164,11 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             (reporter.clone(), report_apps.clone(), report_daemon.clone());
         async move { reporter.tick(&apps, &daemon).await }
     });
+    let managed_apps: Vec<Arc<models::AppState>> = apps
+        .iter()
+        .filter(|a| a.cfg.kind == config::Kind::Managed)
+        .cloned()
+        .collect();
     let admin = admin::router(admin::Admin {
         apps,
         daemon,
@@ -169,9 +181,18 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             what: "installing the SIGTERM handler".into(),
             source,
         })?;
+    let stop_servers = || async {
+        futures_util::future::join_all(managed_apps.iter().map(managed::stop_all)).await;
+    };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("SIGINT: stopping");
+            stop_servers().await;
+        }
+        _ = term.recv() => {
+            tracing::info!("SIGTERM: stopping");
+            stop_servers().await;
+        }
         Some(r) = servers.join_next() => {
             let e = match r {
                 Ok(Ok(())) => std::io::Error::other("a server stopped"),

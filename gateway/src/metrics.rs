@@ -16,6 +16,13 @@ struct ModelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StopLabels {
+    app: String,
+    model: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeviceLabels {
     device: String,
     uuid: String,
@@ -31,6 +38,8 @@ pub struct Metrics {
     evictions: Family<ModelLabels, Counter>,
     drains: Family<ModelLabels, Counter>,
     size: Family<ModelLabels, Gauge>,
+    server_starts: Family<ModelLabels, Counter>,
+    server_stops: Family<StopLabels, Counter>,
     device_total: Family<DeviceLabels, Gauge>,
     device_used: Family<DeviceLabels, Gauge>,
     device_reserved: Family<DeviceLabels, Gauge>,
@@ -58,6 +67,8 @@ impl Metrics {
             evictions: Family::default(),
             drains: Family::default(),
             size: Family::default(),
+            server_starts: Family::default(),
+            server_stops: Family::default(),
             device_total: Family::default(),
             device_used: Family::default(),
             device_reserved: Family::default(),
@@ -95,6 +106,16 @@ impl Metrics {
             "model_size_bytes",
             "GPU memory the model took when last seen loaded",
             m.size.clone(),
+        );
+        registry.register(
+            "managed_starts",
+            "Times a managed model's server was started",
+            m.server_starts.clone(),
+        );
+        registry.register(
+            "managed_stops",
+            "Times a managed model's server stopped, by reason (evicted, ttl, swap, exited, failed_start, stale, shutdown)",
+            m.server_stops.clone(),
         );
         registry.register(
             "device_total_bytes",
@@ -178,6 +199,24 @@ impl Metrics {
         self.size
             .get_or_create(&Self::labels(app, model))
             .set(i64::try_from(size_bytes).unwrap_or(i64::MAX));
+    }
+
+    /// A managed model's server was started.
+    pub fn server_start(&self, app: &str, model: &str) {
+        self.server_starts
+            .get_or_create(&Self::labels(app, model))
+            .inc();
+    }
+
+    /// A managed model's server stopped for `reason`.
+    pub fn server_stop(&self, app: &str, model: &str, reason: &str) {
+        self.server_stops
+            .get_or_create(&StopLabels {
+                app: app.into(),
+                model: model.into(),
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     /// Encodes everything, with the devices of `status` (`None`: vramd is

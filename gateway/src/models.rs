@@ -142,6 +142,8 @@ pub struct AppState {
     pub(crate) command: crate::command_app::CommandApp,
     /// Failed unloads and loads, and when each is tried again.
     pub retry: crate::retry::Retry,
+    /// `managed`: its models' servers.
+    pub(crate) managed: crate::managed::Managed,
 }
 
 /// How long a model stays busy in vramd after its last request ended, so
@@ -248,6 +250,7 @@ impl AppState {
             attributed: crate::pids::Attributed::default(),
             http_app: crate::http_app::HttpApp::default(),
             command: crate::command_app::CommandApp::default(),
+            managed: crate::managed::Managed::default(),
         }
     }
 
@@ -405,6 +408,11 @@ impl AppState {
             .label(self.label(model))
             .priority(priority)
             .evictable(false);
+        if self.cfg.kind == Kind::Managed
+            && let Some(d) = self.cfg.device
+        {
+            req = req.device(vramd_client::DeviceSelector::Index(d));
+        }
         if let Some(d) = deadline {
             req = req.timeout(d.saturating_duration_since(Instant::now()));
         }
@@ -526,6 +534,12 @@ impl AppState {
         if self.cfg.kind == Kind::OpenAi {
             return Ok(self.cfg.model(&call.model).and_then(|m| m.size_bytes));
         }
+        if self.cfg.kind == Kind::Managed {
+            return Ok(self
+                .cfg
+                .managed_model(&call.model)
+                .and_then(|m| m.size_bytes));
+        }
         if matches!(self.cfg.kind, Kind::ComfyUi | Kind::Http | Kind::Command) {
             return Ok(self.cfg.size_bytes);
         }
@@ -615,7 +629,7 @@ impl AppState {
             Kind::Ollama | Kind::ComfyUi => true,
             Kind::OpenAi => self.cfg.model(model).is_some_and(|m| m.unload.is_some()),
             Kind::Http => self.cfg.unload.is_some() && !self.cfg.always_on,
-            Kind::Command => true,
+            Kind::Command | Kind::Managed => true,
         }
     }
 
@@ -656,6 +670,10 @@ impl AppState {
             Kind::ComfyUi => crate::comfyui::unload(self, device, until).await,
             Kind::Http => crate::http_app::unload(self, device, until).await,
             Kind::Command => crate::command_app::unload(self, device, until).await,
+            Kind::Managed => {
+                crate::managed::stop_server(self, model, until, "evicted").await;
+                Unloaded::Freed
+            }
         };
         match &outcome {
             Unloaded::Failed(why) => {
@@ -680,6 +698,88 @@ impl AppState {
         }
         tracing::info!(app = %self.cfg.name, model, "evicted: releasing");
         self.changed.notify_waiters();
+    }
+
+    /// Stops `model`'s reservation of `epoch` from the gateway's side (a
+    /// `managed` model idle past its TTL, or one that shares no group with
+    /// a model being started): as an eviction, new requests wait, those in
+    /// flight may finish until `in_flight_until`, the server is stopped
+    /// (bounded by `until`), then the reservation is released. With
+    /// `idle_only`, nothing happens unless the model is held with no request
+    /// in flight; returns whether it was stopped.
+    pub(crate) async fn stop_model(
+        &self,
+        model: &str,
+        epoch: u64,
+        in_flight_until: Instant,
+        until: Instant,
+        idle_only: bool,
+        why: &str,
+    ) -> bool {
+        {
+            let mut slots = self.lock();
+            let Some(s) = slots.get_mut(model).filter(|s| {
+                s.epoch == epoch
+                    && s.phase == Phase::Held
+                    && (!idle_only || (s.in_flight == 0 && s.last_busy.elapsed() >= IDLE_LINGER))
+            }) else {
+                return false;
+            };
+            s.phase = Phase::Evicting;
+        }
+        tracing::info!(app = %self.cfg.name, model, why, "stopping");
+        self.changed.notify_waiters();
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let busy = self
+                .lock()
+                .get(model)
+                .filter(|s| s.epoch == epoch)
+                .map_or(0, |s| s.in_flight);
+            if busy == 0 || Instant::now() >= in_flight_until {
+                break;
+            }
+            let _ = tokio::time::timeout_at(in_flight_until.into(), notified).await;
+        }
+        crate::managed::stop_server(self, model, until, why).await;
+        self.forget(model, epoch, why);
+        true
+    }
+
+    /// Removes `model`'s slot of `epoch` whatever its phase (its server
+    /// failed or exited): the reservation is released; requests counted in
+    /// it finish on their own, touching no later slot.
+    pub(crate) fn forget(&self, model: &str, epoch: u64, why: &str) {
+        let removed = {
+            let mut slots = self.lock();
+            if slots.get(model).is_some_and(|s| s.epoch == epoch) {
+                slots.remove(model)
+            } else {
+                None
+            }
+        };
+        if removed.is_some() {
+            tracing::info!(app = %self.cfg.name, model, why, "released");
+            self.changed.notify_waiters();
+        }
+        drop(removed);
+    }
+
+    /// `model`'s held reservation's epoch and how long it has had no request
+    /// in flight (`None`: not held, or a request is in flight).
+    pub(crate) fn idle_for(&self, model: &str) -> Option<(u64, Duration)> {
+        let slots = self.lock();
+        let s = slots
+            .get(model)
+            .filter(|s| s.phase == Phase::Held && s.in_flight == 0)?;
+        Some((s.epoch, s.last_busy.elapsed()))
+    }
+
+    /// The epoch of `model`'s slot in any phase.
+    pub(crate) fn slot_epoch(&self, model: &str) -> Option<u64> {
+        self.lock().get(model).map(|s| s.epoch)
     }
 
     /// Asks Ollama to unload `model` and waits (until `until`) until
@@ -817,6 +917,11 @@ impl AppState {
         if self.cfg.kind == Kind::Command {
             self.release_lost();
             return crate::command_app::poll(self).await;
+        }
+        if self.cfg.kind == Kind::Managed {
+            self.release_lost();
+            crate::managed::poll(self).await;
+            return self.update_drain();
         }
         let started = Instant::now();
         let ps = self.upstream.ps().await;
@@ -1026,6 +1131,7 @@ impl AppState {
             Kind::Http => self.http_app.last_error(),
             Kind::Command => self.command.last_error(),
             Kind::ComfyUi => self.comfy.last_error(),
+            Kind::Managed => self.managed.last_error(),
             Kind::Ollama | Kind::OpenAi => self.retry.last_error(),
         }
     }

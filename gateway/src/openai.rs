@@ -18,6 +18,10 @@
 //! watched: vramd grants the memory only once its readings show it free). A
 //! model without `unload` is never marked idle, so never evicted: nothing
 //! could free its memory.
+//!
+//! `kind = "managed"` apps use the same router (routes, `/v1/models`,
+//! errors); their requests go through [`crate::managed::forward`], which
+//! starts the model's server under its reservation before proxying.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -107,16 +111,16 @@ async fn list(State(s): State<Arc<OpenAi>>) -> Response {
     let data: Vec<Value> = s
         .app
         .cfg
-        .models
-        .iter()
-        .map(|m| model_object(&s.app, &m.name))
+        .model_names()
+        .into_iter()
+        .map(|m| model_object(&s.app, m))
         .collect();
     axum::Json(json!({ "object": "list", "data": data })).into_response()
 }
 
 async fn one(State(s): State<Arc<OpenAi>>, Path(id): Path<String>) -> Response {
-    match s.app.cfg.model(&id) {
-        Some(m) => axum::Json(model_object(&s.app, &m.name)).into_response(),
+    match s.app.cfg.model_names().into_iter().find(|m| *m == id) {
+        Some(m) => axum::Json(model_object(&s.app, m)).into_response(),
         None => not_found(&id),
     }
 }
@@ -169,9 +173,10 @@ async fn handle(s: &OpenAi, req: Request<Body>) -> Result<Response, Response> {
             ));
         }
     };
-    let Some(model) = app.cfg.model(&name) else {
+    let model = app.cfg.model(&name);
+    if model.is_none() && app.cfg.managed_model(&name).is_none() {
         return Err(not_found(&name));
-    };
+    }
     let priority = match parts.headers.get(PRIORITY_HEADER) {
         None => app.cfg.priority,
         Some(h) => h
@@ -181,6 +186,11 @@ async fn handle(s: &OpenAi, req: Request<Body>) -> Result<Response, Response> {
             .ok_or_else(|| bad(format!("{PRIORITY_HEADER} must be an integer")))?,
     };
     app.metrics.request(&app.cfg.name, &name);
+    let Some(model) = model else {
+        return crate::managed::forward(app, &name, parts, bytes, priority)
+            .await
+            .map_err(from_error);
+    };
     let call = ModelCall {
         model: name.clone(),
         keep_alive_secs: None,

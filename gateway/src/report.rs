@@ -110,7 +110,7 @@ fn one(app: &AppState) -> Snapshot {
         Kind::ComfyUi => app.comfy.up(),
         Kind::Http => app.http_app.healthy(),
         // Nothing the gateway polls: it counts as reachable.
-        Kind::Command | Kind::OpenAi => true,
+        Kind::Command | Kind::OpenAi | Kind::Managed => true,
     };
     // Every kind's last failure (kept until the same call succeeds).
     let failure = app.last_error();

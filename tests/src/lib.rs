@@ -52,6 +52,9 @@ pub fn bin(name: &str) -> PathBuf {
             "fake-nvml",
             "-p",
             "vramd-gateway",
+            // The fake model server `managed` apps start (src/bin).
+            "-p",
+            "vramd-tests",
             // `--lib` too: the fake libnvidia-ml is fake-nvml's library
             // (a cdylib), which `--bins` alone would skip.
             "--bins",
