@@ -37,7 +37,7 @@ use tokio::sync::watch;
 
 use crate::Error;
 use crate::config::ManagedModel;
-use crate::last_error::LastError;
+use crate::last_error::{LastError, now_ms};
 use crate::models::AppState;
 use crate::ollama::ModelCall;
 
@@ -759,13 +759,6 @@ pub async fn stop_all(app: &Arc<AppState>) {
             .map(|m| stop_server(app, m, until, "shutdown")),
     )
     .await;
-}
-
-/// Now, in Unix milliseconds.
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

@@ -648,20 +648,7 @@ impl AppState {
         self.metrics.eviction(&self.cfg.name, model);
         tracing::info!(app = %self.cfg.name, model, reason, deadline_ms = deadline.as_millis() as u64, "evicting");
         // Let requests in flight finish, up to the deadline.
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let busy = self
-                .lock()
-                .get(model)
-                .filter(|s| s.epoch == epoch)
-                .map_or(0, |s| s.in_flight);
-            if busy == 0 || Instant::now() >= until {
-                break;
-            }
-            let _ = tokio::time::timeout_at(until.into(), notified).await;
-        }
+        self.wait_in_flight(model, epoch, until).await;
         let outcome = match self.cfg.kind {
             // Nothing to watch: the unload request answering is all the
             // gateway can know; vramd grants only on its readings.
@@ -700,6 +687,25 @@ impl AppState {
         self.changed.notify_waiters();
     }
 
+    /// Waits until `model`'s slot of `epoch` has no request in flight (or
+    /// is gone), at most until `until`.
+    async fn wait_in_flight(&self, model: &str, epoch: u64, until: Instant) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let busy = self
+                .lock()
+                .get(model)
+                .filter(|s| s.epoch == epoch)
+                .map_or(0, |s| s.in_flight);
+            if busy == 0 || Instant::now() >= until {
+                break;
+            }
+            let _ = tokio::time::timeout_at(until.into(), notified).await;
+        }
+    }
+
     /// Stops `model`'s reservation of `epoch` from the gateway's side (a
     /// `managed` model idle past its TTL, or one that shares no group with
     /// a model being started): as an eviction, new requests wait, those in
@@ -729,20 +735,7 @@ impl AppState {
         }
         tracing::info!(app = %self.cfg.name, model, why, "stopping");
         self.changed.notify_waiters();
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let busy = self
-                .lock()
-                .get(model)
-                .filter(|s| s.epoch == epoch)
-                .map_or(0, |s| s.in_flight);
-            if busy == 0 || Instant::now() >= in_flight_until {
-                break;
-            }
-            let _ = tokio::time::timeout_at(in_flight_until.into(), notified).await;
-        }
+        self.wait_in_flight(model, epoch, in_flight_until).await;
         crate::managed::stop_server(self, model, until, why).await;
         self.forget(model, epoch, why);
         true
